@@ -1,0 +1,82 @@
+//! The protocol faces: request → registry call → response.
+//!
+//! Each service here only converts: it validates the wire shapes that the
+//! registry does not see (durations, oneofs, the RPC deadline), calls one
+//! [`Registry`](crate::registry::Registry) method and converts the result.
+//! Errors are [`crate::error::Error`]s, turned into `tonic::Status` in one
+//! place, `src/error.rs`.
+
+pub mod operations;
+pub mod workers;
+
+use std::time::Duration;
+
+use tonic::metadata::MetadataMap;
+
+use crate::error::Error;
+
+/// A protobuf `Duration` as a non-negative `std::time::Duration`.
+pub(crate) fn duration(field: &str, value: &prost_types::Duration) -> Result<Duration, Error> {
+    let valid_nanos = (0..1_000_000_000).contains(&value.nanos);
+    if value.seconds < 0 || !valid_nanos || value.seconds > 315_576_000_000 {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{}s {}ns is not a valid non-negative duration",
+                value.seconds, value.nanos
+            ),
+        ));
+    }
+    Ok(Duration::new(value.seconds as u64, value.nanos as u32))
+}
+
+/// The time left before the client's deadline, from the `grpc-timeout`
+/// header (`<up to 8 digits><H|M|S|m|u|n>`). Absent or malformed → `None`.
+pub(crate) fn rpc_deadline(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let mut md = MetadataMap::new();
+        for (text, expected) in [
+            ("1S", Some(Duration::from_secs(1))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("2M", Some(Duration::from_secs(120))),
+            ("5u", Some(Duration::from_micros(5))),
+            ("S", None),
+            ("123456789S", None),
+            ("1x", None),
+        ] {
+            md.insert("grpc-timeout", text.parse().unwrap());
+            assert_eq!(rpc_deadline(&md), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_must_be_valid() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(duration("t", &d(1, 5)).unwrap(), Duration::new(1, 5));
+        assert!(duration("t", &d(-1, 0)).is_err());
+        assert!(duration("t", &d(0, -1)).is_err());
+        assert!(duration("t", &d(0, 1_000_000_000)).is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! `opsd.v1.Workers`: how services register and finish their operations and
+//! learn of cancellations.
+
+use std::pin::Pin;
+
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::duration;
+use crate::{
+    error::Error,
+    pb::{
+        google::longrunning::Operation,
+        opsd::v1::{
+            complete_operation_request::Result as CompleteResult,
+            operation_event,
+            workers_server::{Workers, WorkersServer},
+            CancelPolicy as PbCancelPolicy, CompleteOperationRequest, CreateOperationRequest,
+            OperationEvent, UpdateOperationRequest, WatchOperationsRequest,
+        },
+    },
+    registry::{operation, CreateParams, EventKind, Registry, WatchFilter, WorkerEvent},
+    store::{CancelPolicy, Outcome},
+};
+
+/// The `opsd.v1.Workers` service. Cloning it is shallow.
+#[derive(Clone)]
+pub struct WorkersService {
+    registry: Registry,
+}
+
+impl WorkersService {
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
+    }
+
+    /// The tonic service, ready for `Server::add_service`.
+    pub fn into_server(self, max_message_size: usize) -> WorkersServer<Self> {
+        WorkersServer::new(self)
+            .max_decoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size)
+    }
+}
+
+fn cancel_policy(value: i32) -> Result<CancelPolicy, Error> {
+    match PbCancelPolicy::try_from(value) {
+        Ok(PbCancelPolicy::Unspecified | PbCancelPolicy::Immediate) => Ok(CancelPolicy::Immediate),
+        Ok(PbCancelPolicy::Cooperative) => Ok(CancelPolicy::Cooperative),
+        Ok(PbCancelPolicy::NotCancellable) => Ok(CancelPolicy::NotCancellable),
+        Err(_) => Err(Error::invalid(
+            "cancel_policy",
+            format!("{value} is not a CancelPolicy"),
+        )),
+    }
+}
+
+fn event(event: WorkerEvent) -> OperationEvent {
+    let kind = match event.kind {
+        EventKind::CancelRequested => operation_event::Type::CancelRequested,
+        EventKind::Deleted => operation_event::Type::Deleted,
+        EventKind::LeaseExpired => operation_event::Type::LeaseExpired,
+    };
+    OperationEvent {
+        r#type: kind as i32,
+        name: event.name,
+        event_time: Some(prost_types::Timestamp::from(event.time)),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<OperationEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Workers for WorkersService {
+    #[tracing::instrument(name = "CreateOperation", skip_all, fields(parent = %request.get_ref().parent, id = %request.get_ref().operation_id))]
+    async fn create_operation(
+        &self,
+        request: Request<CreateOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let request = request.into_inner();
+        let params = CreateParams {
+            parent: request.parent,
+            operation_id: request.operation_id,
+            request_id: request.request_id,
+            metadata: request.metadata,
+            cancel_policy: cancel_policy(request.cancel_policy)?,
+            lease: request
+                .lease
+                .as_ref()
+                .map(|d| duration("lease", d))
+                .transpose()?,
+            cancel_grace_period: request
+                .cancel_grace_period
+                .as_ref()
+                .map(|d| duration("cancel_grace_period", d))
+                .transpose()?,
+        };
+        let record = self.registry.create(params).await?;
+        Ok(Response::new(operation(&record)))
+    }
+
+    #[tracing::instrument(name = "UpdateOperation", skip_all, fields(name = %request.get_ref().name))]
+    async fn update_operation(
+        &self,
+        request: Request<UpdateOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let request = request.into_inner();
+        let record = self.registry.update(&request.name, request.metadata).await?;
+        Ok(Response::new(operation(&record)))
+    }
+
+    #[tracing::instrument(name = "CompleteOperation", skip_all, fields(name = %request.get_ref().name))]
+    async fn complete_operation(
+        &self,
+        request: Request<CompleteOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let request = request.into_inner();
+        let outcome = match request.result {
+            Some(CompleteResult::Response(any)) => Outcome::Response(any),
+            Some(CompleteResult::Error(status)) => Outcome::Error(status),
+            None => {
+                return Err(Error::invalid(
+                    "result",
+                    "set exactly one of `response` and `error`",
+                )
+                .into())
+            }
+        };
+        let record = self
+            .registry
+            .complete(&request.name, outcome, request.metadata)
+            .await?;
+        Ok(Response::new(operation(&record)))
+    }
+
+    type WatchOperationsStream = EventStream;
+
+    #[tracing::instrument(name = "WatchOperations", skip_all, fields(parent = %request.get_ref().parent))]
+    async fn watch_operations(
+        &self,
+        request: Request<WatchOperationsRequest>,
+    ) -> Result<Response<Self::WatchOperationsStream>, Status> {
+        let request = request.into_inner();
+        let filter = WatchFilter::new(&request.parent, &request.names)?;
+        let events = self.registry.watch(filter);
+        let stream = ReceiverStream::new(events).map(|e| Ok(event(e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    #[test]
+    fn unknown_cancel_policies_are_invalid() {
+        assert_eq!(cancel_policy(0).unwrap(), CancelPolicy::Immediate);
+        assert_eq!(cancel_policy(2).unwrap(), CancelPolicy::Cooperative);
+        assert!(cancel_policy(9).is_err());
+    }
+
+    #[test]
+    fn events_carry_type_name_and_time() {
+        let e = event(WorkerEvent {
+            kind: EventKind::LeaseExpired,
+            name: "operations/a".into(),
+            time: SystemTime::UNIX_EPOCH,
+        });
+        assert_eq!(e.r#type(), operation_event::Type::LeaseExpired);
+        assert_eq!(e.name, "operations/a");
+        assert_eq!(e.event_time.unwrap().seconds, 0);
+    }
+}

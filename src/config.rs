@@ -1,0 +1,74 @@
+//! One validated configuration: every address, limit and tunable.
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use crate::{api::operations::Method, registry::RegistrySettings};
+
+/// Where operations are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In process memory: lost on exit.
+    #[default]
+    Memory,
+}
+
+/// Transport limits; none is left unlimited.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// The largest gRPC message accepted or sent, in bytes.
+    pub max_message_size: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// How often an idle HTTP/2 connection is pinged.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// How long shutdown waits for in-flight calls before closing connections.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_size: 4 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything `server::run` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The one port for every protocol.
+    pub listen: SocketAddr,
+    pub store: StoreConfig,
+    pub registry: RegistrySettings,
+    /// Operations methods that answer UNIMPLEMENTED.
+    pub disabled_methods: BTreeSet<Method>,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            store: StoreConfig::Memory,
+            registry: RegistrySettings::default(),
+            disabled_methods: BTreeSet::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The configuration integration tests start servers with: the memory
+    /// store and a short drain.
+    pub fn for_tests() -> Self {
+        let mut config = Self::default();
+        config.limits.drain_timeout = Duration::from_secs(5);
+        config
+    }
+}

@@ -1,0 +1,235 @@
+//! The `opsd` command line: flags → `Config` → `server::run`.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use opsd::{
+    api::operations::Method,
+    config::{Config, StoreConfig},
+};
+use tokio::net::TcpListener;
+
+/// opsd serves the google.longrunning.Operations API (List, Get, Delete,
+/// Cancel, Wait) and the opsd.v1.Workers API through which services register
+/// their long-running jobs, report progress and results, and learn of
+/// cancellations.
+#[derive(Parser, Debug)]
+#[command(name = "opsd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve gRPC (Operations, Workers, health, reflection) on one port.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on (one port for every protocol).
+    #[arg(long, default_value = "127.0.0.1:50051", env = "OPSD_LISTEN")]
+    listen: SocketAddr,
+
+    /// Where operations are kept. `memory`: in process, lost on exit.
+    #[arg(long, default_value = "memory", value_parser = parse_store)]
+    store: StoreConfig,
+
+    /// How long done operations are kept before they are deleted (AIP-151),
+    /// e.g. `30d`, `12h`, `90s`.
+    #[arg(long, default_value = "30d", value_parser = parse_positive_duration)]
+    retention: Duration,
+
+    /// Switch an Operations method off: it answers UNIMPLEMENTED. Repeatable.
+    #[arg(long = "disable-method", value_name = "cancel|delete|list|wait")]
+    disable_methods: Vec<Method>,
+
+    /// Log format on standard error. The level comes from RUST_LOG (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// The longest a single WaitOperation call blocks.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    wait_cap: Duration,
+
+    /// How many WaitOperation calls may be open at once; more answer
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 100_000)]
+    max_waiters: usize,
+
+    /// How long a COOPERATIVE operation's worker has to finish after a cancel
+    /// before opsd finishes it as CANCELLED (unless the worker chose its own).
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    cancel_grace_period: Duration,
+
+    /// The largest gRPC message accepted or sent, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_message_size: usize,
+
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(long, default_value_t = 1024)]
+    max_concurrent_streams: u32,
+
+    /// How often idle HTTP/2 connections are pinged.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered.
+    #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
+    keepalive_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before
+    /// the remaining connections are closed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_store(value: &str) -> Result<StoreConfig, String> {
+    match value {
+        "memory" => Ok(StoreConfig::Memory),
+        other => Err(format!(
+            "unknown store {other:?}: this build offers `memory` only"
+        )),
+    }
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Config {
+        let mut config = Config {
+            listen: self.listen,
+            store: self.store,
+            disabled_methods: self.disable_methods.into_iter().collect(),
+            ..Config::default()
+        };
+        let registry = &mut config.registry;
+        registry.retention = self.retention;
+        registry.wait_cap = self.wait_cap;
+        registry.max_waiters = self.max_waiters;
+        registry.cancel_grace_period = self.cancel_grace_period;
+        let limits = &mut config.limits;
+        limits.max_message_size = self.max_message_size;
+        limits.max_concurrent_streams = self.max_concurrent_streams;
+        limits.keepalive_interval = self.keepalive_interval;
+        limits.keepalive_timeout = self.keepalive_timeout;
+        limits.drain_timeout = self.drain_timeout;
+        config
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(cause = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(args.log_format);
+            let config = args.into_config();
+            let listener = match TcpListener::bind(config.listen).await {
+                Ok(listener) => listener,
+                Err(err) => {
+                    tracing::error!(address = %config.listen, cause = %err, "cannot listen");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match opsd::server::run(listener, config, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(cause = %err, "server failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_flags_reach_the_config() {
+        let cli = Cli::try_parse_from([
+            "opsd",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--retention",
+            "2h",
+            "--disable-method",
+            "cancel",
+            "--disable-method",
+            "wait",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command;
+        let config = args.into_config();
+        assert_eq!(config.registry.retention, Duration::from_secs(7200));
+        assert_eq!(
+            config.disabled_methods.into_iter().collect::<Vec<_>>(),
+            [Method::Cancel, Method::Wait]
+        );
+        assert!(Cli::try_parse_from(["opsd", "serve", "--store", "redb"]).is_err());
+        assert!(Cli::try_parse_from(["opsd", "serve", "--retention", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
+    }
+}

@@ -1,0 +1,208 @@
+//! The deadline task: lapsed leases, forced cooperative cancels, retention.
+//!
+//! Deadlines are data in the store ([`Record::next_deadline`]), not only
+//! timers, so they survive restarts. This task keeps an in-memory index of
+//! them, built by one scan at start-up and kept current from the change feed,
+//! and sleeps until the earliest. When one is due it re-reads the record and
+//! applies whatever is due with the usual conditional write, so a stale or
+//! early timer is harmless.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Weak,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::{expired, finish, lease_expired_status, Registry, Shared};
+use crate::{
+    error::Error,
+    store::{Cause, Outcome, StoreError},
+};
+
+/// How long to wait before retrying a deadline whose write failed.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Deadlines ordered by time, with a reverse index by name.
+#[derive(Default)]
+struct Timers {
+    by_time: BTreeSet<(SystemTime, String)>,
+    by_name: HashMap<String, SystemTime>,
+}
+
+impl Timers {
+    fn set(&mut self, name: &str, deadline: Option<SystemTime>) {
+        if let Some(old) = self.by_name.remove(name) {
+            self.by_time.remove(&(old, name.to_owned()));
+        }
+        if let Some(at) = deadline {
+            self.by_name.insert(name.to_owned(), at);
+            self.by_time.insert((at, name.to_owned()));
+        }
+    }
+
+    fn next(&self) -> Option<SystemTime> {
+        self.by_time.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns the names due at `now`.
+    fn take_due(&mut self, now: SystemTime) -> Vec<String> {
+        let mut due = Vec::new();
+        while let Some((at, _)) = self.by_time.first() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, name)) = self.by_time.pop_first() {
+                self.by_name.remove(&name);
+                due.push(name);
+            }
+        }
+        due
+    }
+}
+
+fn instant_of(at: SystemTime) -> tokio::time::Instant {
+    let wait = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + wait
+}
+
+pub(super) fn spawn(shared: Weak<Shared>, shutdown: CancellationToken) {
+    let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
+        return;
+    };
+    let feed = registry.shared.store.subscribe();
+    drop(registry);
+    tokio::spawn(run(shared, feed, shutdown));
+}
+
+async fn run(shared: Weak<Shared>, mut feed: broadcast::Receiver<Change>, shutdown: CancellationToken) {
+    let mut timers = Timers::default();
+    let mut rescan = true;
+    loop {
+        if rescan {
+            let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
+                return;
+            };
+            match registry.shared.store.deadlines().await {
+                Ok(all) => {
+                    timers = Timers::default();
+                    for (at, name) in all {
+                        timers.set(&name, Some(at));
+                    }
+                    rescan = false;
+                }
+                Err(err) => tracing::error!(cause = %err, "cannot read deadlines; retrying"),
+            }
+        }
+        let next = if rescan {
+            Some(SystemTime::now() + RETRY_AFTER)
+        } else {
+            timers.next()
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            change = feed.recv() => match change {
+                Ok(change) => timers.set(&change.name, change.deadline),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "deadline task fell behind the change feed; rescanning");
+                    rescan = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            () = tokio::time::sleep_until(instant_of(next.unwrap_or(SystemTime::now()))), if next.is_some() => {
+                let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
+                    return;
+                };
+                for name in timers.take_due(SystemTime::now()) {
+                    match registry.on_deadline(&name).await {
+                        Ok(next) => timers.set(&name, next),
+                        Err(err) => {
+                            tracing::error!(name, cause = %err, "deadline action failed; retrying");
+                            timers.set(&name, Some(SystemTime::now() + RETRY_AFTER));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+use crate::store::Change;
+
+impl Registry {
+    /// Applies whatever is due on `name`. Returns the record's next deadline
+    /// when nothing was written (a write re-arms the timer through the feed).
+    async fn on_deadline(&self, name: &str) -> Result<Option<SystemTime>, Error> {
+        let retention = self.shared.settings.retention;
+        loop {
+            let Some(record) = self.store().get(name).await? else {
+                return Ok(None);
+            };
+            let now = SystemTime::now();
+            let due = |at: Option<SystemTime>| at.is_some_and(|at| at <= now);
+            let result = if record.done() {
+                if !expired(&record, now) {
+                    return Ok(record.next_deadline());
+                }
+                tracing::debug!(name, "operation expired by retention");
+                self.store()
+                    .delete(name, record.revision, Cause::Expired)
+                    .await
+            } else if due(record.lease_deadline) {
+                tracing::warn!(name, "worker lease expired");
+                let outcome = Outcome::Error(lease_expired_status(record.lease));
+                self.store()
+                    .update(
+                        finish(&record, outcome, now, retention),
+                        record.revision,
+                        Cause::LeaseExpired,
+                    )
+                    .await
+                    .map(drop)
+            } else if due(record.cancel_deadline) {
+                tracing::info!(name, "cancel grace period over; finishing as cancelled");
+                let outcome = Outcome::Error(super::cancelled_status());
+                self.store()
+                    .update(
+                        finish(&record, outcome, now, retention),
+                        record.revision,
+                        Cause::Cancelled,
+                    )
+                    .await
+                    .map(drop)
+            } else {
+                return Ok(record.next_deadline());
+            };
+            match result {
+                Ok(()) => return Ok(None),
+                Err(StoreError::Conflict) => continue,
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timers_keep_one_deadline_per_name() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let s = Duration::from_secs;
+        let mut timers = Timers::default();
+        timers.set("a", Some(t0 + s(5)));
+        timers.set("b", Some(t0 + s(3)));
+        timers.set("a", Some(t0 + s(1)));
+        assert_eq!(timers.next(), Some(t0 + s(1)));
+        timers.set("a", None);
+        assert_eq!(timers.next(), Some(t0 + s(3)));
+        assert_eq!(timers.take_due(t0 + s(4)), ["b"]);
+        assert_eq!(timers.next(), None);
+        assert!(timers.by_name.is_empty());
+    }
+}

@@ -1,0 +1,473 @@
+//! The Operations semantics: names, the state machine, cancel policies,
+//! waiters, leases, retention and List queries.
+//!
+//! [`Registry`] is a cheap handle (cloning it is shallow) over a [`Store`].
+//! Every state change is one conditional store write: the registry reads a
+//! record, computes the next one and writes it only if the revision it read is
+//! still current, retrying on conflict. So a cancel racing a completion ends
+//! in exactly one terminal transition, whichever commits first.
+//!
+//! Background tasks (spawned by [`Registry::new`], so it needs a Tokio
+//! runtime) follow the store's change feed: one wakes waiters, one fires lease,
+//! cancel-grace and retention deadlines. They stop when the last handle is
+//! dropped or [`Registry::shutdown`] is called.
+
+mod deadlines;
+mod list;
+mod name;
+mod wait;
+mod watch;
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime},
+};
+
+use prost_types::Any;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{Error, Precondition, ERROR_DOMAIN},
+    pb::google::{longrunning::Operation, rpc},
+    store::{CancelPolicy, Cause, Outcome, Record, Store, StoreError},
+};
+
+pub use list::{ListPage, ListRequest};
+pub use name::{check_id, check_parent_name, parse_list_target, NameError, OperationName};
+pub use wait::wait_budget;
+pub use watch::{EventKind, WatchFilter, WorkerEvent};
+
+use wait::Waiters;
+
+/// The `google.rpc.Code` of a cancelled operation.
+pub const CANCELLED_CODE: i32 = 1;
+/// The `google.rpc.Code` of an operation whose worker lease lapsed.
+pub const ABORTED_CODE: i32 = 10;
+
+/// Tunables of the semantics; see `opsd serve --help` for each.
+#[derive(Clone, Debug)]
+pub struct RegistrySettings {
+    /// How long done operations are kept.
+    pub retention: Duration,
+    /// The longest a single Wait blocks.
+    pub wait_cap: Duration,
+    /// How many Waits may be open at once; more → RESOURCE_EXHAUSTED.
+    pub max_waiters: usize,
+    /// How long a cooperative worker has to finish a cancelled operation.
+    pub cancel_grace_period: Duration,
+    /// The longest lease or grace period a worker may ask for.
+    pub max_lease: Duration,
+    /// The largest encoded List page.
+    pub max_page_bytes: usize,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(30 * 24 * 3600),
+            wait_cap: Duration::from_secs(60),
+            max_waiters: 100_000,
+            cancel_grace_period: Duration::from_secs(30),
+            max_lease: Duration::from_secs(7 * 24 * 3600),
+            max_page_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a worker asks for when it creates an operation.
+#[derive(Clone, Debug, Default)]
+pub struct CreateParams {
+    /// `collection/id` pairs, or empty.
+    pub parent: String,
+    /// The id; a UUIDv7 when empty.
+    pub operation_id: String,
+    /// Idempotency key; empty for none.
+    pub request_id: String,
+    pub metadata: Option<Any>,
+    pub cancel_policy: CancelPolicy,
+    pub lease: Option<Duration>,
+    pub cancel_grace_period: Option<Duration>,
+}
+
+/// A handle to the registry. Cloning it is shallow.
+#[derive(Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    settings: RegistrySettings,
+    waiters: Arc<Waiters>,
+    /// Open worker event streams, for stats and leak checks.
+    watchers: Arc<AtomicUsize>,
+    /// Cancelled on shutdown: open Waits return, event streams end, tasks stop.
+    shutdown: CancellationToken,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Registry {
+    /// Creates a registry over `store` and starts its background tasks.
+    pub fn new(store: Arc<dyn Store>, settings: RegistrySettings) -> Self {
+        let shared = Arc::new(Shared {
+            waiters: Arc::new(Waiters::new(settings.max_waiters)),
+            store,
+            settings,
+            watchers: Arc::new(AtomicUsize::new(0)),
+            shutdown: CancellationToken::new(),
+        });
+        wait::spawn_dispatcher(
+            shared.store.subscribe(),
+            shared.waiters.clone(),
+            shared.shutdown.clone(),
+        );
+        deadlines::spawn(Arc::downgrade(&shared), shared.shutdown.clone());
+        Self { shared }
+    }
+
+    /// The settings this registry runs with.
+    pub fn settings(&self) -> &RegistrySettings {
+        &self.shared.settings
+    }
+
+    /// The number of open Waits.
+    pub fn waiter_count(&self) -> usize {
+        self.shared.waiters.count()
+    }
+
+    /// The number of open worker event streams.
+    pub fn watcher_count(&self) -> usize {
+        self.shared.watchers.load(Ordering::Relaxed)
+    }
+
+    /// The number of stored operations.
+    pub async fn operation_count(&self) -> Result<usize, Error> {
+        Ok(self.shared.store.len().await?)
+    }
+
+    /// Starts draining: open Waits return their latest state at once, worker
+    /// event streams end, background tasks stop.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// Whether [`Registry::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+
+    fn store(&self) -> &dyn Store {
+        self.shared.store.as_ref()
+    }
+
+    /// Reads an operation; a missing or expired one is NOT_FOUND.
+    pub async fn get(&self, name: &str) -> Result<Record, Error> {
+        let name = OperationName::parse(name)?;
+        self.load(&name).await
+    }
+
+    async fn load(&self, name: &OperationName) -> Result<Record, Error> {
+        match self.store().get(name.as_str()).await? {
+            Some(record) if !expired(&record, SystemTime::now()) => Ok(record),
+            _ => Err(Error::not_found(name.as_str())),
+        }
+    }
+
+    /// Creates a running operation (worker API).
+    pub async fn create(&self, params: CreateParams) -> Result<Record, Error> {
+        check_parent_name(&params.parent).map_err(|e| Error::invalid_name("parent", e))?;
+        let id = if params.operation_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            check_id(&params.operation_id).map_err(|e| Error::invalid_name("operation_id", e))?;
+            params.operation_id.clone()
+        };
+        let name = OperationName::new(&params.parent, &id)
+            .map_err(|e| Error::invalid_name("operation_id", e))?;
+        if params.request_id.len() > 256 {
+            return Err(Error::invalid("request_id", "must be at most 256 bytes"));
+        }
+        let lease = self.check_duration("lease", params.lease)?;
+        let grace = self
+            .check_duration("cancel_grace_period", params.cancel_grace_period)?
+            .unwrap_or(self.shared.settings.cancel_grace_period);
+        let request_id = (!params.request_id.is_empty()).then(|| params.request_id.clone());
+
+        let now = SystemTime::now();
+        let record = Record {
+            name: name.clone().into_string(),
+            revision: 0,
+            metadata: params.metadata,
+            outcome: None,
+            cancel_policy: params.cancel_policy,
+            cancel_grace_period: grace,
+            cancel_deadline: None,
+            lease,
+            lease_deadline: lease.map(|l| now + l),
+            request_id: request_id.clone(),
+            create_time: now,
+            update_time: now,
+            done_time: None,
+            expire_time: None,
+        };
+        match self.store().insert(record).await {
+            Ok(record) => {
+                tracing::info!(name = %record.name, "operation created");
+                Ok(record)
+            }
+            Err(StoreError::Exists(existing)) => {
+                let same_request = request_id.is_some() && existing.request_id == request_id;
+                let same_target = existing.name == name.as_str()
+                    || (params.operation_id.is_empty()
+                        && existing.parent() == params.parent.as_str());
+                if same_request && same_target && !expired(&existing, now) {
+                    return Ok(*existing);
+                }
+                let message = if existing.name == name.as_str() {
+                    format!("Operation \"{}\" already exists.", existing.name)
+                } else {
+                    format!(
+                        "request_id \"{}\" was already used to create operation \"{}\".",
+                        params.request_id, existing.name
+                    )
+                };
+                Err(Error::AlreadyExists {
+                    name: existing.name,
+                    message,
+                })
+            }
+            Err(other) => Err(other.into()),
+        }
+    }
+
+    fn check_duration(
+        &self,
+        field: &str,
+        value: Option<Duration>,
+    ) -> Result<Option<Duration>, Error> {
+        match value {
+            Some(d) if d.is_zero() => Err(Error::invalid(field, "must be positive")),
+            Some(d) if d > self.shared.settings.max_lease => Err(Error::invalid(
+                field,
+                format!(
+                    "must be at most {}",
+                    humantime::format_duration(self.shared.settings.max_lease)
+                ),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    /// Replaces the metadata of a running operation and renews its lease.
+    pub async fn update(&self, name: &str, metadata: Option<Any>) -> Result<Record, Error> {
+        let name = OperationName::parse(name)?;
+        self.modify(&name, |record, now| {
+            if record.done() {
+                return Err(Error::already_done(&record.name));
+            }
+            let mut next = record.clone();
+            if let Some(metadata) = &metadata {
+                next.metadata = Some(metadata.clone());
+            }
+            next.lease_deadline = record.lease.map(|l| now + l);
+            next.update_time = now;
+            Ok(Some((next, Cause::Updated)))
+        })
+        .await
+        .map(|(record, _)| record)
+    }
+
+    /// Finishes a running operation with the worker's outcome.
+    pub async fn complete(
+        &self,
+        name: &str,
+        outcome: Outcome,
+        metadata: Option<Any>,
+    ) -> Result<Record, Error> {
+        let name = OperationName::parse(name)?;
+        if let Outcome::Error(status) = &outcome {
+            if !(1..=16).contains(&status.code) {
+                return Err(Error::invalid(
+                    "error.code",
+                    format!(
+                        "{} is not a google.rpc.Code of a failure (1 to 16)",
+                        status.code
+                    ),
+                ));
+            }
+        }
+        let settings = &self.shared.settings;
+        let result = self
+            .modify(&name, |record, now| {
+                if record.done() {
+                    return Err(Error::already_done(&record.name));
+                }
+                let mut next = finish(record, outcome.clone(), now, settings.retention);
+                if let Some(metadata) = &metadata {
+                    next.metadata = Some(metadata.clone());
+                }
+                Ok(Some((next, Cause::Completed)))
+            })
+            .await?;
+        tracing::info!(name = %name, "operation completed");
+        Ok(result.0)
+    }
+
+    /// Cancels an operation according to its cancel policy. Done → OK unchanged.
+    pub async fn cancel(&self, name: &str) -> Result<(), Error> {
+        let name = OperationName::parse(name)?;
+        let settings = &self.shared.settings;
+        self.modify(&name, |record, now| {
+            if record.done() {
+                return Ok(None);
+            }
+            match record.cancel_policy {
+                CancelPolicy::NotCancellable => Err(Error::FailedPrecondition {
+                    name: record.name.clone(),
+                    reason: Precondition::NotCancellable,
+                    message: format!("Operation \"{}\" cannot be cancelled.", record.name),
+                }),
+                CancelPolicy::Immediate => Ok(Some((
+                    finish(record, Outcome::Error(cancelled_status()), now, settings.retention),
+                    Cause::Cancelled,
+                ))),
+                CancelPolicy::Cooperative if record.cancel_deadline.is_some() => Ok(None),
+                CancelPolicy::Cooperative => {
+                    let mut next = record.clone();
+                    next.cancel_deadline = Some(now + record.cancel_grace_period);
+                    next.update_time = now;
+                    Ok(Some((next, Cause::CancelRequested)))
+                }
+            }
+        })
+        .await?;
+        tracing::info!(name = %name, "operation cancel requested");
+        Ok(())
+    }
+
+    /// Deletes an operation, running or done. It is not cancelled; its worker
+    /// is told.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        let name = OperationName::parse(name)?;
+        loop {
+            let record = self.load(&name).await?;
+            match self
+                .store()
+                .delete(&record.name, record.revision, Cause::Deleted)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(name = %name, "operation deleted");
+                    return Ok(());
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+
+    /// The read-compute-conditional-write loop behind every state change.
+    /// `step` sees the current record and returns the next one with its
+    /// cause, `None` to leave it unchanged, or an error. On a revision
+    /// conflict it runs again on the fresh record.
+    async fn modify<F>(&self, name: &OperationName, mut step: F) -> Result<(Record, bool), Error>
+    where
+        F: FnMut(&Record, SystemTime) -> Result<Option<(Record, Cause)>, Error>,
+    {
+        loop {
+            let record = self.load(name).await?;
+            let Some((next, cause)) = step(&record, SystemTime::now())? else {
+                return Ok((record, false));
+            };
+            match self.store().update(next, record.revision, cause).await {
+                Ok(written) => return Ok((written, true)),
+                Err(StoreError::Conflict) => continue,
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+}
+
+/// Whether retention has already removed this record in all but fact.
+fn expired(record: &Record, now: SystemTime) -> bool {
+    record.expire_time.is_some_and(|t| t <= now)
+}
+
+/// The record of `record` finished with `outcome` at `now`.
+fn finish(record: &Record, outcome: Outcome, now: SystemTime, retention: Duration) -> Record {
+    let mut next = record.clone();
+    next.outcome = Some(outcome);
+    next.done_time = Some(now);
+    next.update_time = now;
+    next.expire_time = Some(now + retention);
+    next.lease_deadline = None;
+    next.cancel_deadline = None;
+    next
+}
+
+/// An `Any` holding `message`.
+fn pack<M: prost::Name>(message: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+fn error_status(code: i32, message: String, reason: &str) -> rpc::Status {
+    let info = rpc::ErrorInfo {
+        reason: reason.to_owned(),
+        domain: ERROR_DOMAIN.to_owned(),
+        metadata: Default::default(),
+    };
+    rpc::Status {
+        code,
+        message,
+        details: vec![pack(&info)],
+    }
+}
+
+/// The error of a cancelled operation.
+pub fn cancelled_status() -> rpc::Status {
+    error_status(
+        CANCELLED_CODE,
+        "Operation was cancelled.".to_owned(),
+        "OPERATION_CANCELLED",
+    )
+}
+
+/// The error of an operation whose worker lease lapsed.
+pub fn lease_expired_status(lease: Option<Duration>) -> rpc::Status {
+    let message = match lease {
+        Some(lease) => format!(
+            "The worker's lease expired: no update within {}.",
+            humantime::format_duration(lease)
+        ),
+        None => "The worker's lease expired.".to_owned(),
+    };
+    error_status(ABORTED_CODE, message, "WORKER_LEASE_EXPIRED")
+}
+
+/// The `google.longrunning.Operation` a client sees for a record.
+pub fn operation(record: &Record) -> Operation {
+    use crate::pb::google::longrunning::operation::Result as OpResult;
+    Operation {
+        name: record.name.clone(),
+        metadata: record.metadata.clone(),
+        done: record.done(),
+        result: record.outcome.as_ref().map(|outcome| match outcome {
+            Outcome::Response(any) => OpResult::Response(any.clone()),
+            Outcome::Error(status) => OpResult::Error(status.clone()),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,302 @@
+//! Durable records of operations and the change feed that follows them.
+//!
+//! The store knows nothing of the Operations semantics: it keeps [`Record`]s
+//! ordered by name, writes them only when the caller's expected revision still
+//! holds (so a cancel and a completion cannot both win), and reports every
+//! commit on a broadcast change feed. Waiters, worker streams and the deadline
+//! task follow that feed, so the same registry code will serve a single
+//! process and several replicas sharing one database.
+
+mod memory;
+
+use std::time::{Duration, SystemTime};
+
+use prost_types::Any;
+use tokio::sync::broadcast;
+
+use crate::pb::google::rpc;
+
+pub use memory::MemoryStore;
+
+/// A monotonically increasing version of one record; 1 after creation.
+pub type Revision = u64;
+
+/// What a cancellation does to an operation (chosen by the worker at creation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CancelPolicy {
+    /// Cancel finishes the operation at once with CANCELLED.
+    #[default]
+    Immediate,
+    /// Cancel asks the worker; after a grace period opsd finishes it.
+    Cooperative,
+    /// Cancel is refused with FAILED_PRECONDITION.
+    NotCancellable,
+}
+
+/// The result of a done operation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Success, with the worker's response.
+    Response(Any),
+    /// Failure (including cancellation and lapsed leases).
+    Error(rpc::Status),
+}
+
+/// Everything the store keeps about one operation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// The canonical full name, `{parent}/operations/{id}`.
+    pub name: String,
+    /// Set by the store on every write.
+    pub revision: Revision,
+    /// The latest metadata (progress) the worker reported.
+    pub metadata: Option<Any>,
+    /// `Some` exactly when the operation is done.
+    pub outcome: Option<Outcome>,
+    pub cancel_policy: CancelPolicy,
+    /// For cooperative cancellation: how long the worker has to finish.
+    pub cancel_grace_period: Duration,
+    /// When a requested cooperative cancellation is forced (cancel pending).
+    pub cancel_deadline: Option<SystemTime>,
+    /// The lease the worker holds; renewed by every update.
+    pub lease: Option<Duration>,
+    /// When the lease lapses unless renewed.
+    pub lease_deadline: Option<SystemTime>,
+    /// The idempotency key of the create call, unique across the store.
+    pub request_id: Option<String>,
+    pub create_time: SystemTime,
+    pub update_time: SystemTime,
+    /// When the operation became done.
+    pub done_time: Option<SystemTime>,
+    /// When a done operation is deleted by retention.
+    pub expire_time: Option<SystemTime>,
+}
+
+impl Record {
+    /// Whether the operation has finished.
+    pub fn done(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// The earliest moment at which the deadline task must look at this
+    /// record: lease expiry or forced cancel while running, retention once done.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        if self.done() {
+            return self.expire_time;
+        }
+        match (self.lease_deadline, self.cancel_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The part of the name before `/operations/{id}`; empty for bare names.
+    pub fn parent(&self) -> &str {
+        parent_of(&self.name)
+    }
+}
+
+/// The parent part of a canonical operation name.
+pub fn parent_of(name: &str) -> &str {
+    match name.rfind("/operations/") {
+        Some(at) => &name[..at],
+        None => "",
+    }
+}
+
+/// Which operations a listing covers: those whose parent matches, segment by
+/// segment, where a `-` segment matches any id (AIP-159).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentPattern {
+    segments: Vec<String>,
+}
+
+impl ParentPattern {
+    /// Builds a pattern from already validated segments.
+    pub fn new(segments: Vec<String>) -> Self {
+        Self { segments }
+    }
+
+    /// The pattern's text, `-` segments included.
+    pub fn as_string(&self) -> String {
+        self.segments.join("/")
+    }
+
+    /// The longest name prefix shared by every matching operation name.
+    pub fn key_prefix(&self) -> String {
+        let fixed: Vec<&str> = self
+            .segments
+            .iter()
+            .take_while(|s| s.as_str() != "-")
+            .map(String::as_str)
+            .collect();
+        if fixed.len() == self.segments.len() {
+            if fixed.is_empty() {
+                "operations/".to_owned()
+            } else {
+                format!("{}/operations/", fixed.join("/"))
+            }
+        } else if fixed.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", fixed.join("/"))
+        }
+    }
+
+    /// Whether the pattern has a `-` wildcard segment.
+    pub fn has_wildcard(&self) -> bool {
+        self.segments.iter().any(|s| s == "-")
+    }
+
+    /// Whether an operation with this parent is covered.
+    pub fn matches_parent(&self, parent: &str) -> bool {
+        if parent.is_empty() {
+            return self.segments.is_empty();
+        }
+        let mut count = 0;
+        for (i, segment) in parent.split('/').enumerate() {
+            match self.segments.get(i) {
+                Some(p) if p == "-" || p == segment => count += 1,
+                _ => return false,
+            }
+        }
+        count == self.segments.len()
+    }
+}
+
+/// One page request to [`Store::list`]: records matching `parent` with names
+/// strictly after `after`, in name order, at most `limit` of them.
+#[derive(Clone, Debug)]
+pub struct ListQuery {
+    pub parent: ParentPattern,
+    pub after: Option<String>,
+    pub limit: usize,
+}
+
+/// Why a record changed; carried on the change feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cause {
+    Created,
+    /// Metadata or lease renewal from the worker.
+    Updated,
+    /// The worker finished it.
+    Completed,
+    /// A cooperative cancellation was requested (still running).
+    CancelRequested,
+    /// It was finished as CANCELLED (immediate cancel or grace expiry).
+    Cancelled,
+    /// It was finished as ABORTED because the worker's lease lapsed.
+    LeaseExpired,
+    /// A client deleted it.
+    Deleted,
+    /// Retention deleted it.
+    Expired,
+}
+
+/// One committed change, published after the commit.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub name: String,
+    pub cause: Cause,
+    /// The record's next deadline after the change (`None` once deleted).
+    pub deadline: Option<SystemTime>,
+    /// When the change was committed.
+    pub time: SystemTime,
+}
+
+/// A store failure. `Conflict` and `Exists` are answers the registry acts on;
+/// the others are faults that reach the client as UNAVAILABLE or INTERNAL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record's revision is not the expected one (or it is gone).
+    #[error("the record changed since it was read")]
+    Conflict,
+    /// A record with this name or request id already exists.
+    #[error("operation {} already exists", .0.name)]
+    Exists(Box<Record>),
+    /// The store cannot take writes now (disk full, I/O error); reads may work.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or corrupt data.
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+/// Durable records. Writes return once committed; [`Store::subscribe`]
+/// reports every commit.
+#[async_trait::async_trait] // object-safe: the registry holds Arc<dyn Store>
+pub trait Store: Send + Sync + 'static {
+    /// The record with this name, if any.
+    async fn get(&self, name: &str) -> Result<Option<Record>, StoreError>;
+
+    /// The record created with this request id, if any.
+    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<Record>, StoreError>;
+
+    /// One page of records in name order (keyset pagination).
+    async fn list(&self, query: &ListQuery) -> Result<Vec<Record>, StoreError>;
+
+    /// Inserts a new record at revision 1. A record with the same name or the
+    /// same request id → [`StoreError::Exists`] with that record.
+    async fn insert(&self, record: Record) -> Result<Record, StoreError>;
+
+    /// Replaces the record if its stored revision is still `expected`;
+    /// otherwise (or if it is gone) → [`StoreError::Conflict`].
+    async fn update(
+        &self,
+        record: Record,
+        expected: Revision,
+        cause: Cause,
+    ) -> Result<Record, StoreError>;
+
+    /// Removes the record if its stored revision is still `expected`;
+    /// otherwise (or if it is gone) → [`StoreError::Conflict`].
+    async fn delete(&self, name: &str, expected: Revision, cause: Cause) -> Result<(), StoreError>;
+
+    /// Every record's next deadline, for the deadline task at start-up and
+    /// after it missed changes.
+    async fn deadlines(&self) -> Result<Vec<(SystemTime, String)>, StoreError>;
+
+    /// The change feed: every commit from now on, in commit order.
+    fn subscribe(&self) -> broadcast::Receiver<Change>;
+
+    /// The number of stored records.
+    async fn len(&self) -> Result<usize, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(s: &str) -> ParentPattern {
+        ParentPattern::new(if s.is_empty() {
+            vec![]
+        } else {
+            s.split('/').map(str::to_owned).collect()
+        })
+    }
+
+    #[test]
+    fn key_prefix_stops_at_the_first_wildcard() {
+        assert_eq!(pattern("").key_prefix(), "operations/");
+        assert_eq!(pattern("projects/p").key_prefix(), "projects/p/operations/");
+        assert_eq!(pattern("projects/p/locations/-").key_prefix(), "projects/p/locations/");
+        assert_eq!(pattern("projects/-/locations/l").key_prefix(), "projects/");
+    }
+
+    #[test]
+    fn wildcard_matches_one_segment_of_the_same_depth() {
+        let p = pattern("projects/p/locations/-");
+        assert!(p.matches_parent("projects/p/locations/l"));
+        assert!(!p.matches_parent("projects/p"));
+        assert!(!p.matches_parent("projects/q/locations/l"));
+        assert!(!p.matches_parent("projects/p/locations/l/x/y"));
+        assert!(pattern("").matches_parent(""));
+        assert!(!pattern("").matches_parent("projects/p"));
+    }
+
+    #[test]
+    fn parent_of_a_bare_name_is_empty() {
+        assert_eq!(parent_of("operations/a"), "");
+        assert_eq!(parent_of("projects/p/operations/a"), "projects/p");
+    }
+}
