@@ -1,0 +1,115 @@
+//! A real opsd server on port 0 and clients for it.
+#![allow(dead_code)] // each test binary uses part of this
+
+use std::time::Duration;
+
+use opsd::{
+    pb::{
+        google::longrunning::{operations_client::OperationsClient, Operation},
+        opsd::v1::{workers_client::WorkersClient, CreateOperationRequest},
+    },
+    registry::Registry,
+    server::{Server, ServerError},
+    Config,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+pub struct TestServer {
+    pub url: String,
+    pub registry: Registry,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Config::for_tests()).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = Server::new(config).unwrap();
+        let registry = server.registry();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async {
+            stopped.await.ok();
+        }));
+        Self {
+            url,
+            registry,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        // The listener is already accepting: no sleep needed.
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn operations(&self) -> OperationsClient<Channel> {
+        OperationsClient::new(self.channel().await)
+    }
+
+    pub async fn workers(&self) -> WorkersClient<Channel> {
+        WorkersClient::new(self.channel().await)
+    }
+
+    /// Starts the drain and waits for a clean stop.
+    pub async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).ok();
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the server drains in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Creates an operation through the worker API.
+pub async fn create(
+    workers: &mut WorkersClient<Channel>,
+    request: CreateOperationRequest,
+) -> Operation {
+    workers.create_operation(request).await.unwrap().into_inner()
+}
+
+/// A request for a running operation `{parent}/operations/{id}`.
+pub fn op(parent: &str, id: &str) -> CreateOperationRequest {
+    CreateOperationRequest {
+        parent: parent.to_owned(),
+        operation_id: id.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// An `Any` holding a string (google.protobuf.StringValue).
+pub fn any_string(value: &str) -> prost_types::Any {
+    prost_types::Any::from_msg(&value.to_owned()).unwrap()
+}
+
+/// An error status with the given code.
+pub fn status(code: i32, message: &str) -> opsd::pb::google::rpc::Status {
+    opsd::pb::google::rpc::Status {
+        code,
+        message: message.to_owned(),
+        details: vec![],
+    }
+}
+
+/// The ErrorInfo reason of a failed call.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
