@@ -198,7 +198,10 @@ mod tests {
         let info = details.error_info().unwrap();
         assert_eq!(info.reason, "OPERATION_NOT_FOUND");
         assert_eq!(info.domain, ERROR_DOMAIN);
-        assert_eq!(details.resource_info().unwrap().resource_name, "operations/x");
+        assert_eq!(
+            details.resource_info().unwrap().resource_name,
+            "operations/x"
+        );
         // The trailer is a google.rpc.Status with the same code and message.
         let rpc: tonic_types::pb::Status =
             prost::Message::decode(status.details()).expect("a google.rpc.Status");

@@ -68,16 +68,16 @@ impl Server {
         let address = listener.local_addr().ok();
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<OperationsServer<OperationsService>>().await;
+        health
+            .set_serving::<OperationsServer<OperationsService>>()
+            .await;
         health.set_serving::<WorkersServer<WorkersService>>().await;
 
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-                )
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(
                     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
                 )

@@ -42,7 +42,11 @@ async fn parent_and_collection_names_list_the_same_operations_in_name_order() {
     create(&mut workers, op("projects/p", "parent-only")).await;
     create(&mut workers, op("", "bare")).await;
 
-    let by_parent = ops.list_operations(list("projects/p/locations/l", 0, "")).await.unwrap().into_inner();
+    let by_parent = ops
+        .list_operations(list("projects/p/locations/l", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
     let by_collection = ops
         .list_operations(list("projects/p/locations/l/operations", 0, ""))
         .await
@@ -60,17 +64,33 @@ async fn parent_and_collection_names_list_the_same_operations_in_name_order() {
     assert!(by_parent.next_page_token.is_empty());
     assert!(by_parent.unreachable.is_empty());
 
-    let bare = ops.list_operations(list("operations", 0, "")).await.unwrap().into_inner();
+    let bare = ops
+        .list_operations(list("operations", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(names(&bare), ["operations/bare"]);
-    let parent_only = ops.list_operations(list("projects/p", 0, "")).await.unwrap().into_inner();
+    let parent_only = ops
+        .list_operations(list("projects/p", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(names(&parent_only), ["projects/p/operations/parent-only"]);
 
     // `-` lists across one level; names stay canonical.
-    let across = ops.list_operations(list("projects/p/locations/-", 0, "")).await.unwrap().into_inner();
+    let across = ops
+        .list_operations(list("projects/p/locations/-", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(names(&across).len(), 4);
     assert!(names(&across).contains(&"projects/p/locations/other/operations/z".to_owned()));
 
-    let empty = ops.list_operations(list("projects/none", 0, "")).await.unwrap().into_inner();
+    let empty = ops
+        .list_operations(list("projects/none", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(empty.operations.is_empty() && empty.next_page_token.is_empty());
     server.stop().await;
 }
@@ -81,11 +101,19 @@ async fn page_size_defaults_to_50_and_is_capped_at_1000() {
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     create_many(&mut workers, "projects/many", 1005).await;
 
-    let page = ops.list_operations(list("projects/many", 0, "")).await.unwrap().into_inner();
+    let page = ops
+        .list_operations(list("projects/many", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(page.operations.len(), 50);
     assert!(!page.next_page_token.is_empty());
 
-    let page = ops.list_operations(list("projects/many", 5000, "")).await.unwrap().into_inner();
+    let page = ops
+        .list_operations(list("projects/many", 5000, ""))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(page.operations.len(), 1000);
     let rest = ops
         .list_operations(list("projects/many", 5000, &page.next_page_token))
@@ -95,9 +123,19 @@ async fn page_size_defaults_to_50_and_is_capped_at_1000() {
     assert_eq!(rest.operations.len(), 5);
     assert!(rest.next_page_token.is_empty());
 
-    let err = ops.list_operations(list("projects/many", -1, "")).await.unwrap_err();
+    let err = ops
+        .list_operations(list("projects/many", -1, ""))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(err.get_error_details().bad_request().unwrap().field_violations[0].field, "page_size");
+    assert_eq!(
+        err.get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "page_size"
+    );
     server.stop().await;
 }
 
@@ -106,13 +144,19 @@ async fn walking_pages_returns_every_operation_once_while_others_change() {
     let server = TestServer::start().await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     create_many(&mut workers, "projects/walk", 40).await;
-    let stable: HashSet<String> = (0..40).map(|i| format!("projects/walk/operations/op-{i:04}")).collect();
+    let stable: HashSet<String> = (0..40)
+        .map(|i| format!("projects/walk/operations/op-{i:04}"))
+        .collect();
 
     let mut seen = Vec::new();
     let mut token = String::new();
     let mut round = 0;
     loop {
-        let page = ops.list_operations(list("projects/walk", 7, &token)).await.unwrap().into_inner();
+        let page = ops
+            .list_operations(list("projects/walk", 7, &token))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(page.operations.len() <= 7);
         seen.extend(names(&page));
         // Meanwhile other clients create and delete operations in the same parent.
@@ -140,7 +184,11 @@ async fn forged_or_foreign_page_tokens_are_invalid_arguments() {
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     create_many(&mut workers, "projects/a", 3).await;
     create_many(&mut workers, "projects/b", 3).await;
-    let page = ops.list_operations(list("projects/a", 1, "")).await.unwrap().into_inner();
+    let page = ops
+        .list_operations(list("projects/a", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
     let token = page.next_page_token;
 
     let mut flipped = token.clone().into_bytes();
@@ -153,12 +201,25 @@ async fn forged_or_foreign_page_tokens_are_invalid_arguments() {
         format!("{token}="),
     ];
     for bad in &forged {
-        let err = ops.list_operations(list("projects/a", 1, bad)).await.unwrap_err();
+        let err = ops
+            .list_operations(list("projects/a", 1, bad))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
-        assert_eq!(err.get_error_details().bad_request().unwrap().field_violations[0].field, "page_token");
+        assert_eq!(
+            err.get_error_details()
+                .bad_request()
+                .unwrap()
+                .field_violations[0]
+                .field,
+            "page_token"
+        );
     }
     // A token of another listing.
-    let err = ops.list_operations(list("projects/b", 1, &token)).await.unwrap_err();
+    let err = ops
+        .list_operations(list("projects/b", 1, &token))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // The same listing under its collection name accepts it.
     let next = ops
@@ -174,7 +235,13 @@ async fn forged_or_foreign_page_tokens_are_invalid_arguments() {
 async fn invalid_targets_and_filters_are_refused_clearly() {
     let server = TestServer::start().await;
     let mut ops = server.operations().await;
-    for name in ["", "projects", "projects/p/locations", "operations/x", "a//b"] {
+    for name in [
+        "",
+        "projects",
+        "projects/p/locations",
+        "operations/x",
+        "a//b",
+    ] {
         let err = ops.list_operations(list(name, 0, "")).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{name:?}");
     }
@@ -207,7 +274,11 @@ async fn a_page_stops_before_4_mib() {
     let mut token = String::new();
     let mut pages = 0;
     loop {
-        let page = ops.list_operations(list("projects/big", 100, &token)).await.unwrap().into_inner();
+        let page = ops
+            .list_operations(list("projects/big", 100, &token))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(prost::Message::encoded_len(&page) < 4 * 1024 * 1024);
         assert!(page.operations.len() < 8);
         total += page.operations.len();

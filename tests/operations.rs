@@ -53,7 +53,10 @@ fn error_of(op: &Operation) -> &opsd::pb::google::rpc::Status {
 async fn get_of_an_unknown_operation_is_not_found_with_details() {
     let server = TestServer::start().await;
     let mut ops = server.operations().await;
-    let err = ops.get_operation(get("operations/missing")).await.unwrap_err();
+    let err = ops
+        .get_operation(get("operations/missing"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(err.message(), "Operation \"operations/missing\" not found.");
     let details = err.get_error_details();
@@ -74,11 +77,20 @@ async fn get_of_an_unknown_operation_is_not_found_with_details() {
 async fn malformed_names_are_invalid_arguments_with_bad_request() {
     let server = TestServer::start().await;
     let mut ops = server.operations().await;
-    for name in ["", "operations", "projects/p/operations/a b", "../operations/x", "operations/-"] {
+    for name in [
+        "",
+        "operations",
+        "projects/p/operations/a b",
+        "../operations/x",
+        "operations/-",
+    ] {
         let err = ops.get_operation(get(name)).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{name:?}");
         let details = err.get_error_details();
-        assert_eq!(details.bad_request().unwrap().field_violations[0].field, "name");
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "name"
+        );
         assert_eq!(details.error_info().unwrap().reason, "INVALID_ARGUMENT");
     }
     let long = format!("operations/{}", "a".repeat(1100));
@@ -100,13 +112,24 @@ async fn a_running_operation_has_no_result_and_a_done_one_has_exactly_one() {
     )
     .await;
     assert_eq!(created.name, "projects/p/locations/l/operations/job");
-    let running = ops.get_operation(get(&created.name)).await.unwrap().into_inner();
+    let running = ops
+        .get_operation(get(&created.name))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!running.done);
     assert!(running.result.is_none());
     assert_eq!(running.metadata, Some(any_string("step 1")));
 
-    workers.complete_operation(respond(&created.name, "ok")).await.unwrap();
-    let done = ops.get_operation(get(&created.name)).await.unwrap().into_inner();
+    workers
+        .complete_operation(respond(&created.name, "ok"))
+        .await
+        .unwrap();
+    let done = ops
+        .get_operation(get(&created.name))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(done.done);
     assert_eq!(done.result, Some(OpResult::Response(any_string("ok"))));
     server.stop().await;
@@ -116,7 +139,9 @@ async fn a_running_operation_has_no_result_and_a_done_one_has_exactly_one() {
 async fn cancel_of_an_immediate_operation_finishes_it_as_cancelled() {
     let server = TestServer::start().await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
-    let name = create(&mut workers, op("projects/p/locations/l", "a")).await.name;
+    let name = create(&mut workers, op("projects/p/locations/l", "a"))
+        .await
+        .name;
 
     ops.cancel_operation(cancel(&name)).await.unwrap();
     let got = ops.get_operation(get(&name)).await.unwrap().into_inner();
@@ -126,22 +151,37 @@ async fn cancel_of_an_immediate_operation_finishes_it_as_cancelled() {
     assert_eq!(error.message, "Operation was cancelled.");
     let info: opsd::pb::google::rpc::ErrorInfo = error.details[0].to_msg().unwrap();
     assert_eq!(info.reason, "OPERATION_CANCELLED");
-    assert_eq!(error.details[0].type_url, "type.googleapis.com/google.rpc.ErrorInfo");
+    assert_eq!(
+        error.details[0].type_url,
+        "type.googleapis.com/google.rpc.ErrorInfo"
+    );
 
     // Repeated cancel: OK, unchanged.
     ops.cancel_operation(cancel(&name)).await.unwrap();
-    assert_eq!(ops.get_operation(get(&name)).await.unwrap().into_inner(), got);
+    assert_eq!(
+        ops.get_operation(get(&name)).await.unwrap().into_inner(),
+        got
+    );
 
     // The worker's late completion is refused; the result stays.
-    let err = workers.complete_operation(respond(&name, "late")).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&err), "OPERATION_ALREADY_DONE");
     let err = workers
-        .update_operation(UpdateOperationRequest { name: name.clone(), metadata: None })
+        .complete_operation(respond(&name, "late"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert_eq!(ops.get_operation(get(&name)).await.unwrap().into_inner(), got);
+    assert_eq!(reason(&err), "OPERATION_ALREADY_DONE");
+    let err = workers
+        .update_operation(UpdateOperationRequest {
+            name: name.clone(),
+            metadata: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        ops.get_operation(get(&name)).await.unwrap().into_inner(),
+        got
+    );
     server.stop().await;
 }
 
@@ -150,9 +190,16 @@ async fn cancel_of_a_done_operation_is_ok_and_changes_nothing() {
     let server = TestServer::start().await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let name = create(&mut workers, op("", "done")).await.name;
-    let completed = workers.complete_operation(respond(&name, "r")).await.unwrap().into_inner();
+    let completed = workers
+        .complete_operation(respond(&name, "r"))
+        .await
+        .unwrap()
+        .into_inner();
     ops.cancel_operation(cancel(&name)).await.unwrap();
-    assert_eq!(ops.get_operation(get(&name)).await.unwrap().into_inner(), completed);
+    assert_eq!(
+        ops.get_operation(get(&name)).await.unwrap().into_inner(),
+        completed
+    );
     server.stop().await;
 }
 
@@ -168,8 +215,20 @@ async fn cancel_of_a_not_cancellable_operation_fails_and_keeps_it_running() {
     let err = ops.cancel_operation(cancel(&name)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(reason(&err), "OPERATION_NOT_CANCELLABLE");
-    assert_eq!(err.get_error_details().resource_info().unwrap().resource_name, name);
-    assert!(!ops.get_operation(get(&name)).await.unwrap().into_inner().done);
+    assert_eq!(
+        err.get_error_details()
+            .resource_info()
+            .unwrap()
+            .resource_name,
+        name
+    );
+    assert!(
+        !ops.get_operation(get(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .done
+    );
     server.stop().await;
 }
 
@@ -185,11 +244,20 @@ async fn cooperative_cancel_lets_the_worker_finish_then_forces_cancelled() {
     };
     let name = create(&mut workers, polite).await.name;
     ops.cancel_operation(cancel(&name)).await.unwrap();
-    assert!(!ops.get_operation(get(&name)).await.unwrap().into_inner().done);
+    assert!(
+        !ops.get_operation(get(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .done
+    );
     workers
         .complete_operation(CompleteOperationRequest {
             name: name.clone(),
-            result: Some(complete_operation_request::Result::Error(status(1, "stopped by worker"))),
+            result: Some(complete_operation_request::Result::Error(status(
+                1,
+                "stopped by worker",
+            ))),
             metadata: None,
         })
         .await
@@ -200,7 +268,10 @@ async fn cooperative_cancel_lets_the_worker_finish_then_forces_cancelled() {
     // The worker does nothing: after its grace period opsd finishes it.
     let slow = CreateOperationRequest {
         cancel_policy: CancelPolicy::Cooperative as i32,
-        cancel_grace_period: Some(prost_types::Duration { seconds: 0, nanos: 200_000_000 }),
+        cancel_grace_period: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
         ..op("", "slow")
     };
     let name = create(&mut workers, slow).await.name;
@@ -208,7 +279,10 @@ async fn cooperative_cancel_lets_the_worker_finish_then_forces_cancelled() {
     let waited = ops
         .wait_operation(opsd::pb::google::longrunning::WaitOperationRequest {
             name: name.clone(),
-            timeout: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
+            timeout: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
         })
         .await
         .unwrap()
@@ -222,9 +296,15 @@ async fn cooperative_cancel_lets_the_worker_finish_then_forces_cancelled() {
 async fn cancel_and_delete_of_unknown_operations_are_not_found() {
     let server = TestServer::start().await;
     let mut ops = server.operations().await;
-    let err = ops.cancel_operation(cancel("operations/nope")).await.unwrap_err();
+    let err = ops
+        .cancel_operation(cancel("operations/nope"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = ops.delete_operation(delete("operations/nope")).await.unwrap_err();
+    let err = ops
+        .delete_operation(delete("operations/nope"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(reason(&err), "OPERATION_NOT_FOUND");
     server.stop().await;
@@ -242,10 +322,16 @@ async fn delete_removes_a_running_operation_without_cancelling_it() {
     let err = ops.delete_operation(delete(&name)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // Later worker calls on it are NOT_FOUND too.
-    let err = workers.complete_operation(respond(&name, "x")).await.unwrap_err();
+    let err = workers
+        .complete_operation(respond(&name, "x"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = workers
-        .update_operation(UpdateOperationRequest { name: name.clone(), metadata: None })
+        .update_operation(UpdateOperationRequest {
+            name: name.clone(),
+            metadata: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -260,7 +346,10 @@ async fn done_operations_expire_after_retention() {
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let done = create(&mut workers, op("", "short-lived")).await.name;
     let running = create(&mut workers, op("", "long-lived")).await.name;
-    workers.complete_operation(respond(&done, "r")).await.unwrap();
+    workers
+        .complete_operation(respond(&done, "r"))
+        .await
+        .unwrap();
     assert!(ops.get_operation(get(&done)).await.is_ok());
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -309,6 +398,12 @@ async fn disabled_methods_answer_unimplemented() {
         assert!(err.message().contains("is disabled on this server"));
     }
     // Get still works, and nothing was cancelled or deleted.
-    assert!(!ops.get_operation(get(&name)).await.unwrap().into_inner().done);
+    assert!(
+        !ops.get_operation(get(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .done
+    );
     server.stop().await;
 }

@@ -83,7 +83,10 @@ async fn reusing_an_id_is_already_exists_unless_the_request_id_matches() {
         request_id: "req-1".into(),
         ..op("projects/p", "different")
     };
-    assert_eq!(workers.create_operation(other).await.unwrap_err().code(), Code::AlreadyExists);
+    assert_eq!(
+        workers.create_operation(other).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
     server.stop().await;
 }
 
@@ -99,15 +102,27 @@ async fn create_validates_its_fields() {
         (op("", "-"), "operation_id"),
         (op("", ".."), "operation_id"),
         (
-            CreateOperationRequest { lease: Some(secs(0.0)), ..op("", "l") },
+            CreateOperationRequest {
+                lease: Some(secs(0.0)),
+                ..op("", "l")
+            },
             "lease",
         ),
         (
-            CreateOperationRequest { lease: Some(prost_types::Duration { seconds: -5, nanos: 0 }), ..op("", "l") },
+            CreateOperationRequest {
+                lease: Some(prost_types::Duration {
+                    seconds: -5,
+                    nanos: 0,
+                }),
+                ..op("", "l")
+            },
             "lease",
         ),
         (
-            CreateOperationRequest { cancel_policy: 42, ..op("", "c") },
+            CreateOperationRequest {
+                cancel_policy: 42,
+                ..op("", "c")
+            },
             "cancel_policy",
         ),
     ];
@@ -115,7 +130,11 @@ async fn create_validates_its_fields() {
         let err = workers.create_operation(request.clone()).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{request:?}");
         let details = err.get_error_details();
-        assert_eq!(details.bad_request().unwrap().field_violations[0].field, field, "{request:?}");
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            field,
+            "{request:?}"
+        );
     }
     server.stop().await;
 }
@@ -126,41 +145,77 @@ async fn update_replaces_metadata_and_complete_validates_the_outcome() {
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let name = create(&mut workers, op("", "progress")).await.name;
     let updated = workers
-        .update_operation(UpdateOperationRequest { name: name.clone(), metadata: Some(any_string("50%")) })
+        .update_operation(UpdateOperationRequest {
+            name: name.clone(),
+            metadata: Some(any_string("50%")),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(updated.metadata, Some(any_string("50%")));
     // Unset metadata keeps the current one.
     let renewed = workers
-        .update_operation(UpdateOperationRequest { name: name.clone(), metadata: None })
+        .update_operation(UpdateOperationRequest {
+            name: name.clone(),
+            metadata: None,
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(renewed.metadata, Some(any_string("50%")));
 
-    let missing = CompleteOperationRequest { name: name.clone(), result: None, metadata: None };
-    assert_eq!(workers.complete_operation(missing).await.unwrap_err().code(), Code::InvalidArgument);
+    let missing = CompleteOperationRequest {
+        name: name.clone(),
+        result: None,
+        metadata: None,
+    };
+    assert_eq!(
+        workers
+            .complete_operation(missing)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
     let ok_error = CompleteOperationRequest {
         name: name.clone(),
         result: Some(complete_operation_request::Result::Error(status(0, "fine"))),
         metadata: None,
     };
-    assert_eq!(workers.complete_operation(ok_error).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        workers
+            .complete_operation(ok_error)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
 
     let failed = CompleteOperationRequest {
         name: name.clone(),
-        result: Some(complete_operation_request::Result::Error(status(13, "disk on fire"))),
+        result: Some(complete_operation_request::Result::Error(status(
+            13,
+            "disk on fire",
+        ))),
         metadata: Some(any_string("100%")),
     };
     workers.complete_operation(failed).await.unwrap();
-    let got = ops.get_operation(GetOperationRequest { name: name.clone() }).await.unwrap().into_inner();
+    let got = ops
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(got.done);
     assert_eq!(got.metadata, Some(any_string("100%")));
-    assert_eq!(got.result, Some(OpResult::Error(status(13, "disk on fire"))));
+    assert_eq!(
+        got.result,
+        Some(OpResult::Error(status(13, "disk on fire")))
+    );
     let again = CompleteOperationRequest {
         name: name.clone(),
-        result: Some(complete_operation_request::Result::Response(any_string("x"))),
+        result: Some(complete_operation_request::Result::Response(any_string(
+            "x",
+        ))),
         metadata: None,
     };
     let err = workers.complete_operation(again).await.unwrap_err();
@@ -173,26 +228,44 @@ async fn update_replaces_metadata_and_complete_validates_the_outcome() {
 async fn a_cancel_reaches_a_watching_worker_within_100ms() {
     let server = TestServer::start().await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
-    let name = create(&mut workers, op("projects/p/locations/l", "job")).await.name;
-    let other = create(&mut workers, op("projects/p/locations/elsewhere", "job")).await.name;
+    let name = create(&mut workers, op("projects/p/locations/l", "job"))
+        .await
+        .name;
+    let other = create(&mut workers, op("projects/p/locations/elsewhere", "job"))
+        .await
+        .name;
     let mut events = workers
-        .watch_operations(WatchOperationsRequest { parent: "projects/p/locations/l".into(), names: vec![] })
+        .watch_operations(WatchOperationsRequest {
+            parent: "projects/p/locations/l".into(),
+            names: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
     // An operation outside the parent does not show up.
-    ops.cancel_operation(CancelOperationRequest { name: other }).await.unwrap();
+    ops.cancel_operation(CancelOperationRequest { name: other })
+        .await
+        .unwrap();
 
     let started = Instant::now();
-    ops.cancel_operation(CancelOperationRequest { name: name.clone() }).await.unwrap();
+    ops.cancel_operation(CancelOperationRequest { name: name.clone() })
+        .await
+        .unwrap();
     let event = next_event(&mut events).await;
     let latency = started.elapsed();
     assert_eq!(event.r#type(), EventType::CancelRequested);
     assert_eq!(event.name, name);
     assert!(event.event_time.is_some());
-    assert!(latency < Duration::from_millis(100), "cancel reached the worker after {latency:?}");
+    assert!(
+        latency < Duration::from_millis(100),
+        "cancel reached the worker after {latency:?}"
+    );
     // Get after cancel shows done with CANCELLED.
-    let got = ops.get_operation(GetOperationRequest { name }).await.unwrap().into_inner();
+    let got = ops
+        .get_operation(GetOperationRequest { name })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(got.done);
     assert!(matches!(got.result, Some(OpResult::Error(ref e)) if e.code == 1));
     server.stop().await;
@@ -208,20 +281,37 @@ async fn watchers_learn_of_deletions_and_pending_cancellations() {
     };
     let pending = create(&mut workers, coop).await.name;
     // Cancelled before any worker watched: reported on connect.
-    ops.cancel_operation(CancelOperationRequest { name: pending.clone() }).await.unwrap();
+    ops.cancel_operation(CancelOperationRequest {
+        name: pending.clone(),
+    })
+    .await
+    .unwrap();
     let doomed = create(&mut workers, op("", "doomed")).await.name;
 
     let mut events = workers
-        .watch_operations(WatchOperationsRequest { parent: "projects/p".into(), names: vec![doomed.clone()] })
+        .watch_operations(WatchOperationsRequest {
+            parent: "projects/p".into(),
+            names: vec![doomed.clone()],
+        })
         .await
         .unwrap()
         .into_inner();
     let first = next_event(&mut events).await;
-    assert_eq!((first.r#type(), first.name.as_str()), (EventType::CancelRequested, pending.as_str()));
+    assert_eq!(
+        (first.r#type(), first.name.as_str()),
+        (EventType::CancelRequested, pending.as_str())
+    );
 
-    ops.delete_operation(DeleteOperationRequest { name: doomed.clone() }).await.unwrap();
+    ops.delete_operation(DeleteOperationRequest {
+        name: doomed.clone(),
+    })
+    .await
+    .unwrap();
     let deleted = next_event(&mut events).await;
-    assert_eq!((deleted.r#type(), deleted.name.as_str()), (EventType::Deleted, doomed.as_str()));
+    assert_eq!(
+        (deleted.r#type(), deleted.name.as_str()),
+        (EventType::Deleted, doomed.as_str())
+    );
     server.stop().await;
 }
 
@@ -234,29 +324,51 @@ async fn a_lapsed_lease_aborts_the_operation_and_tells_the_worker() {
         .await
         .unwrap()
         .into_inner();
-    let leased = CreateOperationRequest { lease: Some(secs(0.4)), ..op("", "leased") };
+    let leased = CreateOperationRequest {
+        lease: Some(secs(0.4)),
+        ..op("", "leased")
+    };
     let name = create(&mut workers, leased).await.name;
     // Renewals keep it alive past its first deadline.
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         workers
-            .update_operation(UpdateOperationRequest { name: name.clone(), metadata: None })
+            .update_operation(UpdateOperationRequest {
+                name: name.clone(),
+                metadata: None,
+            })
             .await
             .unwrap();
     }
-    let running = ops.get_operation(GetOperationRequest { name: name.clone() }).await.unwrap().into_inner();
+    let running = ops
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!running.done, "renewed leases must not lapse");
 
     let event = next_event(&mut events).await;
-    assert_eq!((event.r#type(), event.name.as_str()), (EventType::LeaseExpired, name.as_str()));
-    let got = ops.get_operation(GetOperationRequest { name: name.clone() }).await.unwrap().into_inner();
-    let Some(OpResult::Error(error)) = got.result else { panic!("{got:?}") };
+    assert_eq!(
+        (event.r#type(), event.name.as_str()),
+        (EventType::LeaseExpired, name.as_str())
+    );
+    let got = ops
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(OpResult::Error(error)) = got.result else {
+        panic!("{got:?}")
+    };
     assert_eq!(error.code, 10, "ABORTED");
     let info: opsd::pb::google::rpc::ErrorInfo = error.details[0].to_msg().unwrap();
     assert_eq!(info.reason, "WORKER_LEASE_EXPIRED");
     // The late worker is refused.
     let err = workers
-        .update_operation(UpdateOperationRequest { name, metadata: None })
+        .update_operation(UpdateOperationRequest {
+            name,
+            metadata: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -285,7 +397,10 @@ async fn closed_streams_are_released() {
     // Invalid filters are refused up front.
     let mut workers = server.workers().await;
     let err = workers
-        .watch_operations(WatchOperationsRequest { parent: "projects".into(), names: vec![] })
+        .watch_operations(WatchOperationsRequest {
+            parent: "projects".into(),
+            names: vec![],
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -9,8 +9,8 @@ use crate::{
     error::Error,
     pb::google::longrunning::{
         operations_server::{Operations, OperationsServer},
-        CancelOperationRequest, DeleteOperationRequest, GetOperationRequest,
-        ListOperationsRequest, ListOperationsResponse, Operation, WaitOperationRequest,
+        CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+        ListOperationsResponse, Operation, WaitOperationRequest,
     },
     registry::{operation, wait_budget, ListRequest, Registry},
 };
@@ -57,7 +57,9 @@ impl FromStr for Method {
         Method::ALL
             .into_iter()
             .find(|m| m.to_string().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("unknown method {s:?}; expected one of: list, cancel, delete, wait"))
+            .ok_or_else(|| {
+                format!("unknown method {s:?}; expected one of: list, cancel, delete, wait")
+            })
     }
 }
 

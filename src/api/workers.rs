@@ -104,7 +104,10 @@ impl Workers for WorkersService {
         request: Request<UpdateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let request = request.into_inner();
-        let record = self.registry.update(&request.name, request.metadata).await?;
+        let record = self
+            .registry
+            .update(&request.name, request.metadata)
+            .await?;
         Ok(Response::new(operation(&record)))
     }
 
@@ -118,11 +121,9 @@ impl Workers for WorkersService {
             Some(CompleteResult::Response(any)) => Outcome::Response(any),
             Some(CompleteResult::Error(status)) => Outcome::Error(status),
             None => {
-                return Err(Error::invalid(
-                    "result",
-                    "set exactly one of `response` and `error`",
+                return Err(
+                    Error::invalid("result", "set exactly one of `response` and `error`").into(),
                 )
-                .into())
             }
         };
         let record = self

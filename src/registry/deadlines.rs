@@ -79,7 +79,11 @@ pub(super) fn spawn(shared: Weak<Shared>, shutdown: CancellationToken) {
     tokio::spawn(run(shared, feed, shutdown));
 }
 
-async fn run(shared: Weak<Shared>, mut feed: broadcast::Receiver<Change>, shutdown: CancellationToken) {
+async fn run(
+    shared: Weak<Shared>,
+    mut feed: broadcast::Receiver<Change>,
+    shutdown: CancellationToken,
+) {
     let mut timers = Timers::default();
     let mut rescan = true;
     loop {

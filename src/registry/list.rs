@@ -48,7 +48,8 @@ pub struct ListPage {
 impl Registry {
     /// Lists the operations under a parent, in name order.
     pub async fn list(&self, request: ListRequest) -> Result<ListPage, Error> {
-        let parent = parse_list_target(&request.name).map_err(|e| Error::invalid_name("name", e))?;
+        let parent =
+            parse_list_target(&request.name).map_err(|e| Error::invalid_name("name", e))?;
         if !request.filter.trim().is_empty() {
             return Err(Error::Unimplemented {
                 reason: "FILTER_NOT_SUPPORTED",

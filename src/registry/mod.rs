@@ -150,7 +150,7 @@ impl Registry {
 
     /// The number of stored operations.
     pub async fn operation_count(&self) -> Result<usize, Error> {
-        Ok(self.shared.store.len().await?)
+        Ok(self.shared.store.count().await?)
     }
 
     /// Starts draining: open Waits return their latest state at once, worker
@@ -336,7 +336,12 @@ impl Registry {
                     message: format!("Operation \"{}\" cannot be cancelled.", record.name),
                 }),
                 CancelPolicy::Immediate => Ok(Some((
-                    finish(record, Outcome::Error(cancelled_status()), now, settings.retention),
+                    finish(
+                        record,
+                        Outcome::Error(cancelled_status()),
+                        now,
+                        settings.retention,
+                    ),
                     Cause::Cancelled,
                 ))),
                 CancelPolicy::Cooperative if record.cancel_deadline.is_some() => Ok(None),

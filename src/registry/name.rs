@@ -128,7 +128,8 @@ fn split<'a>(name: &'a str, what: &str) -> Result<Vec<&'a str>, NameError> {
     }
     let segments: Vec<&str> = name.split('/').collect();
     for segment in &segments {
-        check_segment(segment).map_err(|e| NameError(format!("{e} (in \"{}\")", truncated(name))))?;
+        check_segment(segment)
+            .map_err(|e| NameError(format!("{e} (in \"{}\")", truncated(name))))?;
     }
     Ok(segments)
 }
@@ -235,7 +236,13 @@ mod tests {
         assert!(parse_list_target("projects/p/locations/-")
             .unwrap()
             .has_wildcard());
-        for bad in ["", "projects", "projects/p/locations", "-/p", "operations/x"] {
+        for bad in [
+            "",
+            "projects",
+            "projects/p/locations",
+            "-/p",
+            "operations/x",
+        ] {
             assert!(parse_list_target(bad).is_err(), "{bad:?} was accepted");
         }
     }

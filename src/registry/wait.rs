@@ -91,10 +91,13 @@ impl Waiters {
             });
         }
         inner.open += 1;
-        let entry = inner.entries.entry(name.to_owned()).or_insert_with(|| Entry {
-            tx: watch::Sender::new(0),
-            count: 0,
-        });
+        let entry = inner
+            .entries
+            .entry(name.to_owned())
+            .or_insert_with(|| Entry {
+                tx: watch::Sender::new(0),
+                count: 0,
+            });
         entry.count += 1;
         let rx = entry.tx.subscribe();
         Ok(WaiterGuard {
@@ -205,7 +208,10 @@ mod tests {
         assert_eq!(wait_budget(None, None, CAP), CAP);
         assert_eq!(wait_budget(Some(s(600)), None, CAP), CAP);
         assert_eq!(wait_budget(Some(s(5)), None, CAP), s(5));
-        assert_eq!(wait_budget(Some(Duration::ZERO), Some(s(1)), CAP), Duration::ZERO);
+        assert_eq!(
+            wait_budget(Some(Duration::ZERO), Some(s(1)), CAP),
+            Duration::ZERO
+        );
         assert_eq!(wait_budget(None, Some(s(1)), CAP), ms(900));
         assert_eq!(wait_budget(Some(s(30)), Some(s(10)), CAP), s(9) + ms(500));
         assert_eq!(wait_budget(None, Some(ms(100)), CAP), ms(80));

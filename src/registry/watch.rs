@@ -174,7 +174,10 @@ impl Registry {
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "worker stream fell behind the change feed; resyncing");
+                    tracing::warn!(
+                        missed,
+                        "worker stream fell behind the change feed; resyncing"
+                    );
                     resync = true;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,

@@ -51,7 +51,9 @@ impl MemoryStore {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while the lock was held cannot leave a half-applied write:
         // every write is a single insert or remove.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn publish(&self, name: &str, cause: Cause, deadline: Option<SystemTime>) {
@@ -169,7 +171,7 @@ impl Store for MemoryStore {
         self.feed.subscribe()
     }
 
-    async fn len(&self) -> Result<usize, StoreError> {
+    async fn count(&self) -> Result<usize, StoreError> {
         Ok(self.state().records.len())
     }
 }
@@ -238,7 +240,10 @@ mod tests {
             Err(StoreError::Exists(existing)) => assert_eq!(existing.name, "operations/a"),
             other => panic!("unexpected {other:?}"),
         }
-        store.delete("operations/a", 1, Cause::Deleted).await.unwrap();
+        store
+            .delete("operations/a", 1, Cause::Deleted)
+            .await
+            .unwrap();
         assert!(store.find_by_request_id("r1").await.unwrap().is_none());
     }
 
@@ -256,16 +261,29 @@ mod tests {
             store.insert(record(name)).await.unwrap();
         }
         let names = |records: Vec<Record>| records.into_iter().map(|r| r.name).collect::<Vec<_>>();
-        let page = store.list(&query(&["projects", "p"], None, 2)).await.unwrap();
-        assert_eq!(names(page), ["projects/p/operations/a", "projects/p/operations/b"]);
         let page = store
-            .list(&query(&["projects", "p"], Some("projects/p/operations/b"), 2))
+            .list(&query(&["projects", "p"], None, 2))
+            .await
+            .unwrap();
+        assert_eq!(
+            names(page),
+            ["projects/p/operations/a", "projects/p/operations/b"]
+        );
+        let page = store
+            .list(&query(
+                &["projects", "p"],
+                Some("projects/p/operations/b"),
+                2,
+            ))
             .await
             .unwrap();
         assert_eq!(names(page), ["projects/p/operations/c"]);
         let page = store.list(&query(&[], None, 10)).await.unwrap();
         assert_eq!(names(page), ["operations/a"]);
-        let page = store.list(&query(&["projects", "-"], None, 10)).await.unwrap();
+        let page = store
+            .list(&query(&["projects", "-"], None, 10))
+            .await
+            .unwrap();
         assert_eq!(page.len(), 4);
     }
 
@@ -275,7 +293,10 @@ mod tests {
         let mut feed = store.subscribe();
         let a = store.insert(record("operations/a")).await.unwrap();
         store.update(a, 1, Cause::Completed).await.unwrap();
-        store.delete("operations/a", 2, Cause::Deleted).await.unwrap();
+        store
+            .delete("operations/a", 2, Cause::Deleted)
+            .await
+            .unwrap();
         let causes: Vec<Cause> = (0..3).map(|_| feed.try_recv().unwrap().cause).collect();
         assert_eq!(causes, [Cause::Created, Cause::Completed, Cause::Deleted]);
     }

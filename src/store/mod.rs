@@ -260,7 +260,7 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<Change>;
 
     /// The number of stored records.
-    async fn len(&self) -> Result<usize, StoreError>;
+    async fn count(&self) -> Result<usize, StoreError>;
 }
 
 #[cfg(test)]
@@ -279,7 +279,10 @@ mod tests {
     fn key_prefix_stops_at_the_first_wildcard() {
         assert_eq!(pattern("").key_prefix(), "operations/");
         assert_eq!(pattern("projects/p").key_prefix(), "projects/p/operations/");
-        assert_eq!(pattern("projects/p/locations/-").key_prefix(), "projects/p/locations/");
+        assert_eq!(
+            pattern("projects/p/locations/-").key_prefix(),
+            "projects/p/locations/"
+        );
         assert_eq!(pattern("projects/-/locations/l").key_prefix(), "projects/");
     }
 

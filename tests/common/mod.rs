@@ -78,7 +78,11 @@ pub async fn create(
     workers: &mut WorkersClient<Channel>,
     request: CreateOperationRequest,
 ) -> Operation {
-    workers.create_operation(request).await.unwrap().into_inner()
+    workers
+        .create_operation(request)
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// A request for a running operation `{parent}/operations/{id}`.
