@@ -213,7 +213,8 @@ fn sigterm_drains_open_waits_and_exits_zero() {
         })
         .await
     });
-    runtime.block_on(tokio::time::sleep(Duration::from_millis(300)));
+    // Give the Wait time to park on the server (the binary exposes no waiter count).
+    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(300)).await });
     let started = Instant::now();
     let status = opsd.terminate();
     assert!(status.success(), "opsd exited with {status}");
