@@ -15,6 +15,13 @@ const PROTOS: &[&str] = &[
     "google/rpc/error_details.proto",
     "google/rpc/status.proto",
     "opsd/v1/workers.proto",
+    // Well-known types that workers often put in `Any`, so REST renders them.
+    "google/protobuf/duration.proto",
+    "google/protobuf/empty.proto",
+    "google/protobuf/field_mask.proto",
+    "google/protobuf/struct.proto",
+    "google/protobuf/timestamp.proto",
+    "google/protobuf/wrappers.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,6 +1,6 @@
 //! One validated configuration: every address, limit and tunable.
 
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{api::operations::Method, registry::RegistrySettings};
 
@@ -25,6 +25,12 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// How long shutdown waits for in-flight calls before closing connections.
     pub drain_timeout: Duration,
+    /// The largest REST request body, in bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// How long an HTTP/1 client may take to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Open connections at most; further clients wait in the accept queue.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -35,6 +41,9 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -48,6 +57,10 @@ pub struct Config {
     pub registry: RegistrySettings,
     /// Operations methods that answer UNIMPLEMENTED.
     pub disabled_methods: BTreeSet<Method>,
+    /// Google service-config YAML files whose Operations HTTP rules REST serves.
+    pub http_rules: Vec<PathBuf>,
+    /// Encoded FileDescriptorSets whose types REST renders inside `Any`.
+    pub descriptor_sets: Vec<PathBuf>,
     pub limits: Limits,
 }
 
@@ -58,6 +71,8 @@ impl Default for Config {
             store: StoreConfig::Memory,
             registry: RegistrySettings::default(),
             disabled_methods: BTreeSet::new(),
+            http_rules: Vec::new(),
+            descriptor_sets: Vec::new(),
             limits: Limits::default(),
         }
     }

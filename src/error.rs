@@ -8,13 +8,25 @@
 //! `grpc-status-details-bin` trailer as a `google.rpc.Status` whose code and
 //! message are the status's own. Store faults are logged here and reach the
 //! client without their cause.
+//!
+//! The REST surface turns that same `Status` into Google's JSON error
+//! envelope in exactly one place too, [`json_envelope`], with the HTTP status
+//! of google/rpc/code.proto's mapping.
 
 use std::collections::HashMap;
 
+use prost::Message;
+use prost_reflect::DescriptorPool;
+use serde_json::{json, Value};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{registry::NameError, store::StoreError};
+use crate::{
+    json::{status_to_json, JsonOptions},
+    pb::google::rpc,
+    registry::NameError,
+    store::StoreError,
+};
 
 /// The `ErrorInfo.domain` of every error opsd raises.
 pub const ERROR_DOMAIN: &str = "opsd";
@@ -65,6 +77,12 @@ pub enum Error {
         reason: &'static str,
         message: String,
     },
+    /// No REST route matches the request's path (or its method).
+    #[error("{message}")]
+    RouteNotFound { message: String },
+    /// The request body is larger than the server accepts.
+    #[error("The request body is larger than {limit} bytes.")]
+    PayloadTooLarge { limit: usize },
     /// The server is draining.
     #[error("The server is shutting down.")]
     ShuttingDown,
@@ -103,7 +121,8 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::NotFound { .. } => Code::NotFound,
+            Error::NotFound { .. } | Error::RouteNotFound { .. } => Code::NotFound,
+            Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
             Error::AlreadyExists { .. } => Code::AlreadyExists,
             Error::FailedPrecondition { .. } => Code::FailedPrecondition,
             Error::MethodDisabled { .. } | Error::Unimplemented { .. } => Code::Unimplemented,
@@ -125,6 +144,8 @@ impl Error {
                 Precondition::NotCancellable => "OPERATION_NOT_CANCELLABLE",
             },
             Error::MethodDisabled { .. } => "METHOD_DISABLED",
+            Error::RouteNotFound { .. } => "ROUTE_NOT_FOUND",
+            Error::PayloadTooLarge { .. } => REQUEST_TOO_LARGE,
             Error::Unimplemented { reason, .. } | Error::ResourceExhausted { reason, .. } => reason,
             Error::ShuttingDown => "SERVER_SHUTTING_DOWN",
             Error::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
@@ -177,6 +198,60 @@ impl From<Error> for Status {
     }
 }
 
+/// The `ErrorInfo.reason` that REST answers with HTTP 413.
+const REQUEST_TOO_LARGE: &str = "REQUEST_TOO_LARGE";
+
+/// The HTTP status of a gRPC code (google/rpc/code.proto), except that an
+/// oversized request body is 413.
+pub fn http_status(code: Code, reason: &str) -> http::StatusCode {
+    use http::StatusCode as H;
+    if reason == REQUEST_TOO_LARGE {
+        return H::PAYLOAD_TOO_LARGE;
+    }
+    match code {
+        Code::Ok => H::OK,
+        Code::Cancelled => H::from_u16(499).unwrap_or(H::BAD_REQUEST),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => H::BAD_REQUEST,
+        Code::DeadlineExceeded => H::GATEWAY_TIMEOUT,
+        Code::NotFound => H::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => H::CONFLICT,
+        Code::PermissionDenied => H::FORBIDDEN,
+        Code::Unauthenticated => H::UNAUTHORIZED,
+        Code::ResourceExhausted => H::TOO_MANY_REQUESTS,
+        Code::Unimplemented => H::NOT_IMPLEMENTED,
+        Code::Unavailable => H::SERVICE_UNAVAILABLE,
+        Code::Unknown | Code::Internal | Code::DataLoss => H::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Google's JSON error envelope for a status:
+/// `{"error": {"code": <HTTP>, "message", "status": "NOT_FOUND", "details": [...]}}`,
+/// with the details of the status's `grpc-status-details-bin` trailer.
+pub fn json_envelope(
+    status: &Status,
+    pool: &DescriptorPool,
+    options: JsonOptions,
+) -> (http::StatusCode, Value) {
+    let details = rpc::Status::decode(status.details())
+        .map(|s| s.details)
+        .unwrap_or_default();
+    let reason = details
+        .iter()
+        .find_map(|d| d.to_msg::<rpc::ErrorInfo>().ok())
+        .map(|info| info.reason)
+        .unwrap_or_default();
+    let http = http_status(status.code(), &reason);
+    let name = rpc::Code::try_from(status.code() as i32)
+        .map(|c| c.as_str_name())
+        .unwrap_or("UNKNOWN");
+    let mut body = status_to_json(0, status.message(), &details, pool, options);
+    if let Value::Object(fields) = &mut body {
+        fields.insert("code".into(), json!(http.as_u16()));
+        fields.insert("status".into(), json!(name));
+    }
+    (http, json!({ "error": body }))
+}
+
 impl From<NameError> for Error {
     fn from(err: NameError) -> Self {
         Error::invalid_name("name", err)
@@ -214,6 +289,39 @@ mod tests {
         let status = Status::from(Error::Store(StoreError::Internal("disk sector 7".into())));
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("sector"));
+    }
+
+    #[test]
+    fn the_json_envelope_mirrors_the_status() {
+        let pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        let status = Status::from(Error::not_found("operations/x"));
+        let (http, body) = json_envelope(&status, &pool, JsonOptions::default());
+        assert_eq!(http, http::StatusCode::NOT_FOUND);
+        let error = &body["error"];
+        assert_eq!(error["code"], 404);
+        assert_eq!(error["status"], "NOT_FOUND");
+        assert_eq!(error["message"], status.message());
+        assert_eq!(
+            error["details"][0]["@type"],
+            "type.googleapis.com/google.rpc.ErrorInfo"
+        );
+        assert_eq!(error["details"][0]["reason"], "OPERATION_NOT_FOUND");
+        assert_eq!(error["details"][1]["resourceName"], "operations/x");
+
+        let too_large = Status::from(Error::PayloadTooLarge { limit: 10 });
+        assert_eq!(
+            json_envelope(&too_large, &pool, JsonOptions::default()).0,
+            413
+        );
+        assert_eq!(http_status(Code::Cancelled, "").as_u16(), 499);
+        assert_eq!(
+            http_status(Code::FailedPrecondition, ""),
+            http::StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            http_status(Code::Unimplemented, ""),
+            http::StatusCode::NOT_IMPLEMENTED
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod json;
 pub mod registry;
 pub mod server;
 pub mod store;

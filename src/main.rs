@@ -1,6 +1,6 @@
 //! The `opsd` command line: flags → `Config` → `server::run`.
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use opsd::{
@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve gRPC (Operations, Workers, health, reflection) on one port.
+    /// Serve gRPC (Operations, Workers, health, reflection) and the REST/JSON
+    /// surface on one port.
     Serve(ServeArgs),
 }
 
@@ -44,6 +45,18 @@ struct ServeArgs {
     /// Switch an Operations method off: it answers UNIMPLEMENTED. Repeatable.
     #[arg(long = "disable-method", value_name = "cancel|delete|list|wait")]
     disable_methods: Vec<Method>,
+
+    /// A Google service-config YAML file; REST also serves its `http: rules:`
+    /// for google.longrunning.Operations methods (with additional_bindings).
+    /// Repeatable. A rule that cannot be parsed stops start-up.
+    #[arg(long = "http-rules", value_name = "FILE")]
+    http_rules: Vec<PathBuf>,
+
+    /// An encoded FileDescriptorSet (`protoc --include_imports
+    /// --descriptor_set_out`, `buf build -o`) whose message types REST renders
+    /// inside `metadata` and `response`. Repeatable.
+    #[arg(long = "descriptor-set", value_name = "FILE")]
+    descriptor_sets: Vec<PathBuf>,
 
     /// Log format on standard error. The level comes from RUST_LOG (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -78,6 +91,18 @@ struct ServeArgs {
     /// How long a keepalive ping may go unanswered.
     #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
     keepalive_timeout: Duration,
+
+    /// The largest REST request body, in bytes; larger answers 413.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+
+    /// How long an HTTP/1 client may take to send its request headers.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    header_read_timeout: Duration,
+
+    /// Open connections at most; more wait in the listen queue.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
 
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before
     /// the remaining connections are closed.
@@ -114,6 +139,8 @@ impl ServeArgs {
             listen: self.listen,
             store: self.store,
             disabled_methods: self.disable_methods.into_iter().collect(),
+            http_rules: self.http_rules,
+            descriptor_sets: self.descriptor_sets,
             ..Config::default()
         };
         let registry = &mut config.registry;
@@ -127,6 +154,9 @@ impl ServeArgs {
         limits.keepalive_interval = self.keepalive_interval;
         limits.keepalive_timeout = self.keepalive_timeout;
         limits.drain_timeout = self.drain_timeout;
+        limits.max_body_bytes = self.max_body_bytes;
+        limits.header_read_timeout = self.header_read_timeout;
+        limits.max_connections = self.max_connections.max(1);
         config
     }
 }

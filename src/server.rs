@@ -1,21 +1,36 @@
-//! The server: one port for gRPC, health and reflection; limits; drain.
+//! The server: one port for gRPC, REST, health and reflection; limits; drain.
+//!
+//! Connections are accepted here and served by hyper (HTTP/1.1 and HTTP/2,
+//! detected per connection). Each request goes to gRPC when its content type
+//! is `application/grpc*` and to the REST transcoder otherwise. A semaphore
+//! caps open connections; each permit moves into its connection's task.
 //!
 //! [`Server::serve`] takes an already bound listener (tests bind port 0) and
-//! a shutdown future. When the future resolves, health turns NOT_SERVING, the
-//! registry starts draining (open Waits return their latest state at once,
-//! worker streams end), the listener stops accepting and in-flight calls
-//! finish. Connections still open after the drain timeout (long-lived health
-//! watches, for example) are closed.
+//! a shutdown future. When the future resolves, the listener closes, health
+//! turns NOT_SERVING, the registry starts draining (open Waits return their
+//! latest state at once, worker streams end), and connections finish their
+//! in-flight calls. Connections still open after the drain timeout (long-lived
+//! health watches, for example) are closed.
 
-use std::{future::Future, sync::Arc};
+use std::{convert::Infallible, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
+use tonic::{body::Body, service::Routes};
 use tonic_health::ServingStatus;
+use tower::ServiceExt;
 
 use crate::{
-    api::{operations::OperationsService, workers::WorkersService},
+    api::{
+        operations::OperationsService, rest::RestService, types::TypeRegistry,
+        workers::WorkersService,
+    },
     config::{Config, StoreConfig},
     pb::{
         google::longrunning::operations_server::OperationsServer,
@@ -25,13 +40,18 @@ use crate::{
     store::{MemoryStore, Store},
 };
 
+/// The longest pause between failed accepts (EMFILE and the like).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("transport error: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error("cannot load HTTP rules: {0}")]
+    HttpRules(#[from] crate::api::rest::rules::RuleError),
+    #[error("cannot load the descriptor set {path}: {reason}")]
+    DescriptorSet { path: PathBuf, reason: String },
     #[error("cannot open the store: {0}")]
     Store(String),
 }
@@ -40,16 +60,43 @@ pub enum ServerError {
 pub struct Server {
     config: Config,
     registry: Registry,
+    types: TypeRegistry,
+    rest: RestService,
 }
 
 impl Server {
-    /// Opens the store and starts the registry (needs a Tokio runtime).
+    /// Opens the store, starts the registry (needs a Tokio runtime), loads
+    /// descriptor sets and HTTP rules.
     pub fn new(config: Config) -> Result<Self, ServerError> {
         let store: Arc<dyn Store> = match config.store {
             StoreConfig::Memory => Arc::new(MemoryStore::new()),
         };
         let registry = Registry::new(store, config.registry.clone());
-        Ok(Self { config, registry })
+        let types = TypeRegistry::new();
+        for path in &config.descriptor_sets {
+            let fail = |reason: String| ServerError::DescriptorSet {
+                path: path.clone(),
+                reason,
+            };
+            let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+            let added = types
+                .register_encoded(&bytes)
+                .map_err(|e| fail(e.to_string()))?;
+            tracing::info!(path = %path.display(), types = added.len(), "descriptor set loaded");
+        }
+        let rest = RestService::new(
+            operations_service(&registry, &config),
+            registry.clone(),
+            types.clone(),
+            &config.http_rules,
+            config.limits.max_body_bytes,
+        )?;
+        Ok(Self {
+            config,
+            registry,
+            types,
+            rest,
+        })
     }
 
     /// A handle to the registry, to embed opsd or to inspect it in tests.
@@ -63,16 +110,19 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let Self { config, registry } = self;
+        let Self {
+            config,
+            registry,
+            types,
+            rest,
+        } = self;
         let limits = &config.limits;
-        let address = listener.local_addr().ok();
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<OperationsServer<OperationsService>>()
             .await;
         health.set_serving::<WorkersServer<WorkersService>>().await;
-
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -82,55 +132,105 @@ impl Server {
                     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
                 )
         };
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
-
-        let operations = OperationsService::new(registry.clone(), config.disabled_methods.clone())
-            .into_server(limits.max_message_size);
-        let workers = WorkersService::new(registry.clone()).into_server(limits.max_message_size);
-
-        // Resolves when shutdown starts; the drain timer runs from then on.
-        let draining = CancellationToken::new();
-        let signal = {
-            let registry = registry.clone();
-            let draining = draining.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutting down: draining in-flight calls");
-                for service in ["", OPERATIONS_SERVICE, WORKERS_SERVICE] {
-                    health
-                        .set_service_status(service, ServingStatus::NotServing)
-                        .await;
-                }
-                registry.shutdown();
-                draining.cancel();
-            }
-        };
-
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let serve = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(limits.keepalive_interval))
-            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .max_concurrent_streams(limits.max_concurrent_streams)
+        let grpc = Routes::builder()
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(operations)
-            .add_service(workers)
-            .serve_with_incoming_shutdown(incoming, signal);
-        if let Some(address) = address {
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(
+                operations_service(&registry, &config).into_server(limits.max_message_size),
+            )
+            .add_service(
+                WorkersService::new(registry.clone(), types).into_server(limits.max_message_size),
+            )
+            .clone()
+            .routes();
+        let app = App { grpc, rest };
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.keepalive_interval)
+            .keep_alive_timeout(limits.keepalive_timeout)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(64 * 1024);
+
+        if let Ok(address) = listener.local_addr() {
             tracing::info!(%address, "opsd listening");
         }
-
-        tokio::pin!(serve);
-        let drain_timeout = limits.drain_timeout;
-        tokio::select! {
-            result = &mut serve => result?,
-            () = async { draining.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
-                tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections");
+        let graceful = GracefulShutdown::new();
+        // Closes the connections left after the drain timeout.
+        let force_close = CancellationToken::new();
+        let connections = Arc::new(Semaphore::new(limits.max_connections));
+        let mut backoff = Duration::from_millis(5);
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                permit = connections.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                () = &mut shutdown => break,
+            };
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        // One client's failure stays with it; back off on
+                        // resource exhaustion instead of spinning.
+                        tracing::error!(cause = %err, ?backoff, "accept failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            backoff = Duration::from_millis(5);
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
             }
+            let app = app.clone();
+            let service = hyper::service::service_fn(move |request| app.clone().call(request));
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let connection = graceful.watch(connection);
+            let force_close = force_close.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    result = connection => {
+                        if let Err(err) = result {
+                            tracing::debug!(cause = %err, "connection ended with an error");
+                        }
+                    }
+                    () = force_close.cancelled() => {}
+                }
+                drop(permit);
+            });
+        }
+
+        drop(listener);
+        tracing::info!("shutting down: draining in-flight calls");
+        for service in ["", OPERATIONS_SERVICE, WORKERS_SERVICE] {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
         }
         registry.shutdown();
+        let drain_timeout = limits.drain_timeout;
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(drain_timeout) => {
+                tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections");
+                force_close.cancel();
+            }
+        }
         tracing::info!("opsd stopped");
         Ok(())
     }
@@ -138,6 +238,31 @@ impl Server {
 
 const OPERATIONS_SERVICE: &str = "google.longrunning.Operations";
 const WORKERS_SERVICE: &str = "opsd.v1.Workers";
+
+fn operations_service(registry: &Registry, config: &Config) -> OperationsService {
+    OperationsService::new(registry.clone(), config.disabled_methods.clone())
+}
+
+/// Routes each request to gRPC or REST. Cloning it is shallow.
+#[derive(Clone)]
+struct App {
+    grpc: Routes,
+    rest: RestService,
+}
+
+impl App {
+    async fn call(self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc {
+            self.grpc.oneshot(request).await
+        } else {
+            Ok(self.rest.handle(request).await.map(Body::new))
+        }
+    }
+}
 
 /// Builds a server from `config` and serves on `listener` until `shutdown`.
 pub async fn run(

@@ -7,6 +7,8 @@
 //! place, `src/error.rs`.
 
 pub mod operations;
+pub mod rest;
+pub mod types;
 pub mod workers;
 
 use std::time::Duration;

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::duration;
 use crate::{
+    api::types::TypeRegistry,
     error::Error,
     pb::{
         google::longrunning::Operation,
@@ -16,7 +17,8 @@ use crate::{
             operation_event,
             workers_server::{Workers, WorkersServer},
             CancelPolicy as PbCancelPolicy, CompleteOperationRequest, CreateOperationRequest,
-            OperationEvent, UpdateOperationRequest, WatchOperationsRequest,
+            OperationEvent, RegisterTypesRequest, RegisterTypesResponse, UpdateOperationRequest,
+            WatchOperationsRequest,
         },
     },
     registry::{operation, CreateParams, EventKind, Registry, WatchFilter, WorkerEvent},
@@ -27,11 +29,12 @@ use crate::{
 #[derive(Clone)]
 pub struct WorkersService {
     registry: Registry,
+    types: TypeRegistry,
 }
 
 impl WorkersService {
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    pub fn new(registry: Registry, types: TypeRegistry) -> Self {
+        Self { registry, types }
     }
 
     /// The tonic service, ready for `Server::add_service`.
@@ -145,6 +148,17 @@ impl Workers for WorkersService {
         let events = self.registry.watch(filter);
         let stream = ReceiverStream::new(events).map(|e| Ok(event(e)));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(name = "RegisterTypes", skip_all)]
+    async fn register_types(
+        &self,
+        request: Request<RegisterTypesRequest>,
+    ) -> Result<Response<RegisterTypesResponse>, Status> {
+        let set = request.into_inner().descriptor_set.unwrap_or_default();
+        let message_types = self.types.register(set)?;
+        tracing::info!(count = message_types.len(), "message types registered");
+        Ok(Response::new(RegisterTypesResponse { message_types }))
     }
 }
 

@@ -1,0 +1,358 @@
+//! The HTTP/JSON surface of Google's front end, on the gRPC port.
+//!
+//! API (the defaults, from operations.proto's `google.api.http` options):
+//!
+//! - `GET    /v1/{name=operations}`: ListOperations (`?filter&pageSize&pageToken&returnPartialSuccess`)
+//! - `GET    /v1/{name=operations/**}`: GetOperation
+//! - `DELETE /v1/{name=operations/**}`: DeleteOperation → `{}`
+//! - `POST   /v1/{name=operations/**}:cancel`: CancelOperation → `{}`
+//! - `GET    /healthz`: `{"status": "SERVING"}` (503 `NOT_SERVING` while draining)
+//!
+//! plus the `google.longrunning.Operations` rules of every `--http-rules`
+//! service-config file (e.g. `POST /v1/{name=projects/*/locations/*/operations/*}:cancel`).
+//!
+//! REST is a transcoding of the gRPC calls: a request becomes the same
+//! request message and goes to the same [`OperationsService`] method, so
+//! every semantic (and every error) is the gRPC one. Errors become Google's
+//! JSON envelope in one place, [`crate::error::json_envelope`].
+
+mod request;
+pub mod rules;
+pub mod template;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use serde_json::{json, Value};
+use tonic::Status;
+
+use self::{
+    request::Presentation,
+    rules::{RestMethod, Route, RuleError},
+};
+use super::{operations::OperationsService, types::TypeRegistry};
+use crate::{
+    error::{json_envelope, Error},
+    json::{any_to_json, message_to_json, status_to_json, JsonOptions},
+    pb::google::longrunning::{
+        operation::Result as OpResult, operations_server::Operations, ListOperationsResponse,
+        Operation,
+    },
+    registry::Registry,
+};
+
+/// The content type of every response.
+const JSON: &str = "application/json; charset=utf-8";
+
+/// The REST service. Cloning it is shallow.
+#[derive(Clone)]
+pub struct RestService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Most specific first: templates ending in `**` last, then by literal count.
+    routes: Vec<Route>,
+    operations: OperationsService,
+    registry: Registry,
+    types: TypeRegistry,
+    max_body_bytes: usize,
+}
+
+impl RestService {
+    /// The default routes plus those of each service-config file.
+    pub fn new(
+        operations: OperationsService,
+        registry: Registry,
+        types: TypeRegistry,
+        rule_files: &[PathBuf],
+        max_body_bytes: usize,
+    ) -> Result<Self, RuleError> {
+        let pool = types.pool();
+        let mut routes = rules::default_routes(&pool)?;
+        for file in rule_files {
+            routes.extend(rules::routes_from_yaml(file, &pool)?);
+        }
+        routes.sort_by_key(|r| {
+            (
+                r.template.has_double_star(),
+                std::cmp::Reverse(r.template.literal_count()),
+            )
+        });
+        for route in &routes {
+            tracing::debug!(verb = %route.verb, template = %route.template, origin = %route.origin, "REST route");
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                routes,
+                operations,
+                registry,
+                types,
+                max_body_bytes,
+            }),
+        })
+    }
+
+    /// The routes served, most specific first.
+    pub fn routes(&self) -> &[Route] {
+        &self.inner.routes
+    }
+
+    /// Answers one HTTP request. Never fails: errors are JSON responses.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = request.into_parts();
+        let pool = self.inner.types.pool();
+        let (query, presentation) = match request::split_query(parts.uri.query().unwrap_or("")) {
+            Ok(split) => split,
+            Err(err) => return error_response(&Status::from(err), &pool, Presentation::default()),
+        };
+        if parts.uri.path() == "/healthz" && parts.method == Method::GET {
+            return self.health(presentation);
+        }
+        match self
+            .call(
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                body,
+                query,
+                &pool,
+                presentation.json,
+            )
+            .await
+        {
+            Ok(value) => json_response(StatusCode::OK, &value, presentation),
+            Err(status) => error_response(&status, &pool, presentation),
+        }
+    }
+
+    fn health(&self, presentation: Presentation) -> Response<Full<Bytes>> {
+        if self.inner.registry.is_shutting_down() {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "NOT_SERVING"}),
+                presentation,
+            )
+        } else {
+            json_response(StatusCode::OK, &json!({"status": "SERVING"}), presentation)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[tracing::instrument(name = "REST", skip_all, fields(method = %method, path = %uri.path()))]
+    async fn call<B>(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        body: B,
+        query: Vec<(String, String)>,
+        pool: &DescriptorPool,
+        options: JsonOptions,
+    ) -> Result<Value, Status>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (route, values) = self.find(method, uri.path())?;
+        let body = read_body(headers, body, self.inner.max_body_bytes).await?;
+        let descriptor = pool
+            .get_message_by_name(route.method.input_type())
+            .ok_or_else(|| Status::internal("request type missing from the descriptor pool"))?;
+        let message = request::build(descriptor, &route.body, &body, values, query)?;
+        let ops = &self.inner.operations;
+        Ok(match route.method {
+            RestMethod::List => {
+                let response = ops
+                    .list_operations(grpc(&message, headers)?)
+                    .await?
+                    .into_inner();
+                list_json(&response, pool, options)
+            }
+            RestMethod::Get => operation_json(
+                &ops.get_operation(grpc(&message, headers)?)
+                    .await?
+                    .into_inner(),
+                pool,
+                options,
+            ),
+            RestMethod::Wait => operation_json(
+                &ops.wait_operation(grpc(&message, headers)?)
+                    .await?
+                    .into_inner(),
+                pool,
+                options,
+            ),
+            RestMethod::Delete => {
+                ops.delete_operation(grpc(&message, headers)?).await?;
+                json!({})
+            }
+            RestMethod::Cancel => {
+                ops.cancel_operation(grpc(&message, headers)?).await?;
+                json!({})
+            }
+        })
+    }
+
+    /// The route for a method and raw path, with its path values.
+    fn find(&self, method: &Method, path: &str) -> Result<(&Route, Vec<(String, String)>), Error> {
+        let mut allowed: Vec<&Method> = Vec::new();
+        for route in &self.inner.routes {
+            match route.template.matches(path) {
+                None => {}
+                Some(_) if route.verb != method => allowed.push(&route.verb),
+                Some(Ok(values)) => return Ok((route, values)),
+                Some(Err(err)) => return Err(Error::invalid("path", err.to_string())),
+            }
+        }
+        let message = if allowed.is_empty() {
+            format!("No route for {method} {path}.")
+        } else {
+            allowed.dedup();
+            let allowed: Vec<String> = allowed.iter().map(|m| m.to_string()).collect();
+            format!(
+                "{method} is not allowed on {path}; use {}.",
+                allowed.join(" or ")
+            )
+        };
+        Err(Error::RouteNotFound { message })
+    }
+}
+
+/// The gRPC request for a transcoded message, with the client's deadline
+/// (`X-Server-Timeout`, in seconds) as `grpc-timeout`.
+fn grpc<T>(message: &DynamicMessage, headers: &HeaderMap) -> Result<tonic::Request<T>, Status>
+where
+    T: prost::Message + Default,
+{
+    let request: T = message
+        .transcode_to()
+        .map_err(|e| Status::internal(format!("cannot transcode the request: {e}")))?;
+    let mut request = tonic::Request::new(request);
+    let timeout = headers
+        .get("x-server-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(1e6)));
+    if let Some(timeout) = timeout {
+        if let Ok(value) = format!("{}m", timeout.as_millis().min(99_999_999)).parse() {
+            request.metadata_mut().insert("grpc-timeout", value);
+        }
+    }
+    Ok(request)
+}
+
+async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, Error>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(Error::PayloadTooLarge { limit })
+        }
+        Err(err) => Err(Error::invalid(
+            "body",
+            format!("cannot read the request body: {err}"),
+        )),
+    }
+}
+
+/// An operation as ProtoJSON; an `Any` of an unknown type falls back to
+/// `{"@type", "value"}` without hiding the rest.
+fn operation_json(op: &Operation, pool: &DescriptorPool, options: JsonOptions) -> Value {
+    if let Ok(value) = message_to_json(op, "google.longrunning.Operation", pool, options) {
+        return value;
+    }
+    let mut object = serde_json::Map::new();
+    object.insert("name".into(), json!(op.name));
+    if let Some(metadata) = &op.metadata {
+        object.insert("metadata".into(), any_to_json(metadata, pool, options));
+    }
+    if op.done {
+        object.insert("done".into(), json!(true));
+    }
+    match &op.result {
+        Some(OpResult::Error(status)) => {
+            let error =
+                status_to_json(status.code, &status.message, &status.details, pool, options);
+            object.insert("error".into(), error);
+        }
+        Some(OpResult::Response(response)) => {
+            object.insert("response".into(), any_to_json(response, pool, options));
+        }
+        None => {}
+    }
+    Value::Object(object)
+}
+
+fn list_json(
+    response: &ListOperationsResponse,
+    pool: &DescriptorPool,
+    options: JsonOptions,
+) -> Value {
+    if let Ok(value) = message_to_json(
+        response,
+        "google.longrunning.ListOperationsResponse",
+        pool,
+        options,
+    ) {
+        return value;
+    }
+    let mut object = serde_json::Map::new();
+    let operations: Vec<Value> = response
+        .operations
+        .iter()
+        .map(|op| operation_json(op, pool, options))
+        .collect();
+    object.insert("operations".into(), Value::Array(operations));
+    if !response.next_page_token.is_empty() {
+        object.insert("nextPageToken".into(), json!(response.next_page_token));
+    }
+    Value::Object(object)
+}
+
+fn json_response(
+    status: StatusCode,
+    value: &Value,
+    presentation: Presentation,
+) -> Response<Full<Bytes>> {
+    let mut body = if presentation.pretty {
+        serde_json::to_vec_pretty(value)
+    } else {
+        serde_json::to_vec(value)
+    }
+    .unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON));
+    response
+}
+
+fn error_response(
+    status: &Status,
+    pool: &DescriptorPool,
+    presentation: Presentation,
+) -> Response<Full<Bytes>> {
+    let (http, body) = json_envelope(status, pool, presentation.json);
+    json_response(http, &body, presentation)
+}

@@ -1,0 +1,281 @@
+//! HTTP rules: where the REST routes come from.
+//!
+//! The defaults are the `google.api.http` options of the vendored
+//! operations.proto, read from the embedded descriptor set. Google
+//! service-config YAML files (`--http-rules FILE`) add theirs: the `http:
+//! rules:` entries whose selector is a `google.longrunning.Operations` method,
+//! with their `additional_bindings`. The YAML is read into the
+//! `google.api.Http` message through prost-reflect, so both sources share
+//! one shape.
+
+use std::path::Path;
+
+use prost_reflect::{DescriptorPool, DynamicMessage, Value};
+
+use super::template::Template;
+use crate::pb::google::api::{http_rule::Pattern, Http, HttpRule};
+
+const SERVICE: &str = "google.longrunning.Operations";
+
+/// The Operations methods REST can call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestMethod {
+    List,
+    Get,
+    Delete,
+    Cancel,
+    Wait,
+}
+
+impl RestMethod {
+    fn from_selector(selector: &str) -> Option<Self> {
+        match selector.strip_prefix(SERVICE)?.strip_prefix('.')? {
+            "ListOperations" => Some(Self::List),
+            "GetOperation" => Some(Self::Get),
+            "DeleteOperation" => Some(Self::Delete),
+            "CancelOperation" => Some(Self::Cancel),
+            "WaitOperation" => Some(Self::Wait),
+            _ => None,
+        }
+    }
+
+    /// The request message's full name.
+    pub fn input_type(self) -> &'static str {
+        match self {
+            Self::List => "google.longrunning.ListOperationsRequest",
+            Self::Get => "google.longrunning.GetOperationRequest",
+            Self::Delete => "google.longrunning.DeleteOperationRequest",
+            Self::Cancel => "google.longrunning.CancelOperationRequest",
+            Self::Wait => "google.longrunning.WaitOperationRequest",
+        }
+    }
+}
+
+/// Where the request body goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BodyRule {
+    /// No body; every field not in the path comes from the query.
+    None,
+    /// The body is the whole request message (`body: "*"`).
+    All,
+    /// The body is this (top-level) field.
+    Field(String),
+}
+
+/// One REST route.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub verb: http::Method,
+    pub template: Template,
+    pub body: BodyRule,
+    pub method: RestMethod,
+    /// Where the rule came from, for logs and errors.
+    pub origin: String,
+}
+
+/// A rule that could not be turned into a route.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: rule for {selector}: {reason}")]
+pub struct RuleError {
+    origin: String,
+    selector: String,
+    reason: String,
+}
+
+/// The routes of operations.proto's own `google.api.http` options.
+pub fn default_routes(pool: &DescriptorPool) -> Result<Vec<Route>, RuleError> {
+    let fail = |reason: &str| RuleError {
+        origin: "operations.proto".into(),
+        selector: SERVICE.into(),
+        reason: reason.into(),
+    };
+    let service = pool
+        .get_service_by_name(SERVICE)
+        .ok_or_else(|| fail("the service is missing from the descriptor set"))?;
+    let extension = pool
+        .get_extension_by_name("google.api.http")
+        .ok_or_else(|| fail("the google.api.http extension is missing"))?;
+    let mut routes = Vec::new();
+    for method in service.methods() {
+        let options = method.options();
+        if !options.has_extension(&extension) {
+            continue;
+        }
+        let Value::Message(rule) = options.get_extension(&extension).into_owned() else {
+            continue;
+        };
+        let rule: HttpRule = rule
+            .transcode_to()
+            .map_err(|e| fail(&format!("bad google.api.http option: {e}")))?;
+        let rule = HttpRule {
+            selector: method.full_name().to_owned(),
+            ..rule
+        };
+        add_rule(&mut routes, &rule, "operations.proto")?;
+    }
+    Ok(routes)
+}
+
+/// The Operations routes of a Google service-config YAML file.
+pub fn routes_from_yaml(path: &Path, pool: &DescriptorPool) -> Result<Vec<Route>, RuleError> {
+    let origin = path.display().to_string();
+    let fail = |reason: String| RuleError {
+        origin: origin.clone(),
+        selector: "(file)".into(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let document: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).map_err(|e| fail(format!("not YAML: {e}")))?;
+    let Some(http) = document.get("http") else {
+        return Err(fail("no `http:` section".into()));
+    };
+    let descriptor = pool
+        .get_message_by_name("google.api.Http")
+        .ok_or_else(|| fail("google.api.Http is missing from the descriptor set".into()))?;
+    let http: Http = DynamicMessage::deserialize(descriptor, http.clone())
+        .map_err(|e| fail(format!("the `http:` section is not a google.api.Http: {e}")))?
+        .transcode_to()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut routes = Vec::new();
+    for rule in &http.rules {
+        if RestMethod::from_selector(&rule.selector).is_some() {
+            add_rule(&mut routes, rule, &origin)?;
+        } else {
+            tracing::debug!(file = %origin, selector = %rule.selector, "skipping a rule for another service");
+        }
+    }
+    Ok(routes)
+}
+
+/// Adds the routes of `rule` and of its additional bindings.
+fn add_rule(routes: &mut Vec<Route>, rule: &HttpRule, origin: &str) -> Result<(), RuleError> {
+    let fail = |reason: String| RuleError {
+        origin: origin.to_owned(),
+        selector: rule.selector.clone(),
+        reason,
+    };
+    let method = RestMethod::from_selector(&rule.selector)
+        .ok_or_else(|| fail("not a google.longrunning.Operations method".into()))?;
+    let mut bindings = vec![rule.clone()];
+    bindings.extend(rule.additional_bindings.iter().cloned());
+    for (i, binding) in bindings.iter().enumerate() {
+        if i > 0 && !binding.additional_bindings.is_empty() {
+            return Err(fail("additional bindings cannot nest".into()));
+        }
+        let (verb, template) = match &binding.pattern {
+            Some(Pattern::Get(t)) => (http::Method::GET, t),
+            Some(Pattern::Post(t)) => (http::Method::POST, t),
+            Some(Pattern::Put(t)) => (http::Method::PUT, t),
+            Some(Pattern::Delete(t)) => (http::Method::DELETE, t),
+            Some(Pattern::Patch(t)) => (http::Method::PATCH, t),
+            Some(Pattern::Custom(custom)) => (
+                http::Method::from_bytes(custom.kind.as_bytes())
+                    .map_err(|_| fail(format!("{:?} is not an HTTP method", custom.kind)))?,
+                &custom.path,
+            ),
+            None => return Err(fail("no HTTP method and path".into())),
+        };
+        let template = Template::parse(template).map_err(|e| fail(e.to_string()))?;
+        let body = match binding.body.as_str() {
+            "" => BodyRule::None,
+            "*" => BodyRule::All,
+            field if field.contains('.') => {
+                return Err(fail(format!(
+                    "body field {field:?} must be a top-level field"
+                )))
+            }
+            field => BodyRule::Field(field.to_owned()),
+        };
+        if !binding.response_body.is_empty() {
+            return Err(fail("`response_body` is not supported".into()));
+        }
+        routes.push(Route {
+            verb,
+            template,
+            body,
+            method,
+            origin: origin.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::types::base_pool;
+
+    #[test]
+    fn operations_proto_gives_the_four_default_routes() {
+        let routes = default_routes(&base_pool()).unwrap();
+        let summary: Vec<(String, String, RestMethod)> = routes
+            .iter()
+            .map(|r| (r.verb.to_string(), r.template.to_string(), r.method))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "GET".into(),
+                    "/v1/{name=operations}".into(),
+                    RestMethod::List
+                ),
+                (
+                    "GET".into(),
+                    "/v1/{name=operations/**}".into(),
+                    RestMethod::Get
+                ),
+                (
+                    "DELETE".into(),
+                    "/v1/{name=operations/**}".into(),
+                    RestMethod::Delete
+                ),
+                (
+                    "POST".into(),
+                    "/v1/{name=operations/**}:cancel".into(),
+                    RestMethod::Cancel
+                ),
+            ]
+        );
+        assert_eq!(routes[3].body, BodyRule::All);
+    }
+
+    #[test]
+    fn service_configs_add_their_operations_rules() {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/googleapis/service-configs");
+        if !dir.exists() {
+            return; // the shared folder sits beside the checkout in development and CI
+        }
+        let run = routes_from_yaml(&dir.join("run_v2.yaml"), &base_pool()).unwrap();
+        assert_eq!(run.len(), 4);
+        let wait = run.iter().find(|r| r.method == RestMethod::Wait).unwrap();
+        assert_eq!(wait.verb, http::Method::POST);
+        assert_eq!(wait.body, BodyRule::All);
+        let beyondcorp = routes_from_yaml(&dir.join("beyondcorp_v1.yaml"), &base_pool()).unwrap();
+        assert_eq!(beyondcorp.len(), 4, "IAM and Locations rules are skipped");
+    }
+
+    #[test]
+    fn bad_rules_name_their_file_and_selector() {
+        let dir = std::env::temp_dir().join(format!("opsd-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.yaml");
+        std::fs::write(
+            &file,
+            "http:\n  rules:\n  - selector: google.longrunning.Operations.GetOperation\n    get: '/v1/{name=operations/**}/x'\n",
+        )
+        .unwrap();
+        let err = routes_from_yaml(&file, &base_pool())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.yaml"), "{err}");
+        assert!(err.contains("GetOperation"), "{err}");
+        std::fs::write(&file, "http:\n  rules: 7\n").unwrap();
+        assert!(routes_from_yaml(&file, &base_pool()).is_err());
+        std::fs::write(&file, "name: x\n").unwrap();
+        assert!(routes_from_yaml(&file, &base_pool()).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

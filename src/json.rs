@@ -1,0 +1,125 @@
+//! ProtoJSON through prost-reflect, for the REST surface and JSON errors.
+//!
+//! Messages are rendered from their encoded bytes over a descriptor pool (the
+//! embedded one plus the types workers registered), so `Any` fields render
+//! with `@type` and their own fields. An `Any` whose type the pool does not
+//! know (or whose bytes do not decode) renders in opsd's documented fallback
+//! form, `{"@type": <type URL>, "value": <base64 of the bytes>}`, instead of
+//! failing the whole response.
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost_types::Any;
+use serde_json::{Map, Value};
+
+/// How to render: enum numbers instead of names (`$alt=json;enum-encoding=int`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JsonOptions {
+    pub enum_numbers: bool,
+}
+
+impl JsonOptions {
+    fn serialize(self) -> SerializeOptions {
+        SerializeOptions::new()
+            .use_enum_numbers(self.enum_numbers)
+            .skip_default_fields(true)
+            .stringify_64_bit_integers(true)
+    }
+}
+
+/// Renders a prost message of type `full_name` through `pool`.
+pub fn message_to_json<M: Message>(
+    message: &M,
+    full_name: &str,
+    pool: &DescriptorPool,
+    options: JsonOptions,
+) -> Result<Value, String> {
+    let descriptor = pool
+        .get_message_by_name(full_name)
+        .ok_or_else(|| format!("unknown message type {full_name}"))?;
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .map_err(|e| e.to_string())?;
+    dynamic
+        .serialize_with_options(serde_json::value::Serializer, &options.serialize())
+        .map_err(|e| e.to_string())
+}
+
+/// Renders an `Any`, falling back to `{"@type", "value"}` when its type is
+/// unknown to `pool`.
+pub fn any_to_json(any: &Any, pool: &DescriptorPool, options: JsonOptions) -> Value {
+    message_to_json(any, "google.protobuf.Any", pool, options).unwrap_or_else(|_| {
+        let mut fallback = Map::new();
+        fallback.insert("@type".into(), Value::String(any.type_url.clone()));
+        fallback.insert("value".into(), Value::String(STANDARD.encode(&any.value)));
+        Value::Object(fallback)
+    })
+}
+
+/// Renders a `google.rpc.Status`, each detail on its own (so one unknown
+/// detail type does not hide the others).
+pub fn status_to_json(
+    code: i32,
+    message: &str,
+    details: &[Any],
+    pool: &DescriptorPool,
+    options: JsonOptions,
+) -> Value {
+    let mut object = Map::new();
+    if code != 0 {
+        object.insert("code".into(), Value::from(code));
+    }
+    if !message.is_empty() {
+        object.insert("message".into(), Value::String(message.to_owned()));
+    }
+    if !details.is_empty() {
+        let details = details
+            .iter()
+            .map(|d| any_to_json(d, pool, options))
+            .collect();
+        object.insert("details".into(), Value::Array(details));
+    }
+    Value::Object(object)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::FILE_DESCRIPTOR_SET;
+
+    fn pool() -> DescriptorPool {
+        DescriptorPool::decode(FILE_DESCRIPTOR_SET).unwrap()
+    }
+
+    #[test]
+    fn known_anys_render_with_their_fields() {
+        let info = crate::pb::google::rpc::ErrorInfo {
+            reason: "R".into(),
+            domain: "d".into(),
+            metadata: Default::default(),
+        };
+        let any = Any::from_msg(&info).unwrap();
+        let json = any_to_json(&any, &pool(), JsonOptions::default());
+        assert_eq!(
+            json,
+            serde_json::json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "R", "domain": "d"})
+        );
+        let wkt = Any::from_msg(&"hi".to_owned()).unwrap();
+        assert_eq!(
+            any_to_json(&wkt, &pool(), JsonOptions::default()),
+            serde_json::json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "hi"})
+        );
+    }
+
+    #[test]
+    fn unknown_anys_fall_back_to_type_and_base64() {
+        let any = Any {
+            type_url: "type.googleapis.com/acme.Unknown".into(),
+            value: vec![1, 2, 3],
+        };
+        assert_eq!(
+            any_to_json(&any, &pool(), JsonOptions::default()),
+            serde_json::json!({"@type": "type.googleapis.com/acme.Unknown", "value": "AQID"})
+        );
+    }
+}
