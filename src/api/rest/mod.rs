@@ -44,6 +44,9 @@ use crate::{
     registry::Registry,
 };
 
+/// The values a path template bound: (field path, value).
+type PathValues = Vec<(String, String)>;
+
 /// The content type of every response.
 const JSON: &str = "application/json; charset=utf-8";
 
@@ -202,7 +205,7 @@ impl RestService {
     }
 
     /// The route for a method and raw path, with its path values.
-    fn find(&self, method: &Method, path: &str) -> Result<(&Route, Vec<(String, String)>), Error> {
+    fn find(&self, method: &Method, path: &str) -> Result<(&Route, PathValues), Error> {
         let mut allowed: Vec<&Method> = Vec::new();
         for route in &self.inner.routes {
             match route.template.matches(path) {

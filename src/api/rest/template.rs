@@ -136,7 +136,7 @@ impl Template {
                 chars = &chars[end..];
             }
             match chars.strip_prefix('/') {
-                Some(after) if after.is_empty() => return Err(fail("empty segment")),
+                Some("") => return Err(fail("empty segment")),
                 Some(after) => chars = after,
                 None if chars.is_empty() => {}
                 None => return Err(fail("a variable must fill a whole segment")),
