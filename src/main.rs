@@ -148,6 +148,10 @@ impl ServeArgs {
         registry.wait_cap = self.wait_cap;
         registry.max_waiters = self.max_waiters;
         registry.cancel_grace_period = self.cancel_grace_period;
+        // Leave room for the envelope around an operation or a page.
+        let room = self.max_message_size.saturating_sub(64 * 1024).max(1024);
+        registry.max_page_bytes = room;
+        registry.max_operation_bytes = room;
         let limits = &mut config.limits;
         limits.max_message_size = self.max_message_size;
         limits.max_concurrent_streams = self.max_concurrent_streams;

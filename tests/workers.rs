@@ -406,3 +406,40 @@ async fn closed_streams_are_released() {
     assert_eq!(err.code(), Code::InvalidArgument);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn operations_too_large_to_return_are_refused_and_unchanged() {
+    let server = TestServer::start().await;
+    let (mut ops, mut workers) = (server.operations().await, server.workers().await);
+    let big = "x".repeat(3 * 1024 * 1024);
+    let request = CreateOperationRequest {
+        metadata: Some(any_string(&big)),
+        ..op("", "big")
+    };
+    let name = create(&mut workers, request).await.name;
+    // Metadata and response together would not fit in a 4 MiB response.
+    let complete = CompleteOperationRequest {
+        name: name.clone(),
+        result: Some(complete_operation_request::Result::Response(any_string(
+            &big,
+        ))),
+        metadata: None,
+    };
+    let err = workers.complete_operation(complete).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "result"
+    );
+    let got = ops
+        .get_operation(GetOperationRequest { name })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!got.done);
+    server.stop().await;
+}

@@ -140,7 +140,9 @@ use crate::store::Change;
 impl Registry {
     /// Applies whatever is due on `name`. Returns the record's next deadline
     /// when nothing was written (a write re-arms the timer through the feed).
-    async fn on_deadline(&self, name: &str) -> Result<Option<SystemTime>, Error> {
+    /// Worker calls run it first too, so an overdue lease or grace period
+    /// wins even when this task is late.
+    pub(super) async fn on_deadline(&self, name: &str) -> Result<Option<SystemTime>, Error> {
         let retention = self.shared.settings.retention;
         loop {
             let Some(record) = self.store().get(name).await? else {
@@ -174,7 +176,7 @@ impl Registry {
                     .update(
                         finish(&record, outcome, now, retention),
                         record.revision,
-                        Cause::Cancelled,
+                        Cause::GraceExpired,
                     )
                     .await
                     .map(drop)

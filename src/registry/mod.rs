@@ -26,6 +26,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use prost::Message;
 use prost_types::Any;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +63,8 @@ pub struct RegistrySettings {
     pub max_lease: Duration,
     /// The largest encoded List page.
     pub max_page_bytes: usize,
+    /// The largest encoded operation (metadata and result together).
+    pub max_operation_bytes: usize,
 }
 
 impl Default for RegistrySettings {
@@ -72,7 +75,8 @@ impl Default for RegistrySettings {
             max_waiters: 100_000,
             cancel_grace_period: Duration::from_secs(30),
             max_lease: Duration::from_secs(7 * 24 * 3600),
-            max_page_bytes: 4 * 1024 * 1024,
+            max_page_bytes: 4 * 1024 * 1024 - 64 * 1024,
+            max_operation_bytes: 4 * 1024 * 1024 - 64 * 1024,
         }
     }
 }
@@ -205,7 +209,7 @@ impl Registry {
         let record = Record {
             name: name.clone().into_string(),
             revision: 0,
-            metadata: params.metadata,
+            metadata: params.metadata.clone(),
             outcome: None,
             cancel_policy: params.cancel_policy,
             cancel_grace_period: grace,
@@ -218,34 +222,72 @@ impl Registry {
             done_time: None,
             expire_time: None,
         };
-        match self.store().insert(record).await {
-            Ok(record) => {
-                tracing::info!(name = %record.name, "operation created");
-                Ok(record)
-            }
-            Err(StoreError::Exists(existing)) => {
-                let same_request = request_id.is_some() && existing.request_id == request_id;
-                let same_target = existing.name == name.as_str()
-                    || (params.operation_id.is_empty()
-                        && existing.parent() == params.parent.as_str());
-                if same_request && same_target && !expired(&existing, now) {
-                    return Ok(*existing);
+        self.check_size(&record, "metadata")?;
+        loop {
+            match self.store().insert(record.clone()).await {
+                Ok(record) => {
+                    tracing::info!(name = %record.name, "operation created");
+                    return Ok(record);
                 }
-                let message = if existing.name == name.as_str() {
-                    format!("Operation \"{}\" already exists.", existing.name)
-                } else {
-                    format!(
-                        "request_id \"{}\" was already used to create operation \"{}\".",
-                        params.request_id, existing.name
-                    )
-                };
-                Err(Error::AlreadyExists {
-                    name: existing.name,
-                    message,
-                })
+                Err(StoreError::Exists(existing)) if expired(&existing, now) => {
+                    // Retention has not swept it yet; it is gone all the same.
+                    match self
+                        .store()
+                        .delete(&existing.name, existing.revision, Cause::Expired)
+                        .await
+                    {
+                        Ok(()) | Err(StoreError::Conflict) => continue,
+                        Err(other) => return Err(other.into()),
+                    }
+                }
+                Err(StoreError::Exists(existing)) => {
+                    return Self::duplicate(&params, &name, request_id.as_ref(), *existing)
+                }
+                Err(other) => return Err(other.into()),
             }
-            Err(other) => Err(other.into()),
         }
+    }
+
+    /// The answer to a create whose name or request id is taken: the
+    /// existing operation for a retry of the same request, ALREADY_EXISTS
+    /// otherwise.
+    fn duplicate(
+        params: &CreateParams,
+        name: &OperationName,
+        request_id: Option<&String>,
+        existing: Record,
+    ) -> Result<Record, Error> {
+        let same_request = request_id.is_some() && existing.request_id.as_ref() == request_id;
+        let same_target = existing.name == name.as_str()
+            || (params.operation_id.is_empty() && existing.parent() == params.parent.as_str());
+        if same_request && same_target {
+            return Ok(existing);
+        }
+        let message = if existing.name == name.as_str() {
+            format!("Operation \"{}\" already exists.", existing.name)
+        } else {
+            format!(
+                "request_id \"{}\" was already used to create operation \"{}\".",
+                params.request_id, existing.name
+            )
+        };
+        Err(Error::AlreadyExists {
+            name: existing.name,
+            message,
+        })
+    }
+
+    /// Refuses a record whose operation would not fit in a response.
+    fn check_size(&self, record: &Record, field: &str) -> Result<(), Error> {
+        let size = operation(record).encoded_len();
+        let limit = self.shared.settings.max_operation_bytes;
+        if size > limit {
+            return Err(Error::invalid(
+                field,
+                format!("the operation would be {size} bytes; the limit is {limit}"),
+            ));
+        }
+        Ok(())
     }
 
     fn check_duration(
@@ -269,6 +311,7 @@ impl Registry {
     /// Replaces the metadata of a running operation and renews its lease.
     pub async fn update(&self, name: &str, metadata: Option<Any>) -> Result<Record, Error> {
         let name = OperationName::parse(name)?;
+        self.on_deadline(name.as_str()).await?;
         self.modify(&name, |record, now| {
             if record.done() {
                 return Err(Error::already_done(&record.name));
@@ -279,6 +322,7 @@ impl Registry {
             }
             next.lease_deadline = record.lease.map(|l| now + l);
             next.update_time = now;
+            self.check_size(&next, "metadata")?;
             Ok(Some((next, Cause::Updated)))
         })
         .await
@@ -305,6 +349,7 @@ impl Registry {
             }
         }
         let settings = &self.shared.settings;
+        self.on_deadline(name.as_str()).await?;
         let result = self
             .modify(&name, |record, now| {
                 if record.done() {
@@ -314,6 +359,7 @@ impl Registry {
                 if let Some(metadata) = &metadata {
                     next.metadata = Some(metadata.clone());
                 }
+                self.check_size(&next, "result")?;
                 Ok(Some((next, Cause::Completed)))
             })
             .await?;

@@ -3,11 +3,14 @@
 //! Each stream is a task that follows the store's change feed, keeps the
 //! events of the operations its worker asked for, and sends them into a
 //! bounded channel (the routeguide pattern): a slow worker slows only its own
-//! stream. Delivery is at least once. A stream first reports the cancellations
-//! already pending, and reports them again if it ever falls behind the feed;
-//! a deletion missed while behind is not replayed (the worker's next call on
-//! that operation answers NOT_FOUND). The stream ends when the worker goes
-//! away or the server shuts down.
+//! stream. A stream reports what happens while it is open. On connect it
+//! first reports the cooperative cancellations already pending (they still
+//! need the worker), and reports them again if it ever falls behind the feed.
+//! Events of the past are not replayed: an operation cancelled at once,
+//! deleted or expired while no stream watched it answers the worker's next
+//! call with FAILED_PRECONDITION or NOT_FOUND, so workers open their stream
+//! before they create operations. The stream ends when the worker goes away
+//! or the server shuts down.
 
 use std::{
     collections::HashSet,
@@ -53,6 +56,8 @@ impl EventKind {
             Cause::CancelRequested | Cause::Cancelled => Some(Self::CancelRequested),
             Cause::Deleted | Cause::Expired => Some(Self::Deleted),
             Cause::LeaseExpired => Some(Self::LeaseExpired),
+            // The worker was told when the cancel was requested.
+            Cause::GraceExpired => None,
             Cause::Created | Cause::Updated | Cause::Completed => None,
         }
     }
@@ -96,6 +101,19 @@ impl WatchFilter {
                 .parent
                 .as_ref()
                 .is_some_and(|p| p.matches_parent(parent_of(name)))
+    }
+}
+
+/// Sends one event unless the server shuts down first; false when the stream
+/// must end (shutdown, or the worker went away).
+async fn send(
+    tx: &mpsc::Sender<WorkerEvent>,
+    event: WorkerEvent,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    tokio::select! {
+        sent = tx.send(event) => sent.is_ok(),
+        () = shutdown.cancelled() => false,
     }
 }
 
@@ -143,7 +161,7 @@ impl Registry {
                                 name,
                                 time: SystemTime::now(),
                             };
-                            if tx.send(event).await.is_err() {
+                            if !send(&tx, event, &shutdown).await {
                                 return;
                             }
                         }
@@ -169,7 +187,7 @@ impl Registry {
                         name: change.name,
                         time: change.time,
                     };
-                    if tx.send(event).await.is_err() {
+                    if !send(&tx, event, &shutdown).await {
                         return;
                     }
                 }

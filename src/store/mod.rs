@@ -183,8 +183,10 @@ pub enum Cause {
     Completed,
     /// A cooperative cancellation was requested (still running).
     CancelRequested,
-    /// It was finished as CANCELLED (immediate cancel or grace expiry).
+    /// It was finished as CANCELLED by an immediate cancel.
     Cancelled,
+    /// A cooperative cancel's grace period ended; opsd finished it as CANCELLED.
+    GraceExpired,
     /// It was finished as ABORTED because the worker's lease lapsed.
     LeaseExpired,
     /// A client deleted it.

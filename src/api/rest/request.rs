@@ -67,18 +67,18 @@ pub fn split_query(query: &str) -> Result<(Vec<(String, String)>, Presentation),
             continue;
         }
         match bare {
-            "alt" => {
-                match value.as_ref() {
-                    "json" => presentation.json.enum_numbers = false,
-                    "json;enum-encoding=int" => presentation.json.enum_numbers = true,
-                    other => return Err(Error::invalid(
+            "alt" => match value.as_ref() {
+                "json" => presentation.json.enum_numbers = false,
+                "json;enum-encoding=int" => presentation.json.enum_numbers = true,
+                other => {
+                    return Err(Error::invalid(
                         key.as_ref(),
                         format!(
                             "{other:?} is not supported; use `json` or `json;enum-encoding=int`"
                         ),
-                    )),
+                    ))
                 }
-            }
+            },
             "prettyPrint" => presentation.pretty = parse_bool(&key, &value)?,
             // Accepted and ignored: opsd has no API keys, quotas, JSONP or
             // partial responses, and renders errors in the v1 format.
