@@ -1,0 +1,68 @@
+//! Google's own Python client library against opsd: `google-api-core`'s
+//! `AbstractOperationsClient` over REST and `OperationsClient` over gRPC.
+//!
+//! The Python interpreter is `$OPSD_PYTHON`, else `target/ci-venv/bin/python`
+//! (which `.ci/run` creates), else `python3`; it needs
+//! `pip install "google-api-core[grpc]"`. Without it the test is skipped,
+//! except under `CI=true`, where it fails.
+
+mod common;
+
+use std::{path::PathBuf, process::Command};
+
+use common::{create, op, TestServer};
+use opsd::Config;
+
+fn python() -> Option<PathBuf> {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/python");
+    let candidates = std::env::var_os("OPSD_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([venv, PathBuf::from("python3")]);
+    for candidate in candidates {
+        let ok = Command::new(&candidate)
+            .args(["-c", "import google.api_core.operations_v1, grpc"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some(candidate);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn google_api_core_lists_gets_cancels_and_deletes() {
+    let Some(python) = python() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "google-api-core is not installed (pip install \"google-api-core[grpc]\")"
+        );
+        eprintln!("skipping: google-api-core is not installed");
+        return;
+    };
+    let mut config = Config::for_tests();
+    config.http_rules = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/service-configs/beyondcorp_v1.yaml")];
+    let server = TestServer::start_with(config).await;
+    let mut workers = server.workers().await;
+    for id in ["rest-1", "rest-2", "grpc-1", "grpc-2"] {
+        create(&mut workers, op("projects/p/locations/l", id)).await;
+    }
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/api_core_client.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&address)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "python failed:\n{stdout}\n{stderr}"
+    );
+    assert_eq!(stdout.trim(), "ok", "{stderr}");
+    server.stop().await;
+}
