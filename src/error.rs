@@ -22,7 +22,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    json::{status_to_json, JsonOptions},
+    json::{any_to_json, JsonOptions},
     pb::google::rpc,
     registry::NameError,
     store::StoreError,
@@ -244,10 +244,14 @@ pub fn json_envelope(
     let name = rpc::Code::try_from(status.code() as i32)
         .map(|c| c.as_str_name())
         .unwrap_or("UNKNOWN");
-    let mut body = status_to_json(0, status.message(), &details, pool, options);
-    if let Value::Object(fields) = &mut body {
-        fields.insert("code".into(), json!(http.as_u16()));
-        fields.insert("status".into(), json!(name));
+    let mut body = json!({
+        "code": http.as_u16(),
+        "message": status.message(),
+        "status": name,
+    });
+    if !details.is_empty() {
+        let details: Vec<Value> = details.iter().map(|d| any_to_json(d, pool, options)).collect();
+        body["details"] = Value::Array(details);
     }
     (http, json!({ "error": body }))
 }
