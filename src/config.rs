@@ -5,11 +5,23 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration}
 use crate::{api::operations::Method, registry::RegistrySettings};
 
 /// Where operations are kept.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreConfig {
     /// In process memory: lost on exit.
-    #[default]
     Memory,
+    /// A redb file: durable, the default.
+    Redb(PathBuf),
+}
+
+impl StoreConfig {
+    /// The default store file, relative to the working directory.
+    pub const DEFAULT_REDB_PATH: &'static str = "./opsd-data/opsd.redb";
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self::Redb(PathBuf::from(Self::DEFAULT_REDB_PATH))
+    }
 }
 
 /// Transport limits; none is left unlimited.
@@ -68,7 +80,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            store: StoreConfig::Memory,
+            store: StoreConfig::default(),
             registry: RegistrySettings::default(),
             disabled_methods: BTreeSet::new(),
             http_rules: Vec::new(),
@@ -82,7 +94,10 @@ impl Config {
     /// The configuration integration tests start servers with: the memory
     /// store and a short drain.
     pub fn for_tests() -> Self {
-        let mut config = Self::default();
+        let mut config = Self {
+            store: StoreConfig::Memory,
+            ..Self::default()
+        };
         config.limits.drain_timeout = Duration::from_secs(5);
         config
     }

@@ -250,7 +250,10 @@ pub fn json_envelope(
         "status": name,
     });
     if !details.is_empty() {
-        let details: Vec<Value> = details.iter().map(|d| any_to_json(d, pool, options)).collect();
+        let details: Vec<Value> = details
+            .iter()
+            .map(|d| any_to_json(d, pool, options))
+            .collect();
         body["details"] = Value::Array(details);
     }
     (http, json!({ "error": body }))

@@ -33,8 +33,10 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:50051", env = "OPSD_LISTEN")]
     listen: SocketAddr,
 
-    /// Where operations are kept. `memory`: in process, lost on exit.
-    #[arg(long, default_value = "memory", value_parser = parse_store)]
+    /// Where operations are kept. `redb:PATH` (the default): a durable file,
+    /// its directory created if needed; `redb` alone uses the default path.
+    /// `memory`: in process, lost on exit (tests, ephemeral use).
+    #[arg(long, default_value = "redb:./opsd-data/opsd.redb", value_parser = parse_store)]
     store: StoreConfig,
 
     /// How long done operations are kept before they are deleted (AIP-151),
@@ -117,10 +119,12 @@ enum LogFormat {
 }
 
 fn parse_store(value: &str) -> Result<StoreConfig, String> {
-    match value {
-        "memory" => Ok(StoreConfig::Memory),
-        other => Err(format!(
-            "unknown store {other:?}: this build offers `memory` only"
+    match value.split_once(':') {
+        None if value == "memory" => Ok(StoreConfig::Memory),
+        None if value == "redb" => Ok(StoreConfig::default()),
+        Some(("redb", path)) if !path.is_empty() => Ok(StoreConfig::Redb(PathBuf::from(path))),
+        _ => Err(format!(
+            "unknown store {value:?}: use `redb:PATH`, `redb` or `memory`"
         )),
     }
 }
@@ -262,7 +266,21 @@ mod tests {
             config.disabled_methods.into_iter().collect::<Vec<_>>(),
             [Method::Cancel, Method::Wait]
         );
-        assert!(Cli::try_parse_from(["opsd", "serve", "--store", "redb"]).is_err());
+        assert!(Cli::try_parse_from(["opsd", "serve", "--store", "postgres"]).is_err());
+        assert!(Cli::try_parse_from(["opsd", "serve", "--store", "redb:"]).is_err());
+        let parse = |args: &[&str]| {
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command;
+            args.into_config().store
+        };
+        assert_eq!(parse(&["opsd", "serve"]), StoreConfig::default());
+        assert_eq!(
+            parse(&["opsd", "serve", "--store", "redb:/tmp/x.redb"]),
+            StoreConfig::Redb("/tmp/x.redb".into())
+        );
+        assert_eq!(
+            parse(&["opsd", "serve", "--store", "memory"]),
+            StoreConfig::Memory
+        );
         assert!(Cli::try_parse_from(["opsd", "serve", "--retention", "0s"]).is_err());
         assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
     }

@@ -37,7 +37,7 @@ use crate::{
         opsd::v1::workers_server::WorkersServer, FILE_DESCRIPTOR_SET,
     },
     registry::Registry,
-    store::{MemoryStore, Store},
+    store::{MemoryStore, RedbStore, Store},
 };
 
 /// The longest pause between failed accepts (EMFILE and the like).
@@ -68,8 +68,13 @@ impl Server {
     /// Opens the store, starts the registry (needs a Tokio runtime), loads
     /// descriptor sets and HTTP rules.
     pub fn new(config: Config) -> Result<Self, ServerError> {
-        let store: Arc<dyn Store> = match config.store {
+        let store: Arc<dyn Store> = match &config.store {
             StoreConfig::Memory => Arc::new(MemoryStore::new()),
+            StoreConfig::Redb(path) => {
+                let store = RedbStore::open(path).map_err(|e| ServerError::Store(e.to_string()))?;
+                tracing::info!(path = %path.display(), "durable store opened");
+                Arc::new(store)
+            }
         };
         let registry = Registry::new(store, config.registry.clone());
         let types = TypeRegistry::new();

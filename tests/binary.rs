@@ -100,7 +100,10 @@ fn grpcurl_lists_describes_and_drives_the_walkthrough() {
     if !grpcurl_available() {
         return;
     }
-    let opsd = Opsd::start(&[]);
+    // The durable default store, in a directory of its own.
+    let dir = std::env::temp_dir().join(format!("opsd-binary-{}", std::process::id()));
+    let store = format!("redb:{}", dir.join("opsd.redb").display());
+    let opsd = Opsd::start(&["--store", &store]);
     let a = opsd.address.as_str();
 
     let services = ok_stdout(grpcurl(a, &[], &["list"]));
@@ -185,7 +188,7 @@ fn grpcurl_lists_describes_and_drives_the_walkthrough() {
 
 #[test]
 fn sigterm_drains_open_waits_and_exits_zero() {
-    let mut opsd = Opsd::start(&["--drain-timeout", "5s"]);
+    let mut opsd = Opsd::start(&["--drain-timeout", "5s", "--store", "memory"]);
     let url = format!("http://{}", opsd.address);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     use opsd::pb::{

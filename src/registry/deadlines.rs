@@ -22,6 +22,9 @@ use crate::{
     store::{Cause, Outcome, StoreError},
 };
 
+/// Due deadlines handled at once.
+const FIRE_BATCH: usize = 256;
+
 /// How long to wait before retrying a deadline whose write failed.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -121,12 +124,27 @@ async fn run(
                 let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
                     return;
                 };
-                for name in timers.take_due(SystemTime::now()) {
-                    match registry.on_deadline(&name).await {
-                        Ok(next) => timers.set(&name, next),
-                        Err(err) => {
-                            tracing::error!(name, cause = %err, "deadline action failed; retrying");
-                            timers.set(&name, Some(SystemTime::now() + RETRY_AFTER));
+                let due = timers.take_due(SystemTime::now());
+                // Bounded batches run concurrently, so a durable store commits
+                // each batch's expiries together (group commit).
+                for batch in due.chunks(FIRE_BATCH) {
+                    let mut running = tokio::task::JoinSet::new();
+                    for name in batch {
+                        let registry = registry.clone();
+                        let name = name.clone();
+                        running.spawn(async move {
+                            let result = registry.on_deadline(&name).await;
+                            (name, result)
+                        });
+                    }
+                    while let Some(joined) = running.join_next().await {
+                        let Ok((name, result)) = joined else { continue };
+                        match result {
+                            Ok(next) => timers.set(&name, next),
+                            Err(err) => {
+                                tracing::error!(name, cause = %err, "deadline action failed; retrying");
+                                timers.set(&name, Some(SystemTime::now() + RETRY_AFTER));
+                            }
                         }
                     }
                 }

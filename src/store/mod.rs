@@ -8,6 +8,7 @@
 //! process and several replicas sharing one database.
 
 mod memory;
+mod redb;
 
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +17,7 @@ use tokio::sync::broadcast;
 
 use crate::pb::google::rpc;
 
+pub use self::redb::RedbStore;
 pub use memory::MemoryStore;
 
 /// A monotonically increasing version of one record; 1 after creation.

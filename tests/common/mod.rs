@@ -28,9 +28,13 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
+        Self::serve(Server::new(config).unwrap()).await
+    }
+
+    /// Serves an already built server on a free port.
+    pub async fn serve(server: Server) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = Server::new(config).unwrap();
         let registry = server.registry();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
