@@ -35,6 +35,7 @@
 //! ```
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod json;

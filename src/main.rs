@@ -25,6 +25,103 @@ enum Command {
     /// Serve gRPC (Operations, Workers, health, reflection) and the REST/JSON
     /// surface on one port.
     Serve(ServeArgs),
+    /// Load generator and measurements against a running opsd.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// CreateOperation + CompleteOperation in a closed loop (two durable
+    /// writes per iteration); prints iterations/s and latency percentiles.
+    CreateComplete(LoadArgs),
+    /// Creates COUNT operations (each completed), e.g. to measure start-up.
+    Fill {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+    },
+    /// create+complete forever (for --duration) against a server with a short
+    /// --retention, printing the store file's size every second.
+    Churn {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// The server's store file, whose size is printed.
+        #[arg(long)]
+        store_file: PathBuf,
+    },
+    /// Starts `opsd serve --store STORE` and times how long it takes to answer.
+    Startup {
+        #[arg(long)]
+        store: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct LoadArgs {
+    /// The server to load.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Concurrent clients, one connection each.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// How long to run.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    duration: Duration,
+    /// The parent the operations are created under.
+    #[arg(long, default_value = "projects/bench")]
+    parent: String,
+}
+
+impl LoadArgs {
+    fn options(&self) -> opsd::bench::LoadOptions {
+        opsd::bench::LoadOptions {
+            target: self.target.clone(),
+            concurrency: self.concurrency,
+            duration: self.duration,
+            parent: self.parent.clone(),
+        }
+    }
+}
+
+async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
+    use opsd::bench;
+    match command {
+        BenchCommand::CreateComplete(load) => {
+            let report = bench::run_create_complete(&load.options(), |_| {}).await?;
+            println!(
+                "create+complete, {} clients: {}",
+                load.concurrency,
+                report.summary()
+            );
+        }
+        BenchCommand::Fill { load, count } => {
+            let elapsed = bench::fill(&load.options(), count).await?;
+            println!(
+                "created and completed {count} operations in {:.1}s",
+                elapsed.as_secs_f64()
+            );
+        }
+        BenchCommand::Churn { load, store_file } => {
+            let before = bench::file_size(&store_file);
+            let started = std::time::Instant::now();
+            let report = bench::run_create_complete(&load.options(), move |done| {
+                println!(
+                    "{:>5.0}s {done:>9} iterations, store file {} bytes",
+                    started.elapsed().as_secs_f64(),
+                    bench::file_size(&store_file)
+                );
+            })
+            .await?;
+            println!("churn: {}; store file was {before} bytes", report.summary());
+        }
+        BenchCommand::Startup { store } => {
+            let elapsed = bench::startup(&store, &[]).await?;
+            println!("serving after {:.0} ms", elapsed.as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -231,6 +328,13 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench(command) => match bench(command).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("opsd bench: {err}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -259,7 +363,9 @@ mod tests {
             "wait",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve parses as serve")
+        };
         let config = args.into_config();
         assert_eq!(config.registry.retention, Duration::from_secs(7200));
         assert_eq!(
@@ -269,7 +375,9 @@ mod tests {
         assert!(Cli::try_parse_from(["opsd", "serve", "--store", "postgres"]).is_err());
         assert!(Cli::try_parse_from(["opsd", "serve", "--store", "redb:"]).is_err());
         let parse = |args: &[&str]| {
-            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command;
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve parses as serve")
+            };
             args.into_config().store
         };
         assert_eq!(parse(&["opsd", "serve"]), StoreConfig::default());
