@@ -226,7 +226,7 @@ impl Registry {
         loop {
             match self.store().insert(record.clone()).await {
                 Ok(record) => {
-                    tracing::info!(name = %record.name, "operation created");
+                    tracing::debug!(name = %record.name, "operation created");
                     return Ok(record);
                 }
                 Err(StoreError::Exists(existing)) if expired(&existing, now) => {
@@ -363,7 +363,7 @@ impl Registry {
                 Ok(Some((next, Cause::Completed)))
             })
             .await?;
-        tracing::info!(name = %name, "operation completed");
+        tracing::debug!(name = %name, "operation completed");
         Ok(result.0)
     }
 
@@ -400,7 +400,7 @@ impl Registry {
             }
         })
         .await?;
-        tracing::info!(name = %name, "operation cancel requested");
+        tracing::debug!(name = %name, "operation cancel requested");
         Ok(())
     }
 
@@ -416,7 +416,7 @@ impl Registry {
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(name = %name, "operation deleted");
+                    tracing::debug!(name = %name, "operation deleted");
                     return Ok(());
                 }
                 Err(StoreError::Conflict) => continue,
