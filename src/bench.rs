@@ -9,6 +9,8 @@
 //!   on a large store.
 //! - `churn`: create+complete forever against a server with a short
 //!   `--retention`, printing the store file's size, to show it stays bounded.
+//! - `list`: walks a listing page by page, to compare page cost across
+//!   store sizes (keyset pagination: it should not grow with the store).
 //! - `startup`: starts `opsd serve` on a store and times how long it takes
 //!   to answer health checks.
 
@@ -156,6 +158,68 @@ pub async fn run_create_complete(
         client.await?;
     }
     ticker.abort();
+    let elapsed = started.elapsed();
+    let latency = latency
+        .lock()
+        .map_err(|_| "histogram lock poisoned")?
+        .clone();
+    Ok(LoadReport {
+        iterations: iterations.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+    })
+}
+
+/// Walks the listing of `options.parent` page by page (starting over at the
+/// end) from every client; one iteration is one page. `filter` applies to
+/// every page.
+pub async fn run_list(
+    options: &LoadOptions,
+    page_size: i32,
+    filter: &str,
+) -> Result<LoadReport, BenchError> {
+    let iterations = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let started = Instant::now();
+    let until = started + options.duration;
+    let mut clients = Vec::new();
+    for _ in 0..options.concurrency.max(1) {
+        let mut ops = OperationsClient::new(connect(&options.target).await?);
+        let (iterations, errors, latency) = (iterations.clone(), errors.clone(), latency.clone());
+        let (parent, filter) = (options.parent.clone(), filter.to_owned());
+        clients.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new(3).expect("3 significant digits is valid");
+            let mut token = String::new();
+            while Instant::now() < until {
+                let request = crate::pb::google::longrunning::ListOperationsRequest {
+                    name: parent.clone(),
+                    filter: filter.clone(),
+                    page_size,
+                    page_token: std::mem::take(&mut token),
+                    return_partial_success: false,
+                };
+                let sent = Instant::now();
+                match ops.list_operations(request).await {
+                    Ok(page) => {
+                        let _ = local.record(sent.elapsed().as_micros() as u64);
+                        iterations.fetch_add(1, Ordering::Relaxed);
+                        token = page.into_inner().next_page_token;
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if let Ok(mut all) = latency.lock() {
+                let _ = all.add(&local);
+            }
+        }));
+    }
+    for client in clients {
+        client.await?;
+    }
     let elapsed = started.elapsed();
     let latency = latency
         .lock()

@@ -51,6 +51,17 @@ enum BenchCommand {
         #[arg(long)]
         store_file: PathBuf,
     },
+    /// Walks the listing of --parent page by page, over and over; one
+    /// iteration is one page.
+    List {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 100)]
+        page_size: i32,
+        /// An AIP-160 filter applied to every page.
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
     /// Starts `opsd serve --store STORE` and times how long it takes to answer.
     Startup {
         #[arg(long)]
@@ -115,6 +126,18 @@ async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
             })
             .await?;
             println!("churn: {}; store file was {before} bytes", report.summary());
+        }
+        BenchCommand::List {
+            load,
+            page_size,
+            filter,
+        } => {
+            let report = bench::run_list(&load.options(), page_size, &filter).await?;
+            println!(
+                "list pages of {page_size}, {} clients: {}",
+                load.concurrency,
+                report.summary()
+            );
         }
         BenchCommand::Startup { store } => {
             let elapsed = bench::startup(&store, &[]).await?;
@@ -191,6 +214,16 @@ struct ServeArgs {
     #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
     keepalive_timeout: Duration,
 
+    /// A file holding the secret (at least 32 bytes; its first 32 are used)
+    /// that signs List page tokens. Default: a random key kept in the store,
+    /// so tokens survive restarts and every replica sharing the store accepts them.
+    #[arg(long, value_name = "FILE")]
+    page_token_key_file: Option<PathBuf>,
+
+    /// How long a List page token stays valid.
+    #[arg(long, default_value = "3d", value_parser = parse_positive_duration)]
+    page_token_ttl: Duration,
+
     /// The largest REST request body, in bytes; larger answers 413.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -234,8 +267,22 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+fn read_key(path: &std::path::Path) -> Result<[u8; 32], String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    bytes
+        .get(..32)
+        .and_then(|key| key.try_into().ok())
+        .ok_or_else(|| {
+            format!(
+                "{} holds {} bytes; a page token key needs at least 32",
+                path.display(),
+                bytes.len()
+            )
+        })
+}
+
 impl ServeArgs {
-    fn into_config(self) -> Config {
+    fn into_config(self) -> Result<Config, String> {
         let mut config = Config {
             listen: self.listen,
             store: self.store,
@@ -249,6 +296,12 @@ impl ServeArgs {
         registry.wait_cap = self.wait_cap;
         registry.max_waiters = self.max_waiters;
         registry.cancel_grace_period = self.cancel_grace_period;
+        registry.page_token_ttl = self.page_token_ttl;
+        registry.page_token_key = self
+            .page_token_key_file
+            .as_deref()
+            .map(read_key)
+            .transpose()?;
         // Leave room for the envelope around an operation or a page.
         let room = self.max_message_size.saturating_sub(64 * 1024).max(1024);
         registry.max_page_bytes = room;
@@ -262,7 +315,7 @@ impl ServeArgs {
         limits.max_body_bytes = self.max_body_bytes;
         limits.header_read_timeout = self.header_read_timeout;
         limits.max_connections = self.max_connections.max(1);
-        config
+        Ok(config)
     }
 }
 
@@ -312,7 +365,13 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_logging(args.log_format);
-            let config = args.into_config();
+            let config = match args.into_config() {
+                Ok(config) => config,
+                Err(err) => {
+                    tracing::error!(cause = %err, "invalid configuration");
+                    return ExitCode::FAILURE;
+                }
+            };
             let listener = match TcpListener::bind(config.listen).await {
                 Ok(listener) => listener,
                 Err(err) => {
@@ -366,7 +425,7 @@ mod tests {
         let Command::Serve(args) = cli.command else {
             panic!("serve parses as serve")
         };
-        let config = args.into_config();
+        let config = args.into_config().unwrap();
         assert_eq!(config.registry.retention, Duration::from_secs(7200));
         assert_eq!(
             config.disabled_methods.into_iter().collect::<Vec<_>>(),
@@ -378,7 +437,7 @@ mod tests {
             let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
                 panic!("serve parses as serve")
             };
-            args.into_config().store
+            args.into_config().unwrap().store
         };
         assert_eq!(parse(&["opsd", "serve"]), StoreConfig::default());
         assert_eq!(

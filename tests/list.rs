@@ -245,16 +245,26 @@ async fn invalid_targets_and_filters_are_refused_clearly() {
         let err = ops.list_operations(list(name, 0, "")).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{name:?}");
     }
-    let err = ops
-        .list_operations(ListOperationsRequest {
-            name: "operations".into(),
-            filter: "done = true".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert_eq!(reason(&err), "FILTER_NOT_SUPPORTED");
+    for filter in ["done = maybe", "colour = red", "(done = true", "done"] {
+        let err = ops
+            .list_operations(ListOperationsRequest {
+                name: "operations".into(),
+                filter: filter.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{filter}");
+        assert_eq!(
+            err.get_error_details()
+                .bad_request()
+                .unwrap()
+                .field_violations[0]
+                .field,
+            "filter"
+        );
+        assert_eq!(reason(&err), "INVALID_ARGUMENT");
+    }
     server.stop().await;
 }
 

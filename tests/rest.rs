@@ -323,9 +323,19 @@ async fn query_parameters_follow_google_rules() {
         assert_error(status, &body, 400, "INVALID_ARGUMENT");
         assert_eq!(field_violation(&body), field, "{query}");
     }
-    // `+` and `%20` are spaces: the filter arrives (and filters are not supported yet).
+    // `+` and `%20` are spaces: the filter arrives whole.
+    rest.post("/v1/projects/p/locations/l/operations/x1:cancel", None)
+        .await;
     let (status, body) = rest.get(&format!("{list}?filter=done+%3D%20true")).await;
-    assert_error(status, &body, 501, "UNIMPLEMENTED");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["operations"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        body["operations"][0]["name"],
+        "projects/p/locations/l/operations/x1"
+    );
+    let (status, body) = rest.get(&format!("{list}?filter=done%20%3D%20maybe")).await;
+    assert_error(status, &body, 400, "INVALID_ARGUMENT");
+    assert_eq!(field_violation(&body), "filter");
     rest.server.stop().await;
 }
 

@@ -1,19 +1,29 @@
-//! `ListOperations`: targets, page sizes and page tokens.
+//! `ListOperations`: targets, filters, page sizes and page tokens.
 //!
 //! Listing is keyset pagination over the store's name order: a page token
 //! carries the last name returned, so a page costs the same however deep the
 //! walk is, and operations created or deleted during a walk do not shift the
-//! others. Tokens are opaque to clients: versioned, URL-safe base64, and bound
-//! to the request's `name` and `filter` by a digest, so a token from another
-//! listing is refused as INVALID_ARGUMENT. (Signing with a server key and an
-//! expiry are the next step; see the README.)
+//! others. The filter is applied in the store, before the page is cut, and a
+//! page examines at most `scan_budget` records (a selective filter over a
+//! large store then returns a short page and a token, never a long stall).
+//!
+//! Tokens are opaque to clients: URL-safe base64 of a version, an expiry,
+//! the last name and an HMAC-SHA256 tag (16 bytes) over all of it and over
+//! the request's `name` and `filter`, keyed with the store's secret (or
+//! `--page-token-key-file`). Forged, truncated, foreign, expired or
+//! mismatched tokens are INVALID_ARGUMENT, never data.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use hmac::{Hmac, Mac};
 use prost::Message;
+use sha2::Sha256;
 
-use super::{expired, name::parse_list_target, operation, OperationName, Registry};
+use super::{expired, filter, name::parse_list_target, operation, OperationName, Registry};
 use crate::{
     error::Error,
     pb::google::longrunning::Operation,
@@ -25,8 +35,9 @@ pub const DEFAULT_PAGE_SIZE: usize = 50;
 /// The largest page size; larger requests are clamped to it.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
-const TOKEN_VERSION: u8 = 1;
-const DIGEST_LEN: usize = 8;
+const TOKEN_VERSION: u8 = 2;
+const TAG_LEN: usize = 16;
+const HEADER_LEN: usize = 1 + 8;
 
 /// A List request as the protocol faces receive it.
 #[derive(Clone, Debug, Default)]
@@ -45,53 +56,136 @@ pub struct ListPage {
     pub next_page_token: String,
 }
 
+/// Signs and checks page tokens.
+#[derive(Clone)]
+pub(super) struct PageTokens {
+    key: [u8; 32],
+    ttl: Duration,
+}
+
+impl PageTokens {
+    pub(super) fn new(key: [u8; 32], ttl: Duration) -> Self {
+        Self { key, ttl }
+    }
+
+    fn tag(&self, header: &[u8], binding: &str, last: &str) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(b"opsd page token\0");
+        mac.update(header);
+        mac.update(&(binding.len() as u64).to_be_bytes());
+        mac.update(binding.as_bytes());
+        mac.update(last.as_bytes());
+        mac
+    }
+
+    fn encode(&self, binding: &str, last: &str, now: SystemTime) -> String {
+        let expiry = (now + self.ttl)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut raw = Vec::with_capacity(HEADER_LEN + last.len() + TAG_LEN);
+        raw.push(TOKEN_VERSION);
+        raw.extend_from_slice(&expiry.to_be_bytes());
+        let tag = self.tag(&raw, binding, last).finalize().into_bytes();
+        raw.extend_from_slice(last.as_bytes());
+        raw.extend_from_slice(&tag[..TAG_LEN]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    fn decode(
+        &self,
+        token: &str,
+        binding: &str,
+        parent: &ParentPattern,
+        now: SystemTime,
+    ) -> Result<String, Error> {
+        let invalid = |why: &str| {
+            Error::invalid(
+                "page_token",
+                format!("{why}; pass the next_page_token of the previous page unchanged, with the same name and filter"),
+            )
+        };
+        let raw = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| invalid("the page token is malformed"))?;
+        if raw.len() <= HEADER_LEN + TAG_LEN || raw[0] != TOKEN_VERSION {
+            return Err(invalid("the page token is malformed"));
+        }
+        let (body, tag) = raw.split_at(raw.len() - TAG_LEN);
+        let (header, last) = body.split_at(HEADER_LEN);
+        let last = std::str::from_utf8(last).map_err(|_| invalid("the page token is malformed"))?;
+        self.tag(header, binding, last)
+            .verify_truncated_left(tag)
+            .map_err(|_| invalid("the page token is not valid for this listing"))?;
+        let expiry = u64::from_be_bytes(header[1..].try_into().expect("8 bytes"));
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(expiry);
+        if expiry <= now {
+            return Err(invalid(
+                "the page token has expired; start the listing again",
+            ));
+        }
+        let in_listing = OperationName::parse(last).is_ok()
+            && last.starts_with(&parent.key_prefix())
+            && parent.matches_parent(parent_of(last));
+        if !in_listing {
+            return Err(invalid("the page token is malformed"));
+        }
+        Ok(last.to_owned())
+    }
+}
+
+/// What a token is bound to: the listing's parent and its filter.
+fn binding(parent: &ParentPattern, filter: &str) -> String {
+    format!("{}\0{}", parent.as_string(), filter)
+}
+
 impl Registry {
     /// Lists the operations under a parent, in name order.
     pub async fn list(&self, request: ListRequest) -> Result<ListPage, Error> {
         let parent =
             parse_list_target(&request.name).map_err(|e| Error::invalid_name("name", e))?;
-        if !request.filter.trim().is_empty() {
-            return Err(Error::Unimplemented {
-                reason: "FILTER_NOT_SUPPORTED",
-                message: "Filtering is not supported yet: send an empty filter and select operations on the client.".to_owned(),
-            });
-        }
         let limit = page_size(request.page_size)?;
+        let filter = filter::parse(&request.filter)?.map(Arc::new);
         let binding = binding(&parent, &request.filter);
+        let now = SystemTime::now();
+        let tokens = &self.shared.page_tokens;
         let after = if request.page_token.is_empty() {
             None
         } else {
-            Some(decode_token(&request.page_token, binding, &parent)?)
+            Some(tokens.decode(&request.page_token, &binding, &parent, now)?)
         };
 
-        let records = self
+        let settings = &self.shared.settings;
+        let scan = self
             .store()
             .list(&ListQuery {
                 parent,
                 after,
-                limit: limit + 1,
+                limit,
+                filter,
+                scan_budget: settings.list_scan_budget,
             })
             .await?;
-        let now = std::time::SystemTime::now();
-        let max_bytes = self.shared.settings.max_page_bytes;
         let mut page = ListPage::default();
         let mut bytes = 0;
-        let mut taken = 0;
-        for record in records.iter().take(limit) {
+        let mut cut_after = None;
+        for record in &scan.records {
             let op = operation(record);
             // Field tag and length prefix of the repeated entry.
             let len = op.encoded_len() + 8;
-            if taken > 0 && bytes + len > max_bytes {
+            if !page.operations.is_empty() && bytes + len > settings.max_page_bytes {
+                cut_after = page.operations.last().map(|o: &Operation| o.name.clone());
                 break;
             }
             bytes += len;
-            taken += 1;
             if !expired(record, now) {
                 page.operations.push(op);
+            } else if let Some(last) = &mut cut_after {
+                last.clone_from(&record.name);
             }
         }
-        if taken < records.len() {
-            page.next_page_token = encode_token(binding, &records[taken - 1].name);
+        if let Some(last) = cut_after.or(scan.resume_after) {
+            page.next_page_token = tokens.encode(&binding, &last, now);
         }
         Ok(page)
     }
@@ -106,53 +200,6 @@ fn page_size(requested: i32) -> Result<usize, Error> {
     }
 }
 
-/// The digest that binds a token to one listing.
-fn binding(parent: &ParentPattern, filter: &str) -> [u8; DIGEST_LEN] {
-    let mut hasher = DefaultHasher::new();
-    parent.as_string().hash(&mut hasher);
-    filter.hash(&mut hasher);
-    hasher.finish().to_be_bytes()
-}
-
-fn encode_token(binding: [u8; DIGEST_LEN], last: &str) -> String {
-    let mut raw = Vec::with_capacity(1 + DIGEST_LEN + last.len());
-    raw.push(TOKEN_VERSION);
-    raw.extend_from_slice(&binding);
-    raw.extend_from_slice(last.as_bytes());
-    URL_SAFE_NO_PAD.encode(raw)
-}
-
-fn decode_token(
-    token: &str,
-    binding: [u8; DIGEST_LEN],
-    parent: &ParentPattern,
-) -> Result<String, Error> {
-    let invalid = |why: &str| {
-        Error::invalid(
-            "page_token",
-            format!("{why}; pass the next_page_token of the previous page unchanged, with the same name and filter"),
-        )
-    };
-    let raw = URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| invalid("the page token is malformed"))?;
-    if raw.len() <= 1 + DIGEST_LEN || raw[0] != TOKEN_VERSION {
-        return Err(invalid("the page token is malformed"));
-    }
-    if raw[1..1 + DIGEST_LEN] != binding {
-        return Err(invalid("the page token belongs to another listing"));
-    }
-    let last = String::from_utf8(raw[1 + DIGEST_LEN..].to_vec())
-        .map_err(|_| invalid("the page token is malformed"))?;
-    let in_listing = OperationName::parse(&last).is_ok()
-        && last.starts_with(&parent.key_prefix())
-        && parent.matches_parent(parent_of(&last));
-    if !in_listing {
-        return Err(invalid("the page token is malformed"));
-    }
-    Ok(last)
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -161,6 +208,10 @@ mod tests {
 
     fn pattern(s: &str) -> ParentPattern {
         parse_list_target(s).unwrap()
+    }
+
+    fn tokens() -> PageTokens {
+        PageTokens::new([7; 32], Duration::from_secs(3 * 24 * 3600))
     }
 
     #[test]
@@ -173,36 +224,62 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_are_bound_to_the_listing() {
+        let now = SystemTime::now();
         let p = pattern("projects/p");
-        let token = encode_token(binding(&p, ""), "projects/p/operations/x");
+        let b = binding(&p, "");
+        let token = tokens().encode(&b, "projects/p/operations/x", now);
         assert_eq!(
-            decode_token(&token, binding(&p, ""), &p).unwrap(),
+            tokens().decode(&token, &b, &p, now).unwrap(),
             "projects/p/operations/x"
         );
         let q = pattern("projects/q");
-        assert!(decode_token(&token, binding(&q, ""), &q).is_err());
-        assert!(decode_token(&token, binding(&p, "done"), &p).is_err());
+        assert!(tokens().decode(&token, &binding(&q, ""), &q, now).is_err());
+        assert!(tokens()
+            .decode(&token, &binding(&p, "done = true"), &p, now)
+            .is_err());
+        // Another server key.
+        let other = PageTokens::new([8; 32], Duration::from_secs(60));
+        assert!(other.decode(&token, &b, &p, now).is_err());
+        // Expired.
+        let later = now + Duration::from_secs(3 * 24 * 3600 + 1);
+        let err = tokens()
+            .decode(&token, &b, &p, later)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expired"), "{err}");
     }
 
     proptest! {
         #[test]
-        fn mangled_tokens_are_refused(flip in 0usize..64, bit in 0u8..8, cut in 0usize..64) {
+        fn mutated_tokens_are_all_invalid(flip in 0usize..200, bit in 0u8..8, cut in 0usize..200, swap in 0usize..200) {
+            let now = SystemTime::now();
             let p = pattern("projects/p");
             let b = binding(&p, "");
-            let token = encode_token(b, "projects/p/operations/x");
-            let mut raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
-            let i = flip % raw.len();
-            raw[i] ^= 1 << bit;
-            let flipped = URL_SAFE_NO_PAD.encode(&raw);
-            // A flip in the name part may still name an operation of this
-            // parent; it must then decode to that name and nothing else.
-            if let Ok(last) = decode_token(&flipped, b, &p) {
-                prop_assert!(i > DIGEST_LEN);
-                prop_assert!(last.starts_with("projects/p/operations/"));
+            let token = tokens().encode(&b, "projects/p/operations/x", now);
+            let raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
+
+            let mut flipped = raw.clone();
+            let i = flip % flipped.len();
+            flipped[i] ^= 1 << bit;
+            prop_assert!(tokens().decode(&URL_SAFE_NO_PAD.encode(&flipped), &b, &p, now).is_err());
+
+            let truncated = &token[..cut % token.len()];
+            prop_assert!(tokens().decode(truncated, &b, &p, now).is_err());
+
+            // Other base64 alphabets and padding.
+            let standard = base64::engine::general_purpose::STANDARD.encode(&raw);
+            if standard != token {
+                prop_assert!(tokens().decode(&standard, &b, &p, now).is_err());
             }
-            let truncated = &token[..cut.min(token.len())];
-            if truncated.len() < token.len() - "x".len() {
-                prop_assert!(decode_token(truncated, b, &p).is_err());
+            let padded = format!("{token}=");
+            prop_assert!(tokens().decode(&padded, &b, &p, now).is_err());
+
+            // Swapped segments.
+            let j = swap % raw.len();
+            let mut swapped = raw[j..].to_vec();
+            swapped.extend_from_slice(&raw[..j]);
+            if swapped != raw {
+                prop_assert!(tokens().decode(&URL_SAFE_NO_PAD.encode(&swapped), &b, &p, now).is_err());
             }
         }
     }

@@ -13,6 +13,7 @@
 //! dropped or [`Registry::shutdown`] is called.
 
 mod deadlines;
+pub mod filter;
 mod list;
 mod name;
 mod wait;
@@ -65,6 +66,12 @@ pub struct RegistrySettings {
     pub max_page_bytes: usize,
     /// The largest encoded operation (metadata and result together).
     pub max_operation_bytes: usize,
+    /// How long a List page token stays valid.
+    pub page_token_ttl: Duration,
+    /// The page token key; `None` uses the store's own.
+    pub page_token_key: Option<[u8; 32]>,
+    /// Records one List page may examine before it returns early.
+    pub list_scan_budget: usize,
 }
 
 impl Default for RegistrySettings {
@@ -77,6 +84,9 @@ impl Default for RegistrySettings {
             max_lease: Duration::from_secs(7 * 24 * 3600),
             max_page_bytes: 4 * 1024 * 1024 - 64 * 1024,
             max_operation_bytes: 4 * 1024 * 1024 - 64 * 1024,
+            page_token_ttl: Duration::from_secs(3 * 24 * 3600),
+            page_token_key: None,
+            list_scan_budget: 10_000,
         }
     }
 }
@@ -110,6 +120,7 @@ struct Shared {
     watchers: Arc<AtomicUsize>,
     /// Cancelled on shutdown: open Waits return, event streams end, tasks stop.
     shutdown: CancellationToken,
+    page_tokens: list::PageTokens,
 }
 
 impl Drop for Shared {
@@ -121,7 +132,11 @@ impl Drop for Shared {
 impl Registry {
     /// Creates a registry over `store` and starts its background tasks.
     pub fn new(store: Arc<dyn Store>, settings: RegistrySettings) -> Self {
+        let key = settings
+            .page_token_key
+            .unwrap_or_else(|| store.page_token_key());
         let shared = Arc::new(Shared {
+            page_tokens: list::PageTokens::new(key, settings.page_token_ttl),
             waiters: Arc::new(Waiters::new(settings.max_waiters)),
             store,
             settings,

@@ -219,3 +219,253 @@ async fn retention_expiry_is_not_found_even_before_the_timer() {
         Code::NotFound
     );
 }
+
+/// Filters and pagination: the store path against the reference evaluator.
+mod listing {
+    use std::time::SystemTime;
+
+    use proptest::prelude::*;
+
+    use super::super::filter;
+    use super::*;
+    use crate::store::{RedbStore, Store};
+
+    fn base_time() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    /// (parent, outcome kind, error code, metadata type, response type, create offset)
+    type Spec = (u8, u8, i32, Option<u8>, u8, u64);
+
+    fn record(i: usize, spec: &Spec) -> Record {
+        let (parent, kind, code, metadata, response, offset) = *spec;
+        let any = |t: u8| prost_types::Any {
+            type_url: format!("type.googleapis.com/acme.T{t}"),
+            value: vec![],
+        };
+        let created = base_time() + Duration::from_secs(offset);
+        let outcome = match kind % 3 {
+            0 => None,
+            1 => Some(Outcome::Response(any(response))),
+            _ => Some(Outcome::Error(rpc::Status {
+                code,
+                message: "m".into(),
+                details: vec![],
+            })),
+        };
+        Record {
+            name: format!("projects/p{parent}/operations/op{i:03}"),
+            revision: 0,
+            metadata: metadata.map(any),
+            done_time: outcome.as_ref().map(|_| created),
+            outcome,
+            cancel_policy: CancelPolicy::Immediate,
+            cancel_grace_period: Duration::from_secs(30),
+            cancel_deadline: None,
+            lease: None,
+            lease_deadline: None,
+            request_id: None,
+            create_time: created,
+            update_time: created + Duration::from_secs(offset % 7),
+            expire_time: None,
+        }
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        (
+            0u8..3,
+            0u8..3,
+            1i32..17,
+            proptest::option::of(0u8..3),
+            0u8..3,
+            0u64..100,
+        )
+    }
+
+    fn restriction() -> impl Strategy<Value = String> {
+        let ordering = prop_oneof![
+            Just("="),
+            Just("!="),
+            Just("<"),
+            Just("<="),
+            Just(">"),
+            Just(">=")
+        ];
+        let equality = prop_oneof![Just("="), Just("!=")];
+        let time =
+            |s: u64| humantime::format_rfc3339(base_time() + Duration::from_secs(s)).to_string();
+        prop_oneof![
+            (equality.clone(), any::<bool>()).prop_map(|(op, b)| format!("done {op} {b}")),
+            (equality.clone(), 0u8..4).prop_map(|(op, p)| format!("name {op} \"projects/p{p}/*\"")),
+            (equality.clone(), 0u8..20).prop_map(|(op, i)| format!("name {op} \"*op{i:03}\"")),
+            (ordering.clone(), 0i32..18).prop_map(|(op, c)| format!("error.code {op} {c}")),
+            Just("error:*".to_owned()),
+            Just("response:*".to_owned()),
+            Just("metadata:*".to_owned()),
+            (equality.clone(), 0u8..4)
+                .prop_map(|(op, t)| format!("metadata.@type {op} \"*acme.T{t}\"")),
+            (equality, 0u8..4).prop_map(|(op, t)| format!(
+                "response.@type {op} \"type.googleapis.com/acme.T{t}\""
+            )),
+            (ordering.clone(), 0u64..100)
+                .prop_map(move |(op, s)| format!("create_time {op} \"{}\"", time(s))),
+            (ordering, 0u64..100)
+                .prop_map(move |(op, s)| format!("update_time {op} \"{}\"", time(s))),
+        ]
+    }
+
+    fn filter_text() -> impl Strategy<Value = String> {
+        restriction().prop_recursive(3, 12, 2, |inner| {
+            prop_oneof![
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) AND ({b})")),
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("{a} OR {b}")),
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) ({b})")),
+                inner.clone().prop_map(|a| format!("NOT ({a})")),
+                inner.prop_map(|a| format!("-({a})")),
+            ]
+        })
+    }
+
+    /// Every page of a filtered listing, walked with `page_size`.
+    async fn walk(registry: &Registry, name: &str, filter: &str, page_size: i32) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = registry
+                .list(ListRequest {
+                    name: name.into(),
+                    filter: filter.into(),
+                    page_size,
+                    page_token: token,
+                })
+                .await
+                .unwrap();
+            assert!(page.operations.len() <= page_size as usize);
+            names.extend(page.operations.into_iter().map(|o| o.name));
+            if page.next_page_token.is_empty() {
+                return names;
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    async fn differential(
+        store: Arc<dyn Store>,
+        specs: &[Spec],
+        filter: &str,
+        page_size: i32,
+        budget: usize,
+    ) -> Result<(), TestCaseError> {
+        let mut records = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            records.push(store.insert(record(i, spec)).await.unwrap());
+        }
+        let settings = RegistrySettings {
+            list_scan_budget: budget,
+            ..RegistrySettings::default()
+        };
+        let registry = Registry::new(store, settings);
+        let parsed = filter::parse(filter).unwrap().unwrap();
+        for target in ["projects/-", "projects/p1"] {
+            let pattern = crate::registry::parse_list_target(target).unwrap();
+            let mut expected: Vec<String> = records
+                .iter()
+                .filter(|r| pattern.matches_parent(r.parent()) && parsed.matches(r))
+                .map(|r| r.name.clone())
+                .collect();
+            expected.sort();
+            let got = walk(&registry, target, filter, page_size).await;
+            prop_assert_eq!(&got, &expected, "filter {} on {}", filter, target);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        #[test]
+        fn memory_store_filters_like_the_reference(
+            specs in proptest::collection::vec(spec(), 0..40),
+            filter in filter_text(),
+            page_size in 1i32..12,
+            budget in 1usize..50,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(differential(Arc::new(crate::store::MemoryStore::new()), &specs, &filter, page_size, budget))?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn redb_store_filters_like_the_reference(
+            specs in proptest::collection::vec(spec(), 0..30),
+            filter in filter_text(),
+            page_size in 1i32..12,
+        ) {
+            let dir = tempdir();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let store = Arc::new(RedbStore::open(&dir.join("s.redb")).unwrap());
+            let result = runtime.block_on(differential(store, &specs, &filter, page_size, 7));
+            drop(runtime);
+            let _ = std::fs::remove_dir_all(&dir);
+            result?;
+        }
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        std::env::temp_dir().join(format!("opsd-diff-{}-{n}", std::process::id()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn walks_see_every_stable_operation_once_despite_churn(
+            stable in 1usize..60,
+            sizes in proptest::collection::vec(1i32..9, 1..40),
+            churn in proptest::collection::vec((any::<bool>(), 0usize..80), 0..40),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let registry = Registry::new(Arc::new(crate::store::MemoryStore::new()), RegistrySettings::default());
+                let create = |id: String| CreateParams { parent: "projects/w".into(), operation_id: id, ..Default::default() };
+                for i in 0..stable {
+                    registry.create(create(format!("s{i:03}"))).await.unwrap();
+                }
+                let mut seen = Vec::new();
+                let mut token = String::new();
+                let mut round = 0;
+                loop {
+                    let page_size = sizes[round % sizes.len()];
+                    let page = registry.list(ListRequest {
+                        name: "projects/w".into(),
+                        page_size,
+                        page_token: token,
+                        ..Default::default()
+                    }).await.unwrap();
+                    prop_assert!(page.operations.len() <= page_size as usize);
+                    seen.extend(page.operations.into_iter().map(|o| o.name).filter(|n| n.contains("/s")));
+                    // Other clients create and delete transient operations everywhere in the order.
+                    if let Some((create_it, id)) = churn.get(round % churn.len().max(1)).copied() {
+                        let id = format!("{}{id:03}", ["a", "t", "z"][id % 3]);
+                        if create_it {
+                            let _ = registry.create(create(id)).await;
+                        } else {
+                            let _ = registry.delete(&format!("projects/w/operations/{id}")).await;
+                        }
+                    }
+                    round += 1;
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    token = page.next_page_token;
+                }
+                let expected: Vec<String> = (0..stable).map(|i| format!("projects/w/operations/s{i:03}")).collect();
+                prop_assert_eq!(seen, expected);
+                Ok(())
+            })?;
+        }
+    }
+}

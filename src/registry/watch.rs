@@ -226,22 +226,18 @@ impl Registry {
         if let Some(parent) = &filter.parent {
             let mut after = None;
             loop {
-                let page = store
-                    .list(&ListQuery {
-                        parent: parent.clone(),
-                        after: after.take(),
-                        limit: SYNC_PAGE,
-                    })
+                let scan = store
+                    .list(&ListQuery::page(parent.clone(), after.take(), SYNC_PAGE))
                     .await?;
-                let full = page.len() == SYNC_PAGE;
-                after = page.last().map(|r| r.name.clone());
                 found.extend(
-                    page.into_iter()
+                    scan.records
+                        .into_iter()
                         .filter(|r| pending(r) && !filter.names.contains(&r.name))
                         .map(|r| r.name),
                 );
-                if !full {
-                    break;
+                match scan.resume_after {
+                    Some(next) => after = Some(next),
+                    None => break,
                 }
             }
         }

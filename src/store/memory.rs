@@ -14,7 +14,9 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use super::{Cause, Change, ListQuery, Record, Revision, Store, StoreError};
+use super::{
+    scan, scan_start, Cause, Change, ListQuery, Record, Revision, Scan, Store, StoreError,
+};
 
 /// How many changes a slow subscriber may fall behind before it is told it
 /// lagged (it then rescans).
@@ -24,6 +26,8 @@ const FEED_CAPACITY: usize = 4096;
 pub struct MemoryStore {
     state: Mutex<State>,
     feed: broadcast::Sender<Change>,
+    /// Random per process: tokens die with the store.
+    page_token_key: [u8; 32],
 }
 
 #[derive(Default)]
@@ -42,9 +46,16 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        let mut page_token_key = [0; 32];
+        // Without OS randomness the key stays zero: tokens still bind to
+        // their listing, they are only forgeable.
+        if let Err(err) = getrandom::fill(&mut page_token_key) {
+            tracing::error!(cause = %err, "no OS randomness for the page token key");
+        }
         Self {
             state: Mutex::new(State::default()),
             feed,
+            page_token_key,
         }
     }
 
@@ -82,21 +93,14 @@ impl Store for MemoryStore {
             .cloned())
     }
 
-    async fn list(&self, query: &ListQuery) -> Result<Vec<Record>, StoreError> {
-        let prefix = query.parent.key_prefix();
-        let start = match &query.after {
-            Some(after) if after.as_str() >= prefix.as_str() => Bound::Excluded(after.clone()),
-            _ => Bound::Included(prefix.clone()),
-        };
+    async fn list(&self, query: &ListQuery) -> Result<Scan, StoreError> {
+        let start = scan_start(query);
         let state = self.state();
-        Ok(state
+        let entries = state
             .records
-            .range((start, Bound::Unbounded))
-            .take_while(|(name, _)| name.starts_with(&prefix))
-            .filter(|(_, record)| query.parent.matches_parent(record.parent()))
-            .take(query.limit)
-            .map(|(_, record)| record.clone())
-            .collect())
+            .range::<String, _>((Bound::Included(&start), Bound::Unbounded))
+            .map(|(name, record)| Ok((name.clone(), record.clone())));
+        scan(query, entries)
     }
 
     async fn insert(&self, mut record: Record) -> Result<Record, StoreError> {
@@ -174,6 +178,10 @@ impl Store for MemoryStore {
     async fn count(&self) -> Result<usize, StoreError> {
         Ok(self.state().records.len())
     }
+
+    fn page_token_key(&self) -> [u8; 32] {
+        self.page_token_key
+    }
 }
 
 #[cfg(test)]
@@ -204,11 +212,11 @@ mod tests {
     }
 
     fn query(parent: &[&str], after: Option<&str>, limit: usize) -> ListQuery {
-        ListQuery {
-            parent: ParentPattern::new(parent.iter().map(|s| s.to_string()).collect()),
-            after: after.map(str::to_owned),
+        ListQuery::page(
+            ParentPattern::new(parent.iter().map(|s| s.to_string()).collect()),
+            after.map(str::to_owned),
             limit,
-        }
+        )
     }
 
     #[tokio::test]
@@ -260,7 +268,7 @@ mod tests {
         ] {
             store.insert(record(name)).await.unwrap();
         }
-        let names = |records: Vec<Record>| records.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        let names = |scan: Scan| scan.records.into_iter().map(|r| r.name).collect::<Vec<_>>();
         let page = store
             .list(&query(&["projects", "p"], None, 2))
             .await
@@ -284,7 +292,8 @@ mod tests {
             .list(&query(&["projects", "-"], None, 10))
             .await
             .unwrap();
-        assert_eq!(page.len(), 4);
+        assert_eq!(page.records.len(), 4);
+        assert!(page.resume_after.is_none());
     }
 
     #[tokio::test]

@@ -7,10 +7,14 @@
 //! task follow that feed, so the same registry code will serve a single
 //! process and several replicas sharing one database.
 
+pub mod filter;
 mod memory;
 mod redb;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use prost_types::Any;
 use tokio::sync::broadcast;
@@ -166,13 +170,87 @@ impl ParentPattern {
     }
 }
 
-/// One page request to [`Store::list`]: records matching `parent` with names
-/// strictly after `after`, in name order, at most `limit` of them.
+/// One page request to [`Store::list`]: records matching `parent` (and
+/// `filter`) with names strictly after `after`, in name order, at most
+/// `limit` of them, examining at most `scan_budget` records.
 #[derive(Clone, Debug)]
 pub struct ListQuery {
     pub parent: ParentPattern,
     pub after: Option<String>,
     pub limit: usize,
+    pub filter: Option<Arc<filter::Filter>>,
+    pub scan_budget: usize,
+}
+
+impl ListQuery {
+    /// Everything under `parent` after `after`, `limit` at a time, unfiltered.
+    pub fn page(parent: ParentPattern, after: Option<String>, limit: usize) -> Self {
+        Self {
+            parent,
+            after,
+            limit,
+            filter: None,
+            scan_budget: usize::MAX,
+        }
+    }
+
+    /// Whether a record under the key prefix belongs to the answer.
+    pub fn selects(&self, record: &Record) -> bool {
+        self.parent.matches_parent(record.parent())
+            && self.filter.as_ref().is_none_or(|f| f.matches(record))
+    }
+}
+
+/// The answer to a [`ListQuery`].
+#[derive(Clone, Debug, Default)]
+pub struct Scan {
+    /// At most `limit` records, in name order.
+    pub records: Vec<Record>,
+    /// Where the next page starts (exclusive) when the scan stopped before
+    /// the end of the range: another match exists, or the budget ran out.
+    pub resume_after: Option<String>,
+}
+
+/// Scans `entries` (name order, from the query's start) into a [`Scan`]:
+/// the one loop both in-process stores share.
+pub fn scan<I>(query: &ListQuery, entries: I) -> Result<Scan, StoreError>
+where
+    I: IntoIterator<Item = Result<(String, Record), StoreError>>,
+{
+    let prefix = query.parent.key_prefix();
+    let mut out = Scan::default();
+    let mut examined = 0usize;
+    for entry in entries {
+        let (name, record) = entry?;
+        if !name.starts_with(&prefix) {
+            break;
+        }
+        if query.after.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        examined += 1;
+        if query.selects(&record) {
+            if out.records.len() == query.limit {
+                out.resume_after = out.records.last().map(|r| r.name.clone());
+                break;
+            }
+            out.records.push(record);
+        }
+        if examined >= query.scan_budget {
+            out.resume_after = Some(name);
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The first key a [`ListQuery`] looks at.
+pub fn scan_start(query: &ListQuery) -> String {
+    let prefix = query.parent.key_prefix();
+    match &query.after {
+        Some(after) if after.as_str() >= prefix.as_str() => after.clone(),
+        _ => prefix,
+    }
 }
 
 /// Why a record changed; carried on the change feed.
@@ -236,8 +314,9 @@ pub trait Store: Send + Sync + 'static {
     /// The record created with this request id, if any.
     async fn find_by_request_id(&self, request_id: &str) -> Result<Option<Record>, StoreError>;
 
-    /// One page of records in name order (keyset pagination).
-    async fn list(&self, query: &ListQuery) -> Result<Vec<Record>, StoreError>;
+    /// One page of records in name order (keyset pagination), filtered in
+    /// the store before the page is cut.
+    async fn list(&self, query: &ListQuery) -> Result<Scan, StoreError>;
 
     /// Inserts a new record at revision 1. A record with the same name or the
     /// same request id → [`StoreError::Exists`] with that record.
@@ -265,6 +344,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The number of stored records.
     async fn count(&self) -> Result<usize, StoreError>;
+
+    /// The secret that signs page tokens: kept with the store, so tokens
+    /// survive restarts and every replica of the store accepts them.
+    fn page_token_key(&self) -> [u8; 32];
 }
 
 #[cfg(test)]

@@ -30,7 +30,10 @@ use redb::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{CancelPolicy, Cause, Change, ListQuery, Outcome, Record, Revision, Store, StoreError};
+use super::{
+    scan, scan_start, CancelPolicy, Cause, Change, ListQuery, Outcome, Record, Revision, Scan,
+    Store, StoreError,
+};
 use crate::pb::google::rpc;
 
 /// name → encoded [`StoredRecord`].
@@ -54,6 +57,8 @@ const FEED_CAPACITY: usize = 4096;
 pub struct RedbStore {
     db: Arc<Database>,
     path: PathBuf,
+    /// Generated on first open and kept in the file.
+    page_token_key: [u8; 32],
     queue: mpsc::Sender<Mutation>,
     feed: broadcast::Sender<Change>,
     /// Test hook: fail the next commits as a full disk would.
@@ -105,6 +110,7 @@ impl RedbStore {
             other => StoreError::Internal(format!("cannot open {shown}: {other}")),
         })?;
         check_format(&db, path)?;
+        let page_token_key = page_token_key(&db)?;
         let db = Arc::new(db);
         let (queue, rx) = mpsc::channel(QUEUE);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
@@ -131,6 +137,7 @@ impl RedbStore {
         Ok(Self {
             db,
             path: path.to_owned(),
+            page_token_key,
             queue,
             feed,
             #[cfg(any(test, feature = "failpoints"))]
@@ -213,6 +220,35 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
             txn.commit().map_err(internal)
         }
     }
+}
+
+/// The page token key kept in the file, created on first use.
+fn page_token_key(db: &Database) -> Result<[u8; 32], StoreError> {
+    const KEY: &str = "page-token-key";
+    let stored = db
+        .begin_read()
+        .map_err(internal)?
+        .open_table(META)
+        .map_err(internal)?
+        .get(KEY)
+        .map_err(internal)?
+        .map(|v| v.value().to_vec());
+    if let Some(bytes) = stored {
+        return bytes
+            .try_into()
+            .map_err(|_| StoreError::Internal("the stored page token key is corrupt".into()));
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| internal(format!("no OS randomness: {e}")))?;
+    let mut txn = db.begin_write().map_err(internal)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(internal)?;
+    txn.open_table(META)
+        .map_err(internal)?
+        .insert(KEY, key.as_slice())
+        .map_err(internal)?;
+    txn.commit().map_err(internal)?;
+    Ok(key)
 }
 
 fn internal(e: impl std::fmt::Display) -> StoreError {
@@ -463,35 +499,18 @@ impl Store for RedbStore {
         })
     }
 
-    async fn list(&self, query: &ListQuery) -> Result<Vec<Record>, StoreError> {
+    async fn list(&self, query: &ListQuery) -> Result<Scan, StoreError> {
         let db = self.db.clone();
         let query = query.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(internal)?;
             let ops = txn.open_table(OPERATIONS).map_err(internal)?;
-            let prefix = query.parent.key_prefix();
-            let start = match &query.after {
-                Some(after) if after.as_str() >= prefix.as_str() => after.clone(),
-                _ => prefix.clone(),
-            };
-            let mut out = Vec::new();
-            for entry in ops.range(start.as_str()..).map_err(internal)? {
+            let start = scan_start(&query);
+            let entries = ops.range(start.as_str()..).map_err(internal)?.map(|entry| {
                 let (key, value) = entry.map_err(internal)?;
-                let name = key.value();
-                if !name.starts_with(&prefix) {
-                    break;
-                }
-                if Some(name) == query.after.as_deref() {
-                    continue;
-                }
-                if query.parent.matches_parent(super::parent_of(name)) {
-                    out.push(decode(value.value())?);
-                    if out.len() >= query.limit {
-                        break;
-                    }
-                }
-            }
-            Ok(out)
+                Ok((key.value().to_owned(), decode(value.value())?))
+            });
+            scan(&query, entries)
         })
         .await
         .map_err(internal)?
@@ -548,6 +567,10 @@ impl Store for RedbStore {
             let ops = txn.open_table(OPERATIONS).map_err(internal)?;
             Ok(ops.len().map_err(internal)? as usize)
         })
+    }
+
+    fn page_token_key(&self) -> [u8; 32] {
+        self.page_token_key
     }
 }
 
@@ -756,14 +779,14 @@ mod tests {
             .unwrap()
             .is_none());
         let page = store
-            .list(&ListQuery {
-                parent: ParentPattern::new(vec!["projects".into(), "p".into()]),
-                after: None,
-                limit: 10,
-            })
+            .list(&ListQuery::page(
+                ParentPattern::new(vec!["projects".into(), "p".into()]),
+                None,
+                10,
+            ))
             .await
             .unwrap();
-        assert_eq!(page.len(), 1);
+        assert_eq!(page.records.len(), 1);
         assert_eq!(store.count().await.unwrap(), 1);
         assert_eq!(store.deadlines().await.unwrap().len(), 1);
     }
