@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Serve gRPC (Operations, Workers, health, reflection) and the REST/JSON
     /// surface on one port.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load generator and measurements against a running opsd.
     #[command(subcommand)]
     Bench(BenchCommand),
