@@ -73,6 +73,10 @@ pub struct Config {
     pub http_rules: Vec<PathBuf>,
     /// Encoded FileDescriptorSets whose types REST renders inside `Any`.
     pub descriptor_sets: Vec<PathBuf>,
+    /// Scenario files whose operations are created at start-up.
+    pub scenarios: Vec<PathBuf>,
+    /// REST refuses calls without a generated client's `x-goog-api-client`.
+    pub strict_rest_clients: bool,
     pub limits: Limits,
 }
 
@@ -85,6 +89,8 @@ impl Default for Config {
             disabled_methods: BTreeSet::new(),
             http_rules: Vec::new(),
             descriptor_sets: Vec::new(),
+            scenarios: Vec::new(),
+            strict_rest_clients: false,
             limits: Limits::default(),
         }
     }

@@ -62,9 +62,13 @@ pub enum Error {
         reason: Precondition,
         message: String,
     },
-    /// The server was started with this method switched off.
-    #[error("The method {method} is disabled on this server.")]
-    MethodDisabled { method: &'static str },
+    /// The server was started with this method switched off (or the
+    /// operation's script switched it off).
+    #[error("The method {method} is disabled {}.", if *.per_operation { "for this operation" } else { "on this server" })]
+    MethodDisabled {
+        method: &'static str,
+        per_operation: bool,
+    },
     /// A feature this server does not offer (yet).
     #[error("{message}")]
     Unimplemented {
@@ -179,7 +183,7 @@ impl Error {
                 metadata.insert("name".to_owned(), name.clone());
                 details.set_resource_info(OPERATION_TYPE, name.clone(), "", self.client_message());
             }
-            Error::MethodDisabled { method } => {
+            Error::MethodDisabled { method, .. } => {
                 metadata.insert("method".to_owned(), (*method).to_owned());
             }
             _ => {}

@@ -40,9 +40,36 @@ pub fn message_to_json<M: Message>(
         .ok_or_else(|| format!("unknown message type {full_name}"))?;
     let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
         .map_err(|e| e.to_string())?;
-    dynamic
+    let mut value = dynamic
         .serialize_with_options(serde_json::value::Serializer, &options.serialize())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    empty_any_without_value(&mut value);
+    Ok(value)
+}
+
+/// An `Any` holding `google.protobuf.Empty` is `{"@type": ".../google.protobuf.Empty"}`
+/// in the ProtoJSON of protobuf's own runtimes (Empty has no special JSON
+/// form, so no `value` wrapper); prost-reflect writes `"value": {}`, which
+/// Python's `json_format` rejects. This puts it right, at any depth.
+fn empty_any_without_value(value: &mut Value) {
+    match value {
+        Value::Object(object) => {
+            let is_empty_any = object
+                .get("@type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.ends_with("/google.protobuf.Empty"));
+            if is_empty_any
+                && object
+                    .get("value")
+                    .is_some_and(|v| v.as_object().is_some_and(Map::is_empty))
+            {
+                object.remove("value");
+            }
+            object.values_mut().for_each(empty_any_without_value);
+        }
+        Value::Array(items) => items.iter_mut().for_each(empty_any_without_value),
+        _ => {}
+    }
 }
 
 /// Renders an `Any`, falling back to `{"@type", "value"}` when its type is
@@ -103,6 +130,11 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "R", "domain": "d"})
+        );
+        let empty = Any::from_msg(&()).unwrap();
+        assert_eq!(
+            any_to_json(&empty, &pool(), JsonOptions::default()),
+            serde_json::json!({"@type": "type.googleapis.com/google.protobuf.Empty"})
         );
         let wkt = Any::from_msg(&"hi".to_owned()).unwrap();
         assert_eq!(

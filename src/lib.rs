@@ -40,6 +40,7 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod registry;
+pub mod scenario;
 pub mod server;
 pub mod store;
 

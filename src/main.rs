@@ -174,6 +174,21 @@ struct ServeArgs {
     #[arg(long = "http-rules", value_name = "FILE")]
     http_rules: Vec<PathBuf>,
 
+    /// A scenario file (YAML, see examples/scenarios/): scripted operations
+    /// created at start-up. Repeatable; applying a file again is idempotent.
+    #[arg(long = "scenario", value_name = "FILE")]
+    scenarios: Vec<PathBuf>,
+
+    /// REST refuses calls whose x-goog-api-client header does not name
+    /// rest/ and gapic/ (as Google's showcase server does). Off: curl works.
+    #[arg(long)]
+    strict_rest_clients: bool,
+
+    /// Which operations record the calls clients make on them (see
+    /// Workers.GetOperationReport): scripted ones, all, or none.
+    #[arg(long, value_enum, default_value_t = ReportsArg::Scripted)]
+    polling_reports: ReportsArg,
+
     /// An encoded FileDescriptorSet (`protoc --include_imports
     /// --descriptor_set_out`, `buf build -o`) whose message types REST renders
     /// inside `metadata` and `response`. Repeatable.
@@ -243,6 +258,13 @@ struct ServeArgs {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum ReportsArg {
+    Scripted,
+    All,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -289,6 +311,8 @@ impl ServeArgs {
             disabled_methods: self.disable_methods.into_iter().collect(),
             http_rules: self.http_rules,
             descriptor_sets: self.descriptor_sets,
+            scenarios: self.scenarios,
+            strict_rest_clients: self.strict_rest_clients,
             ..Config::default()
         };
         let registry = &mut config.registry;
@@ -297,6 +321,11 @@ impl ServeArgs {
         registry.max_waiters = self.max_waiters;
         registry.cancel_grace_period = self.cancel_grace_period;
         registry.page_token_ttl = self.page_token_ttl;
+        registry.polling_reports = match self.polling_reports {
+            ReportsArg::Scripted => opsd::registry::PollingReports::Scripted,
+            ReportsArg::All => opsd::registry::PollingReports::All,
+            ReportsArg::Off => opsd::registry::PollingReports::Off,
+        };
         registry.page_token_key = self
             .page_token_key_file
             .as_deref()

@@ -54,6 +54,8 @@ pub enum ServerError {
     DescriptorSet { path: PathBuf, reason: String },
     #[error("cannot open the store: {0}")]
     Store(String),
+    #[error("{0}")]
+    Scenario(#[from] crate::scenario::ScenarioError),
 }
 
 /// A configured server and its registry.
@@ -62,6 +64,7 @@ pub struct Server {
     registry: Registry,
     types: TypeRegistry,
     rest: RestService,
+    scenarios: Vec<crate::scenario::LoadedScenario>,
 }
 
 impl Server {
@@ -91,16 +94,24 @@ impl Server {
         }
         let rest = RestService::new(
             operations_service(&registry, &config),
+            WorkersService::new(registry.clone(), types.clone()),
+            config.strict_rest_clients,
             registry.clone(),
             types.clone(),
             &config.http_rules,
             config.limits.max_body_bytes,
         )?;
+        let scenarios = config
+            .scenarios
+            .iter()
+            .map(|path| crate::scenario::load(path, &types.pool()))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
             registry,
             types,
             rest,
+            scenarios,
         })
     }
 
@@ -120,8 +131,12 @@ impl Server {
             registry,
             types,
             rest,
+            scenarios,
         } = self;
         let limits = &config.limits;
+        for scenario in &scenarios {
+            scenario.apply(&registry).await?;
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health

@@ -1,5 +1,6 @@
 //! Google's own Python client library against opsd: `google-api-core`'s
-//! `AbstractOperationsClient` over REST and `OperationsClient` over gRPC.
+//! `AbstractOperationsClient` over REST and `OperationsClient` over gRPC, and
+//! its `Operation` future against scripted operations.
 //!
 //! The Python interpreter is `$OPSD_PYTHON`, else `target/ci-venv/bin/python`
 //! (which `.ci/run` creates), else `python3`; it needs
@@ -31,14 +32,55 @@ fn python() -> Option<PathBuf> {
     None
 }
 
-#[tokio::test]
-async fn google_api_core_lists_gets_cancels_and_deletes() {
-    let Some(python) = python() else {
+/// The interpreter, or `None` (and a skip) outside CI.
+fn python_or_skip() -> Option<PathBuf> {
+    let found = python();
+    if found.is_none() {
         assert!(
             std::env::var("CI").is_err(),
             "google-api-core is not installed (pip install \"google-api-core[grpc]\")"
         );
         eprintln!("skipping: google-api-core is not installed");
+    }
+    found
+}
+
+async fn run_script(python: &PathBuf, script: &str, server: &TestServer) {
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let output = tokio::process::Command::new(python)
+        .arg(&script)
+        .arg(&address)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "python failed:\n{stdout}\n{stderr}"
+    );
+    assert_eq!(stdout.trim(), "ok", "{stderr}");
+}
+
+#[tokio::test]
+async fn google_api_core_operation_futures_on_scripted_operations() {
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let mut config = Config::for_tests();
+    config.scenarios =
+        vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/scenarios/basic.yaml")];
+    let server = TestServer::start_with(config).await;
+    run_script(&python, "api_core_operation.py", &server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn google_api_core_lists_gets_cancels_and_deletes() {
+    let Some(python) = python_or_skip() else {
         return;
     };
     let mut config = Config::for_tests();

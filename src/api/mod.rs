@@ -13,9 +13,23 @@ pub mod workers;
 
 use std::time::Duration;
 
-use tonic::metadata::MetadataMap;
+use tonic::{metadata::MetadataMap, Request};
 
 use crate::error::Error;
+
+/// Marks a gRPC request that the REST surface made (a request extension),
+/// so polling reports can tell the transports apart.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ViaRest;
+
+/// `rest` or `grpc`.
+pub(crate) fn transport<T>(request: &Request<T>) -> &'static str {
+    if request.extensions().get::<ViaRest>().is_some() {
+        "rest"
+    } else {
+        "grpc"
+    }
+}
 
 /// A protobuf `Duration` as a non-negative `std::time::Duration`.
 pub(crate) fn duration(field: &str, value: &prost_types::Duration) -> Result<Duration, Error> {

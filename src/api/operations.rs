@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, fmt, str::FromStr, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use super::{duration, rpc_deadline};
+use super::{duration, rpc_deadline, transport};
 use crate::{
     error::Error,
     pb::google::longrunning::{
@@ -89,6 +89,7 @@ impl OperationsService {
         if self.disabled.contains(&method) {
             return Err(Error::MethodDisabled {
                 method: method.rpc_name(),
+                per_operation: false,
             });
         }
         Ok(())
@@ -103,6 +104,7 @@ impl Operations for OperationsService {
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
         self.enabled(Method::List)?;
+        let via = transport(&request);
         let request = request.into_inner();
         // `return_partial_success` is accepted: one store answers for every
         // parent, so nothing is ever unreachable.
@@ -115,8 +117,11 @@ impl Operations for OperationsService {
                 page_token: request.page_token,
             })
             .await?;
+        for record in &page.records {
+            self.registry.report_call(record, "ListOperations", via);
+        }
         Ok(Response::new(ListOperationsResponse {
-            operations: page.operations,
+            operations: page.records.iter().map(operation).collect(),
             next_page_token: page.next_page_token,
             unreachable: Vec::new(),
         }))
@@ -128,6 +133,8 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let record = self.registry.get(&request.get_ref().name).await?;
+        self.registry
+            .report_call(&record, "GetOperation", transport(&request));
         Ok(Response::new(operation(&record)))
     }
 
@@ -137,7 +144,9 @@ impl Operations for OperationsService {
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
         self.enabled(Method::Delete)?;
-        self.registry.delete(&request.get_ref().name).await?;
+        let record = self.registry.delete(&request.get_ref().name).await?;
+        self.registry
+            .report_call(&record, "DeleteOperation", transport(&request));
         Ok(Response::new(()))
     }
 
@@ -147,7 +156,9 @@ impl Operations for OperationsService {
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
         self.enabled(Method::Cancel)?;
-        self.registry.cancel(&request.get_ref().name).await?;
+        let record = self.registry.cancel(&request.get_ref().name).await?;
+        self.registry
+            .report_call(&record, "CancelOperation", transport(&request));
         Ok(Response::new(()))
     }
 
@@ -158,6 +169,7 @@ impl Operations for OperationsService {
     ) -> Result<Response<Operation>, Status> {
         self.enabled(Method::Wait)?;
         let deadline = rpc_deadline(request.metadata());
+        let via = transport(&request);
         let request = request.into_inner();
         let timeout = request
             .timeout
@@ -166,6 +178,7 @@ impl Operations for OperationsService {
             .transpose()?;
         let budget = wait_budget(timeout, deadline, self.registry.settings().wait_cap);
         let record = self.registry.wait(&request.name, budget).await?;
+        self.registry.report_call(&record, "WaitOperation", via);
         Ok(Response::new(operation(&record)))
     }
 }

@@ -14,14 +14,17 @@ use crate::{
         google::longrunning::Operation,
         opsd::v1::{
             complete_operation_request::Result as CompleteResult,
-            operation_event,
+            operation_event, script_outcome,
             workers_server::{Workers, WorkersServer},
             CancelPolicy as PbCancelPolicy, CompleteOperationRequest, CreateOperationRequest,
-            OperationEvent, RegisterTypesRequest, RegisterTypesResponse, UpdateOperationRequest,
-            WatchOperationsRequest,
+            GetOperationReportRequest, OperationEvent, OperationReport, PollingCall,
+            RegisterTypesRequest, RegisterTypesResponse, Script, ScriptOutcome,
+            UpdateOperationRequest, WatchOperationsRequest,
         },
     },
-    registry::{operation, CreateParams, EventKind, Registry, WatchFilter, WorkerEvent},
+    registry::{
+        operation, CreateParams, EventKind, Registry, ScriptSpec, WatchFilter, WorkerEvent,
+    },
     store::{CancelPolicy, Outcome},
 };
 
@@ -55,6 +58,60 @@ fn cancel_policy(value: i32) -> Result<CancelPolicy, Error> {
             format!("{value} is not a CancelPolicy"),
         )),
     }
+}
+
+fn outcome(field: &str, outcome: &ScriptOutcome) -> Result<(std::time::Duration, Outcome), Error> {
+    let after = outcome
+        .after
+        .as_ref()
+        .map(|d| duration(&format!("{field}.after"), d))
+        .transpose()?
+        .unwrap_or_default();
+    let result = match &outcome.result {
+        Some(script_outcome::Result::Response(any)) => Outcome::Response(any.clone()),
+        Some(script_outcome::Result::Error(status)) => Outcome::Error(status.clone()),
+        None => {
+            return Err(Error::invalid(
+                field,
+                "set exactly one of `response` and `error`",
+            ))
+        }
+    };
+    Ok((after, result))
+}
+
+/// A wire script as the registry takes it.
+pub(crate) fn script_spec(script: &Script) -> Result<ScriptSpec, Error> {
+    let steps = script
+        .steps
+        .iter()
+        .map(|step| {
+            let after = step
+                .after
+                .as_ref()
+                .map(|d| duration("script.steps.after", d))
+                .transpose()?
+                .unwrap_or_default();
+            let metadata = step.metadata.clone().ok_or_else(|| {
+                Error::invalid("script.steps.metadata", "every step sets metadata")
+            })?;
+            Ok((after, metadata))
+        })
+        .collect::<Result<_, Error>>()?;
+    Ok(ScriptSpec {
+        steps,
+        outcome: script
+            .outcome
+            .as_ref()
+            .map(|o| outcome("script.outcome", o))
+            .transpose()?,
+        on_cancel: script
+            .on_cancel
+            .as_ref()
+            .map(|o| outcome("script.on_cancel", o))
+            .transpose()?,
+        disabled_methods: script.disabled_methods.clone(),
+    })
 }
 
 fn event(event: WorkerEvent) -> OperationEvent {
@@ -96,6 +153,7 @@ impl Workers for WorkersService {
                 .as_ref()
                 .map(|d| duration("cancel_grace_period", d))
                 .transpose()?,
+            script: request.script.as_ref().map(script_spec).transpose()?,
         };
         let record = self.registry.create(params).await?;
         Ok(Response::new(operation(&record)))
@@ -159,6 +217,31 @@ impl Workers for WorkersService {
         let message_types = self.types.register(set)?;
         tracing::info!(count = message_types.len(), "message types registered");
         Ok(Response::new(RegisterTypesResponse { message_types }))
+    }
+
+    #[tracing::instrument(name = "GetOperationReport", skip_all, fields(name = %request.get_ref().name))]
+    async fn get_operation_report(
+        &self,
+        request: Request<GetOperationReportRequest>,
+    ) -> Result<Response<OperationReport>, Status> {
+        let (record, report) = self.registry.report(&request.get_ref().name).await?;
+        Ok(Response::new(OperationReport {
+            name: record.name,
+            calls: report
+                .calls
+                .into_iter()
+                .map(|call| PollingCall {
+                    method: call.method.to_owned(),
+                    time: Some(call.time.into()),
+                    transport: call.transport.to_owned(),
+                })
+                .collect(),
+            counts: report
+                .counts
+                .into_iter()
+                .map(|(method, count)| (method.to_owned(), count))
+                .collect(),
+        }))
     }
 }
 

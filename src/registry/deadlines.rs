@@ -188,8 +188,16 @@ impl Registry {
                     .await
                     .map(drop)
             } else if due(record.cancel_deadline) {
-                tracing::info!(name, "cancel grace period over; finishing as cancelled");
-                let outcome = Outcome::Error(super::cancelled_status());
+                tracing::debug!(name, "cancel grace period over; finishing");
+                // A script's reaction to the cancel, or CANCELLED.
+                let outcome = record
+                    .script
+                    .as_ref()
+                    .and_then(|s| s.on_cancel.as_ref())
+                    .map_or_else(
+                        || Outcome::Error(super::cancelled_status()),
+                        |(_, o)| o.clone(),
+                    );
                 self.store()
                     .update(
                         finish(&record, outcome, now, retention),
@@ -199,7 +207,13 @@ impl Registry {
                     .await
                     .map(drop)
             } else {
-                return Ok(record.next_deadline());
+                let revision = record.revision;
+                match super::settle_script(record, now, retention) {
+                    (next, Some(cause)) => {
+                        self.store().update(next, revision, cause).await.map(drop)
+                    }
+                    (record, None) => return Ok(record.next_deadline()),
+                }
             };
             match result {
                 Ok(()) => return Ok(None),

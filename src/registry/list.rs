@@ -26,8 +26,7 @@ use sha2::Sha256;
 use super::{expired, filter, name::parse_list_target, operation, OperationName, Registry};
 use crate::{
     error::Error,
-    pb::google::longrunning::Operation,
-    store::{parent_of, ListQuery, ParentPattern},
+    store::{parent_of, ListQuery, ParentPattern, Record},
 };
 
 /// The page size used when the request asks for 0.
@@ -51,7 +50,7 @@ pub struct ListRequest {
 /// One page of operations.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ListPage {
-    pub operations: Vec<Operation>,
+    pub records: Vec<Record>,
     /// Empty on the last page.
     pub next_page_token: String,
 }
@@ -169,19 +168,19 @@ impl Registry {
         let mut page = ListPage::default();
         let mut bytes = 0;
         let mut cut_after = None;
+        let mut last_examined = String::new();
         for record in &scan.records {
             let op = operation(record);
             // Field tag and length prefix of the repeated entry.
             let len = op.encoded_len() + 8;
-            if !page.operations.is_empty() && bytes + len > settings.max_page_bytes {
-                cut_after = page.operations.last().map(|o: &Operation| o.name.clone());
+            if bytes > 0 && bytes + len > settings.max_page_bytes {
+                cut_after = Some(last_examined.clone());
                 break;
             }
             bytes += len;
+            last_examined.clone_from(&record.name);
             if !expired(record, now) {
-                page.operations.push(op);
-            } else if let Some(last) = &mut cut_after {
-                last.clone_from(&record.name);
+                page.records.push(record.clone());
             }
         }
         if let Some(last) = cut_after.or(scan.resume_after) {

@@ -16,6 +16,7 @@ mod deadlines;
 pub mod filter;
 mod list;
 mod name;
+mod report;
 mod wait;
 mod watch;
 
@@ -34,11 +35,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     error::{Error, Precondition, ERROR_DOMAIN},
     pb::google::{longrunning::Operation, rpc},
-    store::{CancelPolicy, Cause, Outcome, Record, Store, StoreError},
+    store::{CancelPolicy, Cause, Outcome, Record, Script, Store, StoreError},
 };
 
 pub use list::{ListPage, ListRequest};
 pub use name::{check_id, check_parent_name, parse_list_target, NameError, OperationName};
+pub use report::{Call, PollingReports, Report};
 pub use wait::wait_budget;
 pub use watch::{EventKind, WatchFilter, WorkerEvent};
 
@@ -72,6 +74,8 @@ pub struct RegistrySettings {
     pub page_token_key: Option<[u8; 32]>,
     /// Records one List page may examine before it returns early.
     pub list_scan_budget: usize,
+    /// Which operations get polling reports.
+    pub polling_reports: PollingReports,
 }
 
 impl Default for RegistrySettings {
@@ -87,6 +91,7 @@ impl Default for RegistrySettings {
             page_token_ttl: Duration::from_secs(3 * 24 * 3600),
             page_token_key: None,
             list_scan_budget: 10_000,
+            polling_reports: PollingReports::default(),
         }
     }
 }
@@ -104,7 +109,26 @@ pub struct CreateParams {
     pub cancel_policy: CancelPolicy,
     pub lease: Option<Duration>,
     pub cancel_grace_period: Option<Duration>,
+    /// Makes opsd play the worker.
+    pub script: Option<ScriptSpec>,
 }
+
+/// A script as a worker gives it: times count from creation (and, for
+/// `on_cancel`, from the cancel).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ScriptSpec {
+    pub steps: Vec<(Duration, Any)>,
+    pub outcome: Option<(Duration, Outcome)>,
+    pub on_cancel: Option<(Duration, Outcome)>,
+    pub disabled_methods: Vec<String>,
+}
+
+/// The Operations methods a script may switch off, by their flag names.
+const SCRIPT_METHODS: [(&str, &str); 3] = [
+    ("cancel", "google.longrunning.Operations.CancelOperation"),
+    ("delete", "google.longrunning.Operations.DeleteOperation"),
+    ("wait", "google.longrunning.Operations.WaitOperation"),
+];
 
 /// A handle to the registry. Cloning it is shallow.
 #[derive(Clone)]
@@ -121,6 +145,7 @@ struct Shared {
     /// Cancelled on shutdown: open Waits return, event streams end, tasks stop.
     shutdown: CancellationToken,
     page_tokens: list::PageTokens,
+    reports: Arc<report::Reports>,
 }
 
 impl Drop for Shared {
@@ -137,6 +162,7 @@ impl Registry {
             .unwrap_or_else(|| store.page_token_key());
         let shared = Arc::new(Shared {
             page_tokens: list::PageTokens::new(key, settings.page_token_ttl),
+            reports: Arc::new(report::Reports::default()),
             waiters: Arc::new(Waiters::new(settings.max_waiters)),
             store,
             settings,
@@ -146,6 +172,7 @@ impl Registry {
         wait::spawn_dispatcher(
             shared.store.subscribe(),
             shared.waiters.clone(),
+            shared.reports.clone(),
             shared.shutdown.clone(),
         );
         deadlines::spawn(Arc::downgrade(&shared), shared.shutdown.clone());
@@ -219,8 +246,12 @@ impl Registry {
             .check_duration("cancel_grace_period", params.cancel_grace_period)?
             .unwrap_or(self.shared.settings.cancel_grace_period);
         let request_id = (!params.request_id.is_empty()).then(|| params.request_id.clone());
-
         let now = SystemTime::now();
+        let script = params
+            .script
+            .as_ref()
+            .map(|spec| self.check_script(spec, now))
+            .transpose()?;
         let record = Record {
             name: name.clone().into_string(),
             revision: 0,
@@ -236,7 +267,11 @@ impl Registry {
             update_time: now,
             done_time: None,
             expire_time: None,
+            script,
         };
+        // What a script does at once (steps and outcomes due at 0s) is
+        // part of the creation.
+        let (record, _) = settle_script(record, now, self.shared.settings.retention);
         self.check_size(&record, "metadata")?;
         loop {
             match self.store().insert(record.clone()).await {
@@ -303,6 +338,109 @@ impl Registry {
             ));
         }
         Ok(())
+    }
+
+    /// Validates a script and makes its times absolute.
+    fn check_script(&self, spec: &ScriptSpec, now: SystemTime) -> Result<Script, Error> {
+        let max = self.shared.settings.max_lease;
+        let check = |field: &str, d: Duration| {
+            if d > max {
+                Err(Error::invalid(
+                    field,
+                    format!("must be at most {}", humantime::format_duration(max)),
+                ))
+            } else {
+                Ok(d)
+            }
+        };
+        let check_outcome = |field: &str, outcome: &Outcome| match outcome {
+            Outcome::Error(status) if !(1..=16).contains(&status.code) => Err(Error::invalid(
+                field,
+                format!(
+                    "{} is not a google.rpc.Code of a failure (1 to 16)",
+                    status.code
+                ),
+            )),
+            _ => Ok(()),
+        };
+        let mut steps = Vec::with_capacity(spec.steps.len());
+        for (after, metadata) in &spec.steps {
+            steps.push((now + check("script.steps.after", *after)?, metadata.clone()));
+        }
+        steps.sort_by_key(|(at, _)| *at);
+        let outcome = match &spec.outcome {
+            Some((after, outcome)) => {
+                check_outcome("script.outcome.error.code", outcome)?;
+                Some((
+                    now + check("script.outcome.after", *after)?,
+                    outcome.clone(),
+                ))
+            }
+            None => None,
+        };
+        let on_cancel = match &spec.on_cancel {
+            Some((after, outcome)) => {
+                check_outcome("script.on_cancel.error.code", outcome)?;
+                Some((check("script.on_cancel.after", *after)?, outcome.clone()))
+            }
+            None => None,
+        };
+        for method in &spec.disabled_methods {
+            if !SCRIPT_METHODS.iter().any(|(flag, _)| flag == method) {
+                return Err(Error::invalid(
+                    "script.disabled_methods",
+                    format!("{method:?} cannot be switched off per operation; use cancel, delete or wait"),
+                ));
+            }
+        }
+        Ok(Script {
+            steps,
+            outcome,
+            on_cancel,
+            disabled_methods: spec.disabled_methods.clone(),
+        })
+    }
+
+    /// Refuses a call that the operation's script switched off.
+    fn enabled_for(record: &Record, method: &str) -> Result<(), Error> {
+        let disabled = record
+            .script
+            .as_ref()
+            .is_some_and(|s| s.disabled_methods.iter().any(|m| m == method));
+        match SCRIPT_METHODS.iter().find(|(flag, _)| *flag == method) {
+            Some((_, rpc)) if disabled => Err(Error::MethodDisabled {
+                method: rpc,
+                per_operation: true,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a call on an operation in its polling report.
+    pub fn report_call(&self, record: &Record, method: &'static str, transport: &'static str) {
+        let wanted = match self.shared.settings.polling_reports {
+            PollingReports::Off => false,
+            PollingReports::Scripted => record.script.is_some(),
+            PollingReports::All => true,
+        };
+        if wanted {
+            self.shared.reports.record(
+                &record.name,
+                Call {
+                    method,
+                    time: SystemTime::now(),
+                    transport,
+                },
+            );
+        }
+    }
+
+    /// The polling report of an existing operation.
+    pub async fn report(&self, name: &str) -> Result<(Record, Report), Error> {
+        let name = OperationName::parse(name)?;
+        let record = self.load(&name).await?;
+        let report = self.shared.reports.get(name.as_str());
+        Ok((record, report))
     }
 
     fn check_duration(
@@ -382,49 +520,64 @@ impl Registry {
         Ok(result.0)
     }
 
-    /// Cancels an operation according to its cancel policy. Done → OK unchanged.
-    pub async fn cancel(&self, name: &str) -> Result<(), Error> {
+    /// Cancels an operation according to its cancel policy. Done → OK
+    /// unchanged. Returns the operation as the cancel left it.
+    pub async fn cancel(&self, name: &str) -> Result<Record, Error> {
         let name = OperationName::parse(name)?;
         let settings = &self.shared.settings;
-        self.modify(&name, |record, now| {
-            if record.done() {
-                return Ok(None);
-            }
-            match record.cancel_policy {
-                CancelPolicy::NotCancellable => Err(Error::FailedPrecondition {
-                    name: record.name.clone(),
-                    reason: Precondition::NotCancellable,
-                    message: format!("Operation \"{}\" cannot be cancelled.", record.name),
-                }),
-                CancelPolicy::Immediate => Ok(Some((
-                    finish(
-                        record,
-                        Outcome::Error(cancelled_status()),
-                        now,
-                        settings.retention,
-                    ),
-                    Cause::Cancelled,
-                ))),
-                CancelPolicy::Cooperative if record.cancel_deadline.is_some() => Ok(None),
-                CancelPolicy::Cooperative => {
-                    let mut next = record.clone();
-                    next.cancel_deadline = Some(now + record.cancel_grace_period);
-                    next.update_time = now;
-                    Ok(Some((next, Cause::CancelRequested)))
+        let (record, changed) = self
+            .modify(&name, |record, now| {
+                Self::enabled_for(record, "cancel")?;
+                if record.done() {
+                    return Ok(None);
                 }
-            }
-        })
-        .await?;
-        tracing::debug!(name = %name, "operation cancel requested");
-        Ok(())
+                match record.cancel_policy {
+                    CancelPolicy::NotCancellable => Err(Error::FailedPrecondition {
+                        name: record.name.clone(),
+                        reason: Precondition::NotCancellable,
+                        message: format!("Operation \"{}\" cannot be cancelled.", record.name),
+                    }),
+                    CancelPolicy::Immediate => Ok(Some((
+                        finish(
+                            record,
+                            Outcome::Error(cancelled_status()),
+                            now,
+                            settings.retention,
+                        ),
+                        Cause::Cancelled,
+                    ))),
+                    CancelPolicy::Cooperative if record.cancel_deadline.is_some() => Ok(None),
+                    CancelPolicy::Cooperative => {
+                        let mut next = record.clone();
+                        // A script answers after its own delay (at once when it
+                        // has none); a real worker gets the grace period.
+                        let wait = match &record.script {
+                            Some(script) => script
+                                .on_cancel
+                                .as_ref()
+                                .map_or(Duration::ZERO, |(d, _)| *d),
+                            None => record.cancel_grace_period,
+                        };
+                        next.cancel_deadline = Some(now + wait);
+                        next.update_time = now;
+                        Ok(Some((next, Cause::CancelRequested)))
+                    }
+                }
+            })
+            .await?;
+        if changed {
+            tracing::debug!(name = %name, "operation cancel requested");
+        }
+        Ok(record)
     }
 
     /// Deletes an operation, running or done. It is not cancelled; its worker
-    /// is told.
-    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+    /// is told. Returns the operation as it was.
+    pub async fn delete(&self, name: &str) -> Result<Record, Error> {
         let name = OperationName::parse(name)?;
         loop {
             let record = self.load(&name).await?;
+            Self::enabled_for(&record, "delete")?;
             match self
                 .store()
                 .delete(&record.name, record.revision, Cause::Deleted)
@@ -432,7 +585,7 @@ impl Registry {
             {
                 Ok(()) => {
                     tracing::debug!(name = %name, "operation deleted");
-                    return Ok(());
+                    return Ok(record);
                 }
                 Err(StoreError::Conflict) => continue,
                 Err(other) => return Err(other.into()),
@@ -477,6 +630,43 @@ fn finish(record: &Record, outcome: Outcome, now: SystemTime, retention: Duratio
     next.lease_deadline = None;
     next.cancel_deadline = None;
     next
+}
+
+/// Applies the steps and the outcome of `record`'s script that are due at
+/// `now`. Returns the record and the cause of the change, if any.
+fn settle_script(
+    mut record: Record,
+    now: SystemTime,
+    retention: Duration,
+) -> (Record, Option<Cause>) {
+    if record.done() {
+        return (record, None);
+    }
+    let Some(script) = record.script.as_mut() else {
+        return (record, None);
+    };
+    let due = script.steps.iter().take_while(|(at, _)| *at <= now).count();
+    let mut cause = None;
+    if due > 0 {
+        let (_, metadata) = script.steps.drain(..due).next_back().expect("due > 0");
+        record.metadata = Some(metadata);
+        record.update_time = now;
+        cause = Some(Cause::Updated);
+    }
+    let outcome = match &script.outcome {
+        Some((at, outcome)) if *at <= now => Some(outcome.clone()),
+        _ => None,
+    };
+    if let Some(outcome) = outcome {
+        if let Some(script) = record.script.as_mut() {
+            script.outcome = None;
+            // Steps after the outcome never happen.
+            script.steps.clear();
+        }
+        record = finish(&record, outcome, now, retention);
+        cause = Some(Cause::Completed);
+    }
+    (record, cause)
 }
 
 /// An `Any` holding `message`.

@@ -268,6 +268,7 @@ mod listing {
             create_time: created,
             update_time: created + Duration::from_secs(offset % 7),
             expire_time: None,
+            script: None,
         }
     }
 
@@ -340,8 +341,8 @@ mod listing {
                 })
                 .await
                 .unwrap();
-            assert!(page.operations.len() <= page_size as usize);
-            names.extend(page.operations.into_iter().map(|o| o.name));
+            assert!(page.records.len() <= page_size as usize);
+            names.extend(page.records.into_iter().map(|o| o.name));
             if page.next_page_token.is_empty() {
                 return names;
             }
@@ -445,8 +446,8 @@ mod listing {
                         page_token: token,
                         ..Default::default()
                     }).await.unwrap();
-                    prop_assert!(page.operations.len() <= page_size as usize);
-                    seen.extend(page.operations.into_iter().map(|o| o.name).filter(|n| n.contains("/s")));
+                    prop_assert!(page.records.len() <= page_size as usize);
+                    seen.extend(page.records.into_iter().map(|o| o.name).filter(|n| n.contains("/s")));
                     // Other clients create and delete transient operations everywhere in the order.
                     if let Some((create_it, id)) = churn.get(round % churn.len().max(1)).copied() {
                         let id = format!("{}{id:03}", ["a", "t", "z"][id % 3]);

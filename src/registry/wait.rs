@@ -18,7 +18,10 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{OperationName, Registry};
-use crate::{error::Error, store::Change, store::Record};
+use crate::{
+    error::Error,
+    store::{Cause, Change, Record},
+};
 
 /// The least time kept back from the client's deadline so the answer reaches
 /// it before the deadline fires.
@@ -147,6 +150,7 @@ impl Drop for WaiterGuard {
 pub(super) fn spawn_dispatcher(
     mut feed: broadcast::Receiver<Change>,
     waiters: Arc<Waiters>,
+    reports: Arc<super::report::Reports>,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
@@ -156,7 +160,12 @@ pub(super) fn spawn_dispatcher(
                 () = shutdown.cancelled() => break,
             };
             match change {
-                Ok(change) => waiters.notify(&change.name),
+                Ok(change) => {
+                    waiters.notify(&change.name);
+                    if matches!(change.cause, Cause::Deleted | Cause::Expired) {
+                        reports.forget(&change.name);
+                    }
+                }
                 Err(broadcast::error::RecvError::Lagged(_)) => waiters.notify_all(),
                 Err(broadcast::error::RecvError::Closed) => break,
             }
@@ -175,9 +184,14 @@ impl Registry {
         let until = tokio::time::Instant::now() + budget.min(self.shared.settings.wait_cap);
         // Register before reading, so a change committed after the read wakes us.
         let mut guard = self.shared.waiters.register(name.as_str())?;
+        let mut first = true;
         loop {
             guard.rx.borrow_and_update();
             let record = self.load(&name).await?;
+            if first {
+                Self::enabled_for(&record, "wait")?;
+                first = false;
+            }
             if record.done() || self.is_shutting_down() {
                 return Ok(record);
             }

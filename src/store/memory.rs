@@ -208,6 +208,7 @@ mod tests {
             update_time: now,
             done_time: None,
             expire_time: None,
+            script: None,
         }
     }
 

@@ -76,6 +76,23 @@ pub struct Record {
     pub done_time: Option<SystemTime>,
     /// When a done operation is deleted by retention.
     pub expire_time: Option<SystemTime>,
+    /// For scripted operations: what opsd still has to do to it.
+    pub script: Option<Script>,
+}
+
+/// The rest of a scripted operation's script, with absolute times.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Script {
+    /// Metadata steps not applied yet, in time order.
+    pub steps: Vec<(SystemTime, Any)>,
+    /// How and when it ends; `None`: never by itself.
+    pub outcome: Option<(SystemTime, Outcome)>,
+    /// For cooperative cancels: after how long, with which result; `None`:
+    /// at once, with CANCELLED.
+    pub on_cancel: Option<(Duration, Outcome)>,
+    /// Operations methods switched off for this operation (`cancel`,
+    /// `delete`, `wait`).
+    pub disabled_methods: Vec<String>,
 }
 
 impl Record {
@@ -90,10 +107,16 @@ impl Record {
         if self.done() {
             return self.expire_time;
         }
-        match (self.lease_deadline, self.cancel_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let script = self.script.as_ref();
+        [
+            self.lease_deadline,
+            self.cancel_deadline,
+            script.and_then(|s| s.steps.first().map(|(at, _)| *at)),
+            script.and_then(|s| s.outcome.as_ref().map(|(at, _)| *at)),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The part of the name before `/operations/{id}`; empty for bare names.

@@ -605,6 +605,108 @@ struct StoredRecord {
     done_time: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "15")]
     expire_time: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "16")]
+    script: Option<StoredScript>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredScript {
+    #[prost(message, repeated, tag = "1")]
+    steps: Vec<StoredStep>,
+    #[prost(message, optional, tag = "2")]
+    outcome_time: Option<prost_types::Timestamp>,
+    #[prost(oneof = "StoredOutcome", tags = "4, 5")]
+    outcome: Option<StoredOutcome>,
+    #[prost(message, optional, tag = "6")]
+    on_cancel_after: Option<prost_types::Duration>,
+    #[prost(message, optional, tag = "7")]
+    on_cancel: Option<StoredResult>,
+    #[prost(string, repeated, tag = "8")]
+    disabled_methods: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredStep {
+    #[prost(message, optional, tag = "1")]
+    at: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "2")]
+    metadata: Option<prost_types::Any>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredResult {
+    #[prost(oneof = "StoredOutcome", tags = "4, 5")]
+    outcome: Option<StoredOutcome>,
+}
+
+fn stored_outcome(o: &Outcome) -> StoredOutcome {
+    match o {
+        Outcome::Response(a) => StoredOutcome::Response(a.clone()),
+        Outcome::Error(s) => StoredOutcome::Error(s.clone()),
+    }
+}
+
+fn outcome_of(o: StoredOutcome) -> Outcome {
+    match o {
+        StoredOutcome::Response(a) => Outcome::Response(a),
+        StoredOutcome::Error(s) => Outcome::Error(s),
+    }
+}
+
+fn encode_script(script: &super::Script) -> StoredScript {
+    StoredScript {
+        steps: script
+            .steps
+            .iter()
+            .map(|(at, metadata)| StoredStep {
+                at: Some((*at).into()),
+                metadata: Some(metadata.clone()),
+            })
+            .collect(),
+        outcome_time: script.outcome.as_ref().map(|(at, _)| (*at).into()),
+        outcome: script.outcome.as_ref().map(|(_, o)| stored_outcome(o)),
+        on_cancel_after: script
+            .on_cancel
+            .as_ref()
+            .and_then(|(after, _)| prost_types::Duration::try_from(*after).ok()),
+        on_cancel: script.on_cancel.as_ref().map(|(_, o)| StoredResult {
+            outcome: Some(stored_outcome(o)),
+        }),
+        disabled_methods: script.disabled_methods.clone(),
+    }
+}
+
+fn decode_script(stored: StoredScript) -> Result<super::Script, StoreError> {
+    let corrupt = |what: &str| StoreError::Internal(format!("corrupt script: {what}"));
+    let time = |t: Option<prost_types::Timestamp>| {
+        t.and_then(|t| SystemTime::try_from(t).ok())
+            .ok_or_else(|| corrupt("time"))
+    };
+    let steps = stored
+        .steps
+        .into_iter()
+        .map(|step| Ok((time(step.at)?, step.metadata.unwrap_or_default())))
+        .collect::<Result<_, StoreError>>()?;
+    let outcome = match stored.outcome {
+        Some(o) => Some((time(stored.outcome_time)?, outcome_of(o))),
+        None => None,
+    };
+    let on_cancel = match stored.on_cancel.and_then(|r| r.outcome) {
+        Some(o) => Some((
+            stored
+                .on_cancel_after
+                .and_then(|d| Duration::try_from(d).ok())
+                .unwrap_or_default(),
+            outcome_of(o),
+        )),
+        None => None,
+    };
+    Ok(super::Script {
+        steps,
+        outcome,
+        on_cancel,
+        disabled_methods: stored.disabled_methods,
+    })
 }
 
 #[derive(Clone, PartialEq, prost::Oneof)]
@@ -640,6 +742,7 @@ fn encode(record: &Record) -> Vec<u8> {
         update_time: ts(Some(record.update_time)),
         done_time: ts(record.done_time),
         expire_time: ts(record.expire_time),
+        script: record.script.as_ref().map(encode_script),
     }
     .encode_to_vec()
 }
@@ -677,6 +780,7 @@ fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
         update_time: time(stored.update_time)?.ok_or_else(|| corrupt("no update time"))?,
         done_time: time(stored.done_time)?,
         expire_time: time(stored.expire_time)?,
+        script: stored.script.map(decode_script).transpose()?,
     })
 }
 
@@ -708,12 +812,29 @@ mod tests {
             update_time: now,
             done_time: None,
             expire_time: None,
+            script: None,
         }
     }
 
     #[test]
     fn records_round_trip_through_their_encoding() {
         let mut r = record("operations/a");
+        assert_eq!(decode(&encode(&r)).unwrap(), r);
+        r.script = Some(crate::store::Script {
+            steps: vec![(
+                SystemTime::now(),
+                prost_types::Any::from_msg(&"s".to_owned()).unwrap(),
+            )],
+            outcome: Some((
+                SystemTime::now(),
+                Outcome::Response(prost_types::Any::default()),
+            )),
+            on_cancel: Some((
+                Duration::from_millis(250),
+                Outcome::Error(crate::registry::cancelled_status()),
+            )),
+            disabled_methods: vec!["cancel".into()],
+        });
         assert_eq!(decode(&encode(&r)).unwrap(), r);
         r.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
         r.done_time = Some(SystemTime::now());

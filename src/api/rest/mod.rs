@@ -6,6 +6,7 @@
 //! - `GET    /v1/{name=operations/**}`: GetOperation
 //! - `DELETE /v1/{name=operations/**}`: DeleteOperation → `{}`
 //! - `POST   /v1/{name=operations/**}:cancel`: CancelOperation → `{}`
+//! - `GET    /v1/{name=**}:report`: the polling report (`Workers.GetOperationReport`)
 //! - `GET    /healthz`: `{"status": "SERVING"}` (503 `NOT_SERVING` while draining)
 //!
 //! plus the `google.longrunning.Operations` rules of every `--http-rules`
@@ -33,13 +34,16 @@ use self::{
     request::Presentation,
     rules::{RestMethod, Route, RuleError},
 };
-use super::{operations::OperationsService, types::TypeRegistry};
+use super::{operations::OperationsService, types::TypeRegistry, workers::WorkersService, ViaRest};
 use crate::{
     error::{json_envelope, Error},
     json::{any_to_json, message_to_json, status_to_json, JsonOptions},
-    pb::google::longrunning::{
-        operation::Result as OpResult, operations_server::Operations, ListOperationsResponse,
-        Operation,
+    pb::{
+        google::longrunning::{
+            operation::Result as OpResult, operations_server::Operations, ListOperationsResponse,
+            Operation,
+        },
+        opsd::v1::workers_server::Workers,
     },
     registry::Registry,
 };
@@ -57,9 +61,13 @@ pub struct RestService {
 }
 
 struct Inner {
-    /// Most specific first: templates ending in `**` last, then by literal count.
+    /// Most specific first: templates with a verb first, those ending in
+    /// `**` last, then by literal count.
     routes: Vec<Route>,
     operations: OperationsService,
+    workers: WorkersService,
+    /// Refuse calls without Google client headers (`--strict-rest-clients`).
+    strict: bool,
     registry: Registry,
     types: TypeRegistry,
     max_body_bytes: usize,
@@ -67,8 +75,11 @@ struct Inner {
 
 impl RestService {
     /// The default routes plus those of each service-config file.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         operations: OperationsService,
+        workers: WorkersService,
+        strict: bool,
         registry: Registry,
         types: TypeRegistry,
         rule_files: &[PathBuf],
@@ -81,6 +92,7 @@ impl RestService {
         }
         routes.sort_by_key(|r| {
             (
+                !r.template.has_verb(),
                 r.template.has_double_star(),
                 std::cmp::Reverse(r.template.literal_count()),
             )
@@ -92,6 +104,8 @@ impl RestService {
             inner: Arc::new(Inner {
                 routes,
                 operations,
+                workers,
+                strict,
                 registry,
                 types,
                 max_body_bytes,
@@ -165,6 +179,9 @@ impl RestService {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (route, values) = self.find(method, uri.path())?;
+        if self.inner.strict {
+            check_client_header(headers)?;
+        }
         let body = read_body(headers, body, self.inner.max_body_bytes).await?;
         let descriptor = pool
             .get_message_by_name(route.method.input_type())
@@ -200,6 +217,15 @@ impl RestService {
             RestMethod::Cancel => {
                 ops.cancel_operation(grpc(&message, headers)?).await?;
                 json!({})
+            }
+            RestMethod::Report => {
+                let report = self
+                    .inner
+                    .workers
+                    .get_operation_report(grpc(&message, headers)?)
+                    .await?;
+                message_to_json(report.get_ref(), "opsd.v1.OperationReport", pool, options)
+                    .map_err(Status::internal)?
             }
         })
     }
@@ -239,6 +265,7 @@ where
         .transcode_to()
         .map_err(|e| Status::internal(format!("cannot transcode the request: {e}")))?;
     let mut request = tonic::Request::new(request);
+    request.extensions_mut().insert(ViaRest);
     let timeout = headers
         .get("x-server-timeout")
         .and_then(|v| v.to_str().ok())
@@ -251,6 +278,24 @@ where
         }
     }
     Ok(request)
+}
+
+/// Strict mode: like Google's showcase server, REST calls must come from a
+/// generated client, whose `x-goog-api-client` header names `rest/` and `gapic/`.
+fn check_client_header(headers: &HeaderMap) -> Result<(), Error> {
+    let value = headers
+        .get("x-goog-api-client")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if value.contains("rest/") && value.contains("gapic/") {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "x-goog-api-client",
+        format!(
+            "strict mode: the x-goog-api-client header must name rest/ and gapic/ (got {value:?})"
+        ),
+    ))
 }
 
 async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, Error>

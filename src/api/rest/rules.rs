@@ -16,8 +16,9 @@ use super::template::Template;
 use crate::pb::google::api::{http_rule::Pattern, Http, HttpRule};
 
 const SERVICE: &str = "google.longrunning.Operations";
+const WORKERS: &str = "opsd.v1.Workers";
 
-/// The Operations methods REST can call.
+/// The methods REST can call: the Operations API, and the polling report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestMethod {
     List,
@@ -25,10 +26,14 @@ pub enum RestMethod {
     Delete,
     Cancel,
     Wait,
+    Report,
 }
 
 impl RestMethod {
     fn from_selector(selector: &str) -> Option<Self> {
+        if selector == "opsd.v1.Workers.GetOperationReport" {
+            return Some(Self::Report);
+        }
         match selector.strip_prefix(SERVICE)?.strip_prefix('.')? {
             "ListOperations" => Some(Self::List),
             "GetOperation" => Some(Self::Get),
@@ -47,6 +52,7 @@ impl RestMethod {
             Self::Delete => "google.longrunning.DeleteOperationRequest",
             Self::Cancel => "google.longrunning.CancelOperationRequest",
             Self::Wait => "google.longrunning.WaitOperationRequest",
+            Self::Report => "opsd.v1.GetOperationReportRequest",
         }
     }
 }
@@ -82,15 +88,26 @@ pub struct RuleError {
     reason: String,
 }
 
-/// The routes of operations.proto's own `google.api.http` options.
+/// The routes of the `google.api.http` options of operations.proto and of
+/// the worker API (its polling report).
 pub fn default_routes(pool: &DescriptorPool) -> Result<Vec<Route>, RuleError> {
+    let mut routes = service_routes(pool, SERVICE, "operations.proto")?;
+    routes.extend(service_routes(pool, WORKERS, "opsd/v1/workers.proto")?);
+    Ok(routes)
+}
+
+fn service_routes(
+    pool: &DescriptorPool,
+    name: &str,
+    origin: &str,
+) -> Result<Vec<Route>, RuleError> {
     let fail = |reason: &str| RuleError {
-        origin: "operations.proto".into(),
-        selector: SERVICE.into(),
+        origin: origin.into(),
+        selector: name.into(),
         reason: reason.into(),
     };
     let service = pool
-        .get_service_by_name(SERVICE)
+        .get_service_by_name(name)
         .ok_or_else(|| fail("the service is missing from the descriptor set"))?;
     let extension = pool
         .get_extension_by_name("google.api.http")
@@ -111,7 +128,7 @@ pub fn default_routes(pool: &DescriptorPool) -> Result<Vec<Route>, RuleError> {
             selector: method.full_name().to_owned(),
             ..rule
         };
-        add_rule(&mut routes, &rule, "operations.proto")?;
+        add_rule(&mut routes, &rule, origin)?;
     }
     Ok(routes)
 }
@@ -157,6 +174,11 @@ fn add_rule(routes: &mut Vec<Route>, rule: &HttpRule, origin: &str) -> Result<()
     };
     let method = RestMethod::from_selector(&rule.selector)
         .ok_or_else(|| fail("not a google.longrunning.Operations method".into()))?;
+    if method == RestMethod::Report && origin != "opsd/v1/workers.proto" {
+        return Err(fail(
+            "only google.longrunning.Operations methods can be mapped".into(),
+        ));
+    }
     let mut bindings = vec![rule.clone()];
     bindings.extend(rule.additional_bindings.iter().cloned());
     for (i, binding) in bindings.iter().enumerate() {
@@ -208,7 +230,10 @@ mod tests {
 
     #[test]
     fn operations_proto_gives_the_four_default_routes() {
-        let routes = default_routes(&base_pool()).unwrap();
+        let mut routes = default_routes(&base_pool()).unwrap();
+        let report = routes.pop().unwrap();
+        assert_eq!(report.method, RestMethod::Report);
+        assert_eq!(report.template.to_string(), "/v1/{name=**}:report");
         let summary: Vec<(String, String, RestMethod)> = routes
             .iter()
             .map(|r| (r.verb.to_string(), r.template.to_string(), r.method))

@@ -163,6 +163,11 @@ impl Template {
         self.variables.iter().map(|v| v.field.as_str())
     }
 
+    /// Whether the template has a `:verb`.
+    pub fn has_verb(&self) -> bool {
+        self.verb.is_some()
+    }
+
     /// Whether the template ends in `**`.
     pub fn has_double_star(&self) -> bool {
         self.segments.last() == Some(&Segment::DoubleStar)
