@@ -503,6 +503,67 @@ async fn worker_types_render_once_registered_and_fall_back_before() {
 }
 
 #[tokio::test]
+async fn descriptor_set_files_are_loaded_at_start_up() {
+    // google.protobuf.Duration's file under another package name would clash;
+    // a fresh message type is enough: acme.Size { int64 bytes = 1; }.
+    let set = prost_types::FileDescriptorSet {
+        file: vec![prost_types::FileDescriptorProto {
+            name: Some("acme/size.proto".into()),
+            package: Some("acme".into()),
+            message_type: vec![prost_types::DescriptorProto {
+                name: Some("Size".into()),
+                field: vec![prost_types::FieldDescriptorProto {
+                    name: Some("bytes".into()),
+                    json_name: Some("bytes".into()),
+                    number: Some(1),
+                    r#type: Some(3),
+                    label: Some(1),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            syntax: Some("proto3".into()),
+            ..Default::default()
+        }],
+    };
+    let path = std::env::temp_dir().join(format!("opsd-fds-{}.bin", std::process::id()));
+    std::fs::write(&path, prost::Message::encode_to_vec(&set)).unwrap();
+    let mut config = config();
+    config.descriptor_sets = vec![path.clone()];
+    let rest = Rest::start_with(config).await;
+    let mut workers = rest.server.workers().await;
+    let metadata = prost_types::Any {
+        type_url: "type.googleapis.com/acme.Size".into(),
+        value: vec![0x08, 0x80, 0x08],
+    };
+    create(
+        &mut workers,
+        CreateOperationRequest {
+            metadata: Some(metadata),
+            ..op("", "sized")
+        },
+    )
+    .await;
+    let (_, body) = rest.get("/v1/operations/sized").await;
+    // int64 renders as a string in ProtoJSON.
+    assert_eq!(
+        body["metadata"],
+        json!({"@type": "type.googleapis.com/acme.Size", "bytes": "1024"})
+    );
+    rest.server.stop().await;
+    let _ = std::fs::remove_file(&path);
+
+    // A file that is not a descriptor set stops start-up, naming the file.
+    let junk = std::env::temp_dir().join(format!("opsd-fds-junk-{}.bin", std::process::id()));
+    std::fs::write(&junk, b"\xff\xff\xff").unwrap();
+    let mut config = Config::for_tests();
+    config.descriptor_sets = vec![junk.clone()];
+    let err = opsd::server::Server::new(config).err().unwrap().to_string();
+    assert!(err.contains("opsd-fds-junk"), "{err}");
+    let _ = std::fs::remove_file(&junk);
+}
+
+#[tokio::test]
 async fn rest_over_http2_and_health() {
     let rest = Rest::start().await;
     let h2 = Client::builder().http2_prior_knowledge().build().unwrap();
