@@ -13,8 +13,8 @@
 //!       outcome: {after: 2s, response: {"@type": type.googleapis.com/google.protobuf.Empty}}
 //! ```
 //!
-//! Each operation is created through the registry with the request id
-//! `scenario:<scenario>:<name>`, so applying the same file again (or
+//! Each operation is created through the registry with a request id derived
+//! from the scenario's name and the operation's (`scenario:<digest>`), so applying the same file again (or
 //! restarting on a durable store) finds the operations it made instead of
 //! duplicating or resetting them.
 
@@ -72,6 +72,15 @@ pub fn load(path: &Path, pool: &DescriptorPool) -> Result<LoadedScenario, Scenar
     })
 }
 
+/// The request id of a scenario operation: stable across runs, short
+/// whatever the names' lengths.
+fn request_id(scenario: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{scenario}\0{name}").as_bytes());
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("scenario:{hex}")
+}
+
 /// Accepts `{"@type": ".../google.protobuf.Empty"}` (protobuf's own
 /// ProtoJSON for an Empty in an `Any`) as well as prost-reflect's form with
 /// `value: {}`, which is what the deserializer needs.
@@ -126,7 +135,7 @@ impl LoadedScenario {
             let params = CreateParams {
                 parent: parent_of(name.as_str()).to_owned(),
                 operation_id: id,
-                request_id: format!("scenario:{}:{}", scenario.name, name),
+                request_id: request_id(&scenario.name, name.as_str()),
                 metadata: op.metadata.clone(),
                 cancel_policy,
                 script: Some(script),

@@ -190,13 +190,6 @@ impl Server {
         let mut backoff = Duration::from_millis(5);
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                permit = connections.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-                () = &mut shutdown => break,
-            };
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
@@ -210,6 +203,16 @@ impl Server {
                     }
                 },
                 () = &mut shutdown => break,
+            };
+            // Over the cap a client is turned away at once (its connection
+            // closes), never left waiting in the listen queue.
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    "connection limit reached; closing a new connection"
+                );
+                drop(stream);
+                continue;
             };
             backoff = Duration::from_millis(5);
             if let Err(err) = stream.set_nodelay(true) {

@@ -22,6 +22,14 @@ use crate::{
     store::{Cause, Outcome, StoreError},
 };
 
+/// What fell due on a running operation.
+#[derive(Clone, Copy, Debug)]
+enum Due {
+    Lease,
+    Cancel,
+    Script,
+}
+
 /// Due deadlines handled at once.
 const FIRE_BATCH: usize = 256;
 
@@ -167,7 +175,27 @@ impl Registry {
                 return Ok(None);
             };
             let now = SystemTime::now();
-            let due = |at: Option<SystemTime>| at.is_some_and(|at| at <= now);
+            let due = |at: Option<SystemTime>| at.filter(|at| *at <= now);
+            let script = record.script.as_ref();
+            let script_at = script.and_then(|s| {
+                [
+                    s.steps.first().map(|(at, _)| *at),
+                    s.outcome.as_ref().map(|(at, _)| *at),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+            });
+            // Whatever fell due first happens first (a late task, e.g. after a
+            // restart, must not reorder a script's outcome and a cancel).
+            let next = [
+                (due(record.lease_deadline), Due::Lease),
+                (due(record.cancel_deadline), Due::Cancel),
+                (due(script_at), Due::Script),
+            ]
+            .into_iter()
+            .filter_map(|(at, what)| at.map(|at| (at, what)))
+            .min_by_key(|(at, _)| *at);
             let result = if record.done() {
                 if !expired(&record, now) {
                     return Ok(record.next_deadline());
@@ -176,43 +204,58 @@ impl Registry {
                 self.store()
                     .delete(name, record.revision, Cause::Expired)
                     .await
-            } else if due(record.lease_deadline) {
-                tracing::warn!(name, "worker lease expired");
-                let outcome = Outcome::Error(lease_expired_status(record.lease));
-                self.store()
-                    .update(
-                        finish(&record, outcome, now, retention),
-                        record.revision,
-                        Cause::LeaseExpired,
-                    )
-                    .await
-                    .map(drop)
-            } else if due(record.cancel_deadline) {
-                tracing::debug!(name, "cancel grace period over; finishing");
-                // A script's reaction to the cancel, or CANCELLED.
-                let outcome = record
-                    .script
-                    .as_ref()
-                    .and_then(|s| s.on_cancel.as_ref())
-                    .map_or_else(
-                        || Outcome::Error(super::cancelled_status()),
-                        |(_, o)| o.clone(),
-                    );
-                self.store()
-                    .update(
-                        finish(&record, outcome, now, retention),
-                        record.revision,
-                        Cause::GraceExpired,
-                    )
-                    .await
-                    .map(drop)
             } else {
-                let revision = record.revision;
-                match super::settle_script(record, now, retention) {
-                    (next, Some(cause)) => {
-                        self.store().update(next, revision, cause).await.map(drop)
+                match next {
+                    None => return Ok(record.next_deadline()),
+                    Some((_, Due::Lease)) => {
+                        tracing::warn!(name, "worker lease expired");
+                        let outcome = Outcome::Error(lease_expired_status(record.lease));
+                        self.store()
+                            .update(
+                                finish(&record, outcome, now, retention),
+                                record.revision,
+                                Cause::LeaseExpired,
+                            )
+                            .await
+                            .map(drop)
                     }
-                    (record, None) => return Ok(record.next_deadline()),
+                    Some((_, Due::Cancel)) => {
+                        tracing::debug!(name, "cancel grace period over; finishing");
+                        // A script's reaction to the cancel, or CANCELLED.
+                        let outcome = record
+                            .script
+                            .as_ref()
+                            .and_then(|s| s.on_cancel.as_ref())
+                            .map_or_else(
+                                || Outcome::Error(super::cancelled_status()),
+                                |(_, o)| o.clone(),
+                            );
+                        self.store()
+                            .update(
+                                finish(&record, outcome, now, retention),
+                                record.revision,
+                                Cause::GraceExpired,
+                            )
+                            .await
+                            .map(drop)
+                    }
+                    Some((at, Due::Script)) => {
+                        let revision = record.revision;
+                        // Only what is due up to this event: a later cancel
+                        // deadline still comes after it.
+                        let until = [record.cancel_deadline, record.lease_deadline]
+                            .into_iter()
+                            .flatten()
+                            .filter(|t| *t > at)
+                            .min()
+                            .map_or(now, |t| t.min(now));
+                        match super::settle_script(record, until, retention) {
+                            (next, Some(cause)) => {
+                                self.store().update(next, revision, cause).await.map(drop)
+                            }
+                            (record, None) => return Ok(record.next_deadline()),
+                        }
+                    }
                 }
             };
             match result {

@@ -252,6 +252,12 @@ impl Registry {
             .as_ref()
             .map(|spec| self.check_script(spec, now))
             .transpose()?;
+        if script.is_some() && lease.is_some() {
+            return Err(Error::invalid(
+                "lease",
+                "a scripted operation has no worker to renew a lease",
+            ));
+        }
         let record = Record {
             name: name.clone().into_string(),
             revision: 0,
@@ -645,7 +651,16 @@ fn settle_script(
     let Some(script) = record.script.as_mut() else {
         return (record, None);
     };
-    let due = script.steps.iter().take_while(|(at, _)| *at <= now).count();
+    // Steps after the outcome never happen.
+    let horizon = match &script.outcome {
+        Some((at, _)) => now.min(*at),
+        None => now,
+    };
+    let due = script
+        .steps
+        .iter()
+        .take_while(|(at, _)| *at <= horizon)
+        .count();
     let mut cause = None;
     if due > 0 {
         let (_, metadata) = script.steps.drain(..due).next_back().expect("due > 0");

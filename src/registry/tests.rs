@@ -253,8 +253,14 @@ mod listing {
                 details: vec![],
             })),
         };
+        // Parent 3 sits a level deeper, under the same key prefix.
+        let name = if parent == 3 {
+            format!("projects/p1/locations/l/operations/op{i:03}")
+        } else {
+            format!("projects/p{parent}/operations/op{i:03}")
+        };
         Record {
-            name: format!("projects/p{parent}/operations/op{i:03}"),
+            name,
             revision: 0,
             metadata: metadata.map(any),
             done_time: outcome.as_ref().map(|_| created),
@@ -367,7 +373,7 @@ mod listing {
         };
         let registry = Registry::new(store, settings);
         let parsed = filter::parse(filter).unwrap().unwrap();
-        for target in ["projects/-", "projects/p1"] {
+        for target in ["projects/-", "projects/p1", "projects/-/locations/-"] {
             let pattern = crate::registry::parse_list_target(target).unwrap();
             let mut expected: Vec<String> = records
                 .iter()
@@ -469,4 +475,63 @@ mod listing {
             })?;
         }
     }
+}
+
+#[tokio::test]
+async fn overdue_script_events_and_cancels_apply_in_time_order() {
+    let store = Arc::new(MemoryStore::new());
+    let registry = Registry::new(store.clone(), RegistrySettings::default());
+    let now = SystemTime::now();
+    let second = Duration::from_secs(1);
+    let any = |v: &str| pack(&v.to_owned());
+    let mut record = Record {
+        name: "operations/late".into(),
+        revision: 0,
+        metadata: None,
+        outcome: None,
+        cancel_policy: CancelPolicy::Cooperative,
+        cancel_grace_period: second,
+        // The cancel fell due after the outcome; both are overdue.
+        cancel_deadline: Some(now - second),
+        lease: None,
+        lease_deadline: None,
+        request_id: None,
+        create_time: now - 10 * second,
+        update_time: now - 10 * second,
+        done_time: None,
+        expire_time: None,
+        script: Some(Script {
+            steps: vec![
+                (now - 4 * second, any("early")),
+                (now - 2 * second, any("after the outcome")),
+            ],
+            outcome: Some((now - 3 * second, Outcome::Response(any("done")))),
+            on_cancel: None,
+            disabled_methods: vec![],
+        }),
+    };
+    record = store.insert(record).await.unwrap();
+    registry.on_deadline(&record.name).await.unwrap();
+    let done = registry.get(&record.name).await.unwrap();
+    assert_eq!(done.outcome, Some(Outcome::Response(any("done"))));
+    assert_eq!(
+        done.metadata,
+        Some(any("early")),
+        "steps after the outcome never happen"
+    );
+}
+
+#[tokio::test]
+async fn scripted_operations_take_no_lease() {
+    let registry = Registry::new(Arc::new(MemoryStore::new()), RegistrySettings::default());
+    let params = CreateParams {
+        operation_id: "s".into(),
+        lease: Some(Duration::from_secs(5)),
+        script: Some(ScriptSpec::default()),
+        ..Default::default()
+    };
+    assert_eq!(
+        registry.create(params).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 }

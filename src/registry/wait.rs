@@ -162,7 +162,11 @@ pub(super) fn spawn_dispatcher(
             match change {
                 Ok(change) => {
                     waiters.notify(&change.name);
-                    if matches!(change.cause, Cause::Deleted | Cause::Expired) {
+                    // A deleted name's report goes; a re-created name starts afresh.
+                    if matches!(
+                        change.cause,
+                        Cause::Deleted | Cause::Expired | Cause::Created
+                    ) {
                         reports.forget(&change.name);
                     }
                 }

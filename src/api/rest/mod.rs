@@ -51,6 +51,9 @@ use crate::{
 /// The values a path template bound: (field path, value).
 type PathValues = Vec<(String, String)>;
 
+/// How long a client may take to send a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The content type of every response.
 const JSON: &str = "application/json; charset=utf-8";
 
@@ -310,7 +313,14 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Error::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect());
+    let Ok(read) = read.await else {
+        return Err(Error::invalid(
+            "body",
+            format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+        ));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
             Err(Error::PayloadTooLarge { limit })

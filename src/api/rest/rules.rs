@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use prost_reflect::{DescriptorPool, DynamicMessage, Value};
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, Value};
 
 use super::template::Template;
 use crate::pb::google::api::{http_rule::Pattern, Http, HttpRule};
@@ -128,7 +128,7 @@ fn service_routes(
             selector: method.full_name().to_owned(),
             ..rule
         };
-        add_rule(&mut routes, &rule, origin)?;
+        add_rule(&mut routes, &rule, origin, pool)?;
     }
     Ok(routes)
 }
@@ -157,7 +157,7 @@ pub fn routes_from_yaml(path: &Path, pool: &DescriptorPool) -> Result<Vec<Route>
     let mut routes = Vec::new();
     for rule in &http.rules {
         if RestMethod::from_selector(&rule.selector).is_some() {
-            add_rule(&mut routes, rule, &origin)?;
+            add_rule(&mut routes, rule, &origin, pool)?;
         } else {
             tracing::debug!(file = %origin, selector = %rule.selector, "skipping a rule for another service");
         }
@@ -166,7 +166,12 @@ pub fn routes_from_yaml(path: &Path, pool: &DescriptorPool) -> Result<Vec<Route>
 }
 
 /// Adds the routes of `rule` and of its additional bindings.
-fn add_rule(routes: &mut Vec<Route>, rule: &HttpRule, origin: &str) -> Result<(), RuleError> {
+fn add_rule(
+    routes: &mut Vec<Route>,
+    rule: &HttpRule,
+    origin: &str,
+    pool: &DescriptorPool,
+) -> Result<(), RuleError> {
     let fail = |reason: String| RuleError {
         origin: origin.to_owned(),
         selector: rule.selector.clone(),
@@ -212,6 +217,7 @@ fn add_rule(routes: &mut Vec<Route>, rule: &HttpRule, origin: &str) -> Result<()
         if !binding.response_body.is_empty() {
             return Err(fail("`response_body` is not supported".into()));
         }
+        check_fields(pool, method, &template, &body).map_err(fail)?;
         routes.push(Route {
             verb,
             template,
@@ -219,6 +225,55 @@ fn add_rule(routes: &mut Vec<Route>, rule: &HttpRule, origin: &str) -> Result<()
             method,
             origin: origin.to_owned(),
         });
+    }
+    Ok(())
+}
+
+/// Path variables must name singular string fields of the request, and a
+/// body field must be a message field of it.
+fn check_fields(
+    pool: &DescriptorPool,
+    method: RestMethod,
+    template: &Template,
+    body: &BodyRule,
+) -> Result<(), String> {
+    let request = pool
+        .get_message_by_name(method.input_type())
+        .ok_or_else(|| format!("{} is missing from the descriptor set", method.input_type()))?;
+    for path in template.fields() {
+        let mut message = request.clone();
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let field = message.get_field_by_name(part).ok_or_else(|| {
+                format!(
+                    "{template} binds {path:?}, which {} does not have",
+                    method.input_type()
+                )
+            })?;
+            let last = i + 1 == parts.len();
+            match (field.kind(), last) {
+                (Kind::String, true) if !field.is_list() => {}
+                (Kind::Message(inner), false) if !field.is_list() && !field.is_map() => {
+                    message = inner
+                }
+                _ => {
+                    return Err(format!(
+                        "{template} binds {path:?}, which is not a string field"
+                    ))
+                }
+            }
+        }
+    }
+    if let BodyRule::Field(field) = body {
+        match request.get_field_by_name(field).map(|f| f.kind()) {
+            Some(Kind::Message(_)) => {}
+            _ => {
+                return Err(format!(
+                    "body field {field:?} is not a message field of {}",
+                    method.input_type()
+                ))
+            }
+        }
     }
     Ok(())
 }
@@ -293,6 +348,21 @@ mod tests {
             .to_string();
         assert!(err.contains("bad.yaml"), "{err}");
         assert!(err.contains("GetOperation"), "{err}");
+        std::fs::write(
+            &file,
+            "http:\n  rules:\n  - selector: google.longrunning.Operations.ListOperations\n    get: '/v1/{page_size}/x'\n",
+        )
+        .unwrap();
+        let err = routes_from_yaml(&file, &base_pool())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a string field"), "{err}");
+        std::fs::write(
+            &file,
+            "http:\n  rules:\n  - selector: google.longrunning.Operations.GetOperation\n    get: '/v1/{nmae=operations/*}'\n",
+        )
+        .unwrap();
+        assert!(routes_from_yaml(&file, &base_pool()).is_err());
         std::fs::write(&file, "http:\n  rules: 7\n").unwrap();
         assert!(routes_from_yaml(&file, &base_pool()).is_err());
         std::fs::write(&file, "name: x\n").unwrap();
