@@ -77,6 +77,8 @@ pub struct Config {
     pub scenarios: Vec<PathBuf>,
     /// REST refuses calls without a generated client's `x-goog-api-client`.
     pub strict_rest_clients: bool,
+    /// Serve `/metrics` (Prometheus) and record into it.
+    pub metrics: bool,
     pub limits: Limits,
 }
 
@@ -91,6 +93,7 @@ impl Default for Config {
             descriptor_sets: Vec::new(),
             scenarios: Vec::new(),
             strict_rest_clients: false,
+            metrics: true,
             limits: Limits::default(),
         }
     }

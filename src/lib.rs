@@ -39,6 +39,7 @@ pub mod bench;
 pub mod config;
 pub mod error;
 pub mod json;
+pub mod metrics;
 pub mod registry;
 pub mod scenario;
 pub mod server;

@@ -179,6 +179,10 @@ struct ServeArgs {
     #[arg(long = "scenario", value_name = "FILE")]
     scenarios: Vec<PathBuf>,
 
+    /// Do not serve /metrics and record nothing (every metric is then a no-op).
+    #[arg(long)]
+    no_metrics: bool,
+
     /// REST refuses calls whose x-goog-api-client header does not name
     /// rest/ and gapic/ (as Google's showcase server does). Off: curl works.
     #[arg(long)]
@@ -313,6 +317,7 @@ impl ServeArgs {
             descriptor_sets: self.descriptor_sets,
             scenarios: self.scenarios,
             strict_rest_clients: self.strict_rest_clients,
+            metrics: !self.no_metrics,
             ..Config::default()
         };
         let registry = &mut config.registry;

@@ -101,6 +101,10 @@ impl Server {
             &config.http_rules,
             config.limits.max_body_bytes,
         )?;
+        let rest = match config.metrics.then(crate::metrics::install).flatten() {
+            Some(handle) => rest.with_metrics(handle),
+            None => rest,
+        };
         let scenarios = config
             .scenarios
             .iter()

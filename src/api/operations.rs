@@ -5,6 +5,7 @@ use std::{collections::BTreeSet, fmt, str::FromStr, sync::Arc};
 use tonic::{Request, Response, Status};
 
 use super::{duration, rpc_deadline, transport};
+use crate::metrics::observed;
 use crate::{
     error::Error,
     pb::google::longrunning::{
@@ -96,10 +97,10 @@ impl OperationsService {
     }
 }
 
-#[tonic::async_trait]
-impl Operations for OperationsService {
+/// The handlers; the trait impl below wraps each with metrics.
+impl OperationsService {
     #[tracing::instrument(name = "ListOperations", skip_all, fields(name = %request.get_ref().name))]
-    async fn list_operations(
+    async fn list(
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
@@ -128,7 +129,7 @@ impl Operations for OperationsService {
     }
 
     #[tracing::instrument(name = "GetOperation", skip_all, fields(name = %request.get_ref().name))]
-    async fn get_operation(
+    async fn get(
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -139,19 +140,18 @@ impl Operations for OperationsService {
     }
 
     #[tracing::instrument(name = "DeleteOperation", skip_all, fields(name = %request.get_ref().name))]
-    async fn delete_operation(
+    async fn delete(
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
         self.enabled(Method::Delete)?;
-        let record = self.registry.delete(&request.get_ref().name).await?;
-        self.registry
-            .report_call(&record, "DeleteOperation", transport(&request));
+        // A deletion ends the operation's polling report with it.
+        self.registry.delete(&request.get_ref().name).await?;
         Ok(Response::new(()))
     }
 
     #[tracing::instrument(name = "CancelOperation", skip_all, fields(name = %request.get_ref().name))]
-    async fn cancel_operation(
+    async fn cancel(
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
@@ -163,7 +163,7 @@ impl Operations for OperationsService {
     }
 
     #[tracing::instrument(name = "WaitOperation", skip_all, fields(name = %request.get_ref().name))]
-    async fn wait_operation(
+    async fn wait(
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -180,6 +180,44 @@ impl Operations for OperationsService {
         let record = self.registry.wait(&request.name, budget).await?;
         self.registry.report_call(&record, "WaitOperation", via);
         Ok(Response::new(operation(&record)))
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        request: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        observed("ListOperations", transport(&request), self.list(request)).await
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        observed("GetOperation", transport(&request), self.get(request)).await
+    }
+
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        observed("DeleteOperation", transport(&request), self.delete(request)).await
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<()>, Status> {
+        observed("CancelOperation", transport(&request), self.cancel(request)).await
+    }
+
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        observed("WaitOperation", transport(&request), self.wait(request)).await
     }
 }
 

@@ -6,7 +6,8 @@ use std::pin::Pin;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::duration;
+use super::{duration, transport};
+use crate::metrics::observed;
 use crate::{
     api::types::TypeRegistry,
     error::Error,
@@ -129,10 +130,10 @@ fn event(event: WorkerEvent) -> OperationEvent {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<OperationEvent, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Workers for WorkersService {
+/// The handlers; the trait impl below wraps each with metrics.
+impl WorkersService {
     #[tracing::instrument(name = "CreateOperation", skip_all, fields(parent = %request.get_ref().parent, id = %request.get_ref().operation_id))]
-    async fn create_operation(
+    async fn create(
         &self,
         request: Request<CreateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -160,7 +161,7 @@ impl Workers for WorkersService {
     }
 
     #[tracing::instrument(name = "UpdateOperation", skip_all, fields(name = %request.get_ref().name))]
-    async fn update_operation(
+    async fn update(
         &self,
         request: Request<UpdateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -173,7 +174,7 @@ impl Workers for WorkersService {
     }
 
     #[tracing::instrument(name = "CompleteOperation", skip_all, fields(name = %request.get_ref().name))]
-    async fn complete_operation(
+    async fn complete(
         &self,
         request: Request<CompleteOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -194,13 +195,11 @@ impl Workers for WorkersService {
         Ok(Response::new(operation(&record)))
     }
 
-    type WatchOperationsStream = EventStream;
-
     #[tracing::instrument(name = "WatchOperations", skip_all, fields(parent = %request.get_ref().parent))]
-    async fn watch_operations(
+    async fn watch(
         &self,
         request: Request<WatchOperationsRequest>,
-    ) -> Result<Response<Self::WatchOperationsStream>, Status> {
+    ) -> Result<Response<EventStream>, Status> {
         let request = request.into_inner();
         let filter = WatchFilter::new(&request.parent, &request.names)?;
         let events = self.registry.watch(filter);
@@ -209,7 +208,7 @@ impl Workers for WorkersService {
     }
 
     #[tracing::instrument(name = "RegisterTypes", skip_all)]
-    async fn register_types(
+    async fn register(
         &self,
         request: Request<RegisterTypesRequest>,
     ) -> Result<Response<RegisterTypesResponse>, Status> {
@@ -220,7 +219,7 @@ impl Workers for WorkersService {
     }
 
     #[tracing::instrument(name = "GetOperationReport", skip_all, fields(name = %request.get_ref().name))]
-    async fn get_operation_report(
+    async fn report(
         &self,
         request: Request<GetOperationReportRequest>,
     ) -> Result<Response<OperationReport>, Status> {
@@ -242,6 +241,63 @@ impl Workers for WorkersService {
                 .map(|(method, count)| (method.to_owned(), count))
                 .collect(),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Workers for WorkersService {
+    async fn create_operation(
+        &self,
+        request: Request<CreateOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        observed("CreateOperation", transport(&request), self.create(request)).await
+    }
+
+    async fn update_operation(
+        &self,
+        request: Request<UpdateOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        observed("UpdateOperation", transport(&request), self.update(request)).await
+    }
+
+    async fn complete_operation(
+        &self,
+        request: Request<CompleteOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        observed(
+            "CompleteOperation",
+            transport(&request),
+            self.complete(request),
+        )
+        .await
+    }
+
+    type WatchOperationsStream = EventStream;
+
+    async fn watch_operations(
+        &self,
+        request: Request<WatchOperationsRequest>,
+    ) -> Result<Response<Self::WatchOperationsStream>, Status> {
+        observed("WatchOperations", transport(&request), self.watch(request)).await
+    }
+
+    async fn register_types(
+        &self,
+        request: Request<RegisterTypesRequest>,
+    ) -> Result<Response<RegisterTypesResponse>, Status> {
+        observed("RegisterTypes", transport(&request), self.register(request)).await
+    }
+
+    async fn get_operation_report(
+        &self,
+        request: Request<GetOperationReportRequest>,
+    ) -> Result<Response<OperationReport>, Status> {
+        observed(
+            "GetOperationReport",
+            transport(&request),
+            self.report(request),
+        )
+        .await
     }
 }
 

@@ -298,6 +298,23 @@ pub enum Cause {
     Expired,
 }
 
+impl Cause {
+    /// A stable lower-case name, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Created => "created",
+            Cause::Updated => "updated",
+            Cause::Completed => "completed",
+            Cause::CancelRequested => "cancel_requested",
+            Cause::Cancelled => "cancelled",
+            Cause::GraceExpired => "grace_expired",
+            Cause::LeaseExpired => "lease_expired",
+            Cause::Deleted => "deleted",
+            Cause::Expired => "expired",
+        }
+    }
+}
+
 /// One committed change, published after the commit.
 #[derive(Clone, Debug)]
 pub struct Change {

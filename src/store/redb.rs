@@ -318,6 +318,8 @@ impl Writer {
             }
         }
         let now = SystemTime::now();
+        let started = std::time::Instant::now();
+        let size = batch.len();
         let mut results = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
         let outcome = (|| -> Result<(), StoreError> {
@@ -340,6 +342,7 @@ impl Writer {
             txn.commit()
                 .map_err(|e| StoreError::Unavailable(e.to_string()))
         })();
+        crate::metrics::store_commit(size, started.elapsed(), outcome.is_ok());
         match outcome {
             Ok(()) => {
                 for (mutation, result) in batch.into_iter().zip(results) {

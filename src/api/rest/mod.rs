@@ -71,6 +71,8 @@ struct Inner {
     workers: WorkersService,
     /// Refuse calls without Google client headers (`--strict-rest-clients`).
     strict: bool,
+    /// The Prometheus recorder's handle, when `/metrics` is served.
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     registry: Registry,
     types: TypeRegistry,
     max_body_bytes: usize,
@@ -109,11 +111,20 @@ impl RestService {
                 operations,
                 workers,
                 strict,
+                metrics: None,
                 registry,
                 types,
                 max_body_bytes,
             }),
         })
+    }
+
+    /// Serves `/metrics` from this recorder.
+    pub fn with_metrics(mut self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = Some(handle);
+        }
+        self
     }
 
     /// The routes served, most specific first.
@@ -136,6 +147,11 @@ impl RestService {
         if parts.uri.path() == "/healthz" && parts.method == Method::GET {
             return self.health(presentation);
         }
+        if parts.uri.path() == "/metrics" && parts.method == Method::GET {
+            if let Some(handle) = &self.inner.metrics {
+                return self.metrics(handle).await;
+            }
+        }
         match self
             .call(
                 &parts.method,
@@ -151,6 +167,24 @@ impl RestService {
             Ok(value) => json_response(StatusCode::OK, &value, presentation),
             Err(status) => error_response(&status, &pool, presentation),
         }
+    }
+
+    async fn metrics(
+        &self,
+        handle: &metrics_exporter_prometheus::PrometheusHandle,
+    ) -> Response<Full<Bytes>> {
+        let registry = &self.inner.registry;
+        crate::metrics::gauges(
+            registry.waiter_count(),
+            registry.watcher_count(),
+            registry.operation_count().await.ok(),
+        );
+        let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
     }
 
     fn health(&self, presentation: Presentation) -> Response<Full<Bytes>> {
