@@ -15,6 +15,7 @@
 //!   to answer health checks.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -42,21 +43,44 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 pub struct LoadOptions {
     /// The server, e.g. `http://127.0.0.1:50051`.
     pub target: String,
-    /// Concurrent clients (each with its own connection).
+    /// Concurrent clients, each with its own connection (closed loop), or
+    /// the connections the open loop spreads its calls over.
     pub concurrency: usize,
-    /// How long to run (after warm-up).
+    /// How long to run.
     pub duration: Duration,
-    /// The parent operations are created under.
+    /// The parent operations are created under (and listed).
     pub parent: String,
+    /// Open loop: calls per second on a fixed schedule, latency measured
+    /// from each call's intended send time. `None`: closed loop.
+    pub rate: Option<f64>,
+    /// A local server's pid, to report its CPU seconds per call and its RSS.
+    pub server_pid: Option<u32>,
+}
+
+/// What a run does, call by call.
+#[derive(Clone, Debug)]
+pub enum Workload {
+    /// GetOperation of one existing operation.
+    Get { name: String },
+    /// GET /v1/{name} over HTTP/1.1.
+    RestGet { name: String },
+    /// CreateOperation then CompleteOperation (two durable writes).
+    CreateComplete,
+    /// ListOperations page by page over `parent`, starting over at the end.
+    List { page_size: i32, filter: String },
 }
 
 /// What a run measured.
 #[derive(Debug)]
 pub struct LoadReport {
     pub iterations: u64,
-    pub errors: u64,
+    pub errors: BTreeMap<String, u64>,
     pub elapsed: Duration,
     pub latency: Histogram<u64>,
+    /// Server CPU seconds per call (user + system), with `server_pid`.
+    pub server_cpu_per_call: Option<Duration>,
+    /// Server resident set size at the end, with `server_pid`.
+    pub server_rss_bytes: Option<u64>,
 }
 
 impl LoadReport {
@@ -64,20 +88,38 @@ impl LoadReport {
         self.iterations as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// One line: iterations/s and latency percentiles in microseconds.
+    /// One line: calls/s, latency percentiles in microseconds, errors by
+    /// code, server CPU per call and RSS.
     pub fn summary(&self) -> String {
         let q = |p: f64| self.latency.value_at_quantile(p);
-        format!(
-            "{:.0} iterations/s ({} in {:.1}s, {} errors); latency µs p50 {} p99 {} p99.9 {} max {}",
+        let mut line = format!(
+            "{:.0} calls/s ({} in {:.1}s); latency µs p50 {} p99 {} p99.9 {} max {}",
             self.rate(),
             self.iterations,
             self.elapsed.as_secs_f64(),
-            self.errors,
             q(0.5),
             q(0.99),
             q(0.999),
             self.latency.max()
-        )
+        );
+        if self.errors.is_empty() {
+            line.push_str("; 0 errors");
+        } else {
+            line.push_str(&format!("; errors {:?}", self.errors));
+        }
+        if let Some(cpu) = self.server_cpu_per_call {
+            line.push_str(&format!(
+                "; server CPU {:.1} µs/call",
+                cpu.as_secs_f64() * 1e6
+            ));
+        }
+        if let Some(rss) = self.server_rss_bytes {
+            line.push_str(&format!(
+                "; server RSS {:.1} MiB",
+                rss as f64 / (1024.0 * 1024.0)
+            ));
+        }
+        line
     }
 }
 
@@ -86,6 +128,85 @@ async fn connect(target: &str) -> Result<Channel, BenchError> {
         .tcp_nodelay(true)
         .connect()
         .await?)
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// One client's connections.
+#[derive(Clone)]
+struct Clients {
+    ops: OperationsClient<Channel>,
+    workers: WorkersClient<Channel>,
+    http: HttpClient,
+    target: String,
+    /// List position.
+    token: String,
+}
+
+impl Clients {
+    async fn new(target: &str) -> Result<Self, BenchError> {
+        let channel = connect(target).await?;
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
+        Ok(Self {
+            ops: OperationsClient::new(channel.clone()),
+            workers: WorkersClient::new(channel),
+            http,
+            target: target.to_owned(),
+            token: String::new(),
+        })
+    }
+
+    /// One call of `workload`; the error is the status code's name.
+    async fn call(&mut self, workload: &Workload, parent: &str) -> Result<(), String> {
+        let code = |s: tonic::Status| format!("{:?}", s.code());
+        match workload {
+            Workload::Get { name } => self
+                .ops
+                .get_operation(crate::pb::google::longrunning::GetOperationRequest {
+                    name: name.clone(),
+                })
+                .await
+                .map(drop)
+                .map_err(code),
+            Workload::RestGet { name } => {
+                let uri: http::Uri = format!("{}/v1/{name}", self.target)
+                    .parse()
+                    .map_err(|e| format!("{e}"))?;
+                let response = self.http.get(uri).await.map_err(|e| format!("http: {e}"))?;
+                let status = response.status();
+                http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .map_err(|e| format!("http: {e}"))?;
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {}", status.as_u16()))
+                }
+            }
+            Workload::CreateComplete => create_complete(&mut self.workers, parent)
+                .await
+                .map_err(code),
+            Workload::List { page_size, filter } => {
+                let request = crate::pb::google::longrunning::ListOperationsRequest {
+                    name: parent.to_owned(),
+                    filter: filter.clone(),
+                    page_size: *page_size,
+                    page_token: std::mem::take(&mut self.token),
+                    return_partial_success: false,
+                };
+                let page = self.ops.list_operations(request).await.map_err(code)?;
+                self.token = page.into_inner().next_page_token;
+                Ok(())
+            }
+        }
+    }
 }
 
 /// One create+complete iteration.
@@ -110,126 +231,199 @@ async fn create_complete(
     Ok(())
 }
 
-/// Runs create+complete from `concurrency` clients for `duration`.
-/// `tick` is called about every second with the iterations so far.
-pub async fn run_create_complete(
+/// Server CPU time (user + system) and RSS from /proc.
+fn server_usage(pid: u32) -> Option<(Duration, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    let cpu = Duration::from_millis(ticks * 10);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((cpu, rss_kib * 1024))
+}
+
+#[derive(Default)]
+struct Tally {
+    iterations: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    latency: Mutex<Option<Histogram<u64>>>,
+}
+
+impl Tally {
+    fn error(&self, code: String) {
+        if let Ok(mut errors) = self.errors.lock() {
+            *errors.entry(code).or_default() += 1;
+        }
+    }
+
+    fn merge(&self, local: &Histogram<u64>) {
+        if let Ok(mut all) = self.latency.lock() {
+            match all.as_mut() {
+                Some(all) => {
+                    let _ = all.add(local);
+                }
+                None => *all = Some(local.clone()),
+            }
+        }
+    }
+}
+
+/// Waits until `at` more precisely than tokio's 1 ms timer: sleeps to a
+/// millisecond before, then yields until the moment (the load generator has
+/// a core of its own; a late send would count as server latency).
+async fn pace(at: Instant) {
+    let early = Duration::from_millis(1);
+    if let Some(rest) = at.checked_duration_since(Instant::now()) {
+        if rest > early {
+            tokio::time::sleep_until((at - early).into()).await;
+        }
+    }
+    while Instant::now() < at {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Runs `workload` closed loop (or open loop with `rate`) for the duration.
+/// `tick` is called about every second with the calls so far.
+pub async fn run(
     options: &LoadOptions,
+    workload: &Workload,
     tick: impl Fn(u64) + Send + Sync + 'static,
 ) -> Result<LoadReport, BenchError> {
-    let iterations = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
-    let started = Instant::now();
-    let until = started + options.duration;
+    let tally = Arc::new(Tally::default());
     let mut clients = Vec::new();
     for _ in 0..options.concurrency.max(1) {
-        let mut workers = WorkersClient::new(connect(&options.target).await?);
-        let (iterations, errors, latency) = (iterations.clone(), errors.clone(), latency.clone());
-        let parent = options.parent.clone();
-        clients.push(tokio::spawn(async move {
-            let mut local = Histogram::<u64>::new(3).expect("3 significant digits is valid");
-            while Instant::now() < until {
-                let sent = Instant::now();
-                match create_complete(&mut workers, &parent).await {
-                    Ok(()) => {
-                        let _ = local.record(sent.elapsed().as_micros() as u64);
-                        iterations.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            if let Ok(mut all) = latency.lock() {
-                let _ = all.add(&local);
-            }
-        }));
+        clients.push(Clients::new(&options.target).await?);
     }
+    let before = options.server_pid.and_then(server_usage);
+    let started = Instant::now();
+    let until = started + options.duration;
     let ticker = {
-        let iterations = iterations.clone();
+        let tally = tally.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                tick(iterations.load(Ordering::Relaxed));
+                tick(tally.iterations.load(Ordering::Relaxed));
             }
         })
     };
-    for client in clients {
-        client.await?;
-    }
-    ticker.abort();
-    let elapsed = started.elapsed();
-    let latency = latency
-        .lock()
-        .map_err(|_| "histogram lock poisoned")?
-        .clone();
-    Ok(LoadReport {
-        iterations: iterations.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        elapsed,
-        latency,
-    })
-}
-
-/// Walks the listing of `options.parent` page by page (starting over at the
-/// end) from every client; one iteration is one page. `filter` applies to
-/// every page.
-pub async fn run_list(
-    options: &LoadOptions,
-    page_size: i32,
-    filter: &str,
-) -> Result<LoadReport, BenchError> {
-    let iterations = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
-    let started = Instant::now();
-    let until = started + options.duration;
-    let mut clients = Vec::new();
-    for _ in 0..options.concurrency.max(1) {
-        let mut ops = OperationsClient::new(connect(&options.target).await?);
-        let (iterations, errors, latency) = (iterations.clone(), errors.clone(), latency.clone());
-        let (parent, filter) = (options.parent.clone(), filter.to_owned());
-        clients.push(tokio::spawn(async move {
-            let mut local = Histogram::<u64>::new(3).expect("3 significant digits is valid");
-            let mut token = String::new();
-            while Instant::now() < until {
-                let request = crate::pb::google::longrunning::ListOperationsRequest {
-                    name: parent.clone(),
-                    filter: filter.clone(),
-                    page_size,
-                    page_token: std::mem::take(&mut token),
-                    return_partial_success: false,
-                };
-                let sent = Instant::now();
-                match ops.list_operations(request).await {
-                    Ok(page) => {
-                        let _ = local.record(sent.elapsed().as_micros() as u64);
-                        iterations.fetch_add(1, Ordering::Relaxed);
-                        token = page.into_inner().next_page_token;
+    match options.rate {
+        None => {
+            let mut tasks = Vec::new();
+            for mut client in clients {
+                let (tally, workload, parent) =
+                    (tally.clone(), workload.clone(), options.parent.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut local =
+                        Histogram::<u64>::new(3).expect("3 significant digits is valid");
+                    while Instant::now() < until {
+                        let sent = Instant::now();
+                        match client.call(&workload, &parent).await {
+                            Ok(()) => {
+                                let _ = local.record(sent.elapsed().as_micros() as u64);
+                                tally.iterations.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(code) => tally.error(code),
+                        }
                     }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    tally.merge(&local);
+                }));
+            }
+            for task in tasks {
+                task.await?;
+            }
+        }
+        Some(rate) => {
+            // Each call starts at its intended time on its own task, so a
+            // slow answer delays nothing else (no coordinated omission).
+            let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(100_000));
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut i: u32 = 0;
+            loop {
+                let intended = started + interval * i;
+                if intended >= until {
+                    break;
+                }
+                pace(intended).await;
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    tally.error("client overloaded".into());
+                    i += 1;
+                    continue;
+                };
+                let mut client = clients[i as usize % clients.len()].clone();
+                let (shared, workload, parent) =
+                    (tally.clone(), workload.clone(), options.parent.clone());
+                tasks.spawn(async move {
+                    let result = client.call(&workload, &parent).await;
+                    let micros = intended.elapsed().as_micros() as u64;
+                    drop(permit);
+                    match result {
+                        Ok(()) => {
+                            shared.iterations.fetch_add(1, Ordering::Relaxed);
+                            Some(micros)
+                        }
+                        Err(code) => {
+                            shared.error(code);
+                            None
+                        }
+                    }
+                });
+                i += 1;
+                while let Some(done) = tasks.try_join_next() {
+                    if let Ok(Some(micros)) = done {
+                        let mut local = Histogram::<u64>::new(3)?;
+                        let _ = local.record(micros);
+                        tally.merge(&local);
                     }
                 }
             }
-            if let Ok(mut all) = latency.lock() {
-                let _ = all.add(&local);
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Some(micros)) = done {
+                    let mut local = Histogram::<u64>::new(3)?;
+                    let _ = local.record(micros);
+                    tally.merge(&local);
+                }
             }
-        }));
+        }
     }
-    for client in clients {
-        client.await?;
-    }
+    ticker.abort();
     let elapsed = started.elapsed();
-    let latency = latency
+    let after = options.server_pid.and_then(server_usage);
+    let iterations = tally.iterations.load(Ordering::Relaxed);
+    let server_cpu_per_call = match (before, after) {
+        (Some((a, _)), Some((b, _))) if iterations > 0 => {
+            Some(b.saturating_sub(a) / iterations as u32)
+        }
+        _ => None,
+    };
+    let latency = tally
+        .latency
         .lock()
         .map_err(|_| "histogram lock poisoned")?
+        .clone()
+        .unwrap_or(Histogram::new(3)?);
+    let errors = tally
+        .errors
+        .lock()
+        .map_err(|_| "error lock poisoned")?
         .clone();
     Ok(LoadReport {
-        iterations: iterations.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
+        iterations,
+        errors,
         elapsed,
         latency,
+        server_cpu_per_call,
+        server_rss_bytes: after.map(|(_, rss)| rss),
     })
 }
 

@@ -32,8 +32,11 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
-    /// CreateOperation + CompleteOperation in a closed loop (two durable
-    /// writes per iteration); prints iterations/s and latency percentiles.
+    /// GetOperation of one operation (created first), over and over.
+    Get(LoadArgs),
+    /// GET /v1/{name} of one operation over HTTP/1.1 (REST).
+    RestGet(LoadArgs),
+    /// CreateOperation + CompleteOperation (two durable writes per call).
     CreateComplete(LoadArgs),
     /// Creates COUNT operations (each completed), e.g. to measure start-up.
     Fill {
@@ -42,7 +45,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 100_000)]
         count: u64,
     },
-    /// create+complete forever (for --duration) against a server with a short
+    /// create+complete for --duration against a server with a short
     /// --retention, printing the store file's size every second.
     Churn {
         #[command(flatten)]
@@ -51,8 +54,8 @@ enum BenchCommand {
         #[arg(long)]
         store_file: PathBuf,
     },
-    /// Walks the listing of --parent page by page, over and over; one
-    /// iteration is one page.
+    /// Walks the listing of --parent page by page, over and over; one call
+    /// is one page.
     List {
         #[command(flatten)]
         load: LoadArgs,
@@ -74,7 +77,8 @@ struct LoadArgs {
     /// The server to load.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     target: String,
-    /// Concurrent clients, one connection each.
+    /// Concurrent clients, one connection each (closed loop); connections
+    /// the calls are spread over (open loop).
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// How long to run.
@@ -83,6 +87,13 @@ struct LoadArgs {
     /// The parent the operations are created under.
     #[arg(long, default_value = "projects/bench")]
     parent: String,
+    /// Open loop: calls per second on a fixed schedule (latency counts from
+    /// each call's intended send time). Default: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// A local server's pid: report its CPU seconds per call and its RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 impl LoadArgs {
@@ -92,20 +103,54 @@ impl LoadArgs {
             concurrency: self.concurrency,
             duration: self.duration,
             parent: self.parent.clone(),
+            rate: self.rate,
+            server_pid: self.server_pid,
         }
     }
 }
 
+/// Creates the operation the Get workloads read (unless it exists).
+async fn bench_target(load: &LoadArgs) -> Result<String, opsd::bench::BenchError> {
+    use opsd::pb::opsd::v1::{workers_client::WorkersClient, CreateOperationRequest};
+    let mut workers = WorkersClient::connect(load.target.clone()).await?;
+    let request = CreateOperationRequest {
+        operation_id: "bench-get".into(),
+        request_id: "bench-get".into(),
+        ..Default::default()
+    };
+    match workers.create_operation(request).await {
+        Ok(op) => Ok(op.into_inner().name),
+        // A no-op ceiling server has no worker API: any name will do.
+        Err(status) if status.code() == tonic::Code::Unimplemented => {
+            Ok("operations/bench-get".into())
+        }
+        Err(status) => Err(status.into()),
+    }
+}
+
 async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
-    use opsd::bench;
+    use opsd::bench::{self, Workload};
+    let mode = |load: &LoadArgs| match load.rate {
+        Some(rate) => format!(
+            "open loop at {rate}/s over {} connections",
+            load.concurrency
+        ),
+        None => format!("{} clients", load.concurrency),
+    };
     match command {
+        BenchCommand::Get(load) => {
+            let name = bench_target(&load).await?;
+            let report = bench::run(&load.options(), &Workload::Get { name }, |_| {}).await?;
+            println!("GetOperation, {}: {}", mode(&load), report.summary());
+        }
+        BenchCommand::RestGet(load) => {
+            let name = bench_target(&load).await?;
+            let report = bench::run(&load.options(), &Workload::RestGet { name }, |_| {}).await?;
+            println!("REST GET, {}: {}", mode(&load), report.summary());
+        }
         BenchCommand::CreateComplete(load) => {
-            let report = bench::run_create_complete(&load.options(), |_| {}).await?;
-            println!(
-                "create+complete, {} clients: {}",
-                load.concurrency,
-                report.summary()
-            );
+            let report = bench::run(&load.options(), &Workload::CreateComplete, |_| {}).await?;
+            println!("create+complete, {}: {}", mode(&load), report.summary());
         }
         BenchCommand::Fill { load, count } => {
             let elapsed = bench::fill(&load.options(), count).await?;
@@ -117,7 +162,7 @@ async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
         BenchCommand::Churn { load, store_file } => {
             let before = bench::file_size(&store_file);
             let started = std::time::Instant::now();
-            let report = bench::run_create_complete(&load.options(), move |done| {
+            let report = bench::run(&load.options(), &Workload::CreateComplete, move |done| {
                 println!(
                     "{:>5.0}s {done:>9} iterations, store file {} bytes",
                     started.elapsed().as_secs_f64(),
@@ -132,10 +177,11 @@ async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
             page_size,
             filter,
         } => {
-            let report = bench::run_list(&load.options(), page_size, &filter).await?;
+            let workload = Workload::List { page_size, filter };
+            let report = bench::run(&load.options(), &workload, |_| {}).await?;
             println!(
-                "list pages of {page_size}, {} clients: {}",
-                load.concurrency,
+                "list pages of {page_size}, {}: {}",
+                mode(&load),
                 report.summary()
             );
         }
