@@ -497,3 +497,142 @@ pub async fn startup(store: &str, extra: &[String]) -> Result<Duration, BenchErr
 pub fn file_size(path: &PathBuf) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
+
+/// Cancel → watching worker: creates an operation, cancels it and times
+/// how long the worker's `WatchOperations` stream takes to report it, `count`
+/// times in a row. Returns the latency histogram (µs).
+pub async fn cancel_notify(
+    options: &LoadOptions,
+    count: u64,
+) -> Result<Histogram<u64>, BenchError> {
+    use crate::pb::{
+        google::longrunning::CancelOperationRequest,
+        opsd::v1::{operation_event, WatchOperationsRequest},
+    };
+    let channel = connect(&options.target).await?;
+    let mut workers = WorkersClient::new(channel.clone());
+    let mut ops = OperationsClient::new(channel);
+    let mut events = workers
+        .watch_operations(WatchOperationsRequest {
+            parent: options.parent.clone(),
+            names: vec![],
+        })
+        .await?
+        .into_inner();
+    let mut latency = Histogram::<u64>::new(3)?;
+    for _ in 0..count {
+        let request = CreateOperationRequest {
+            parent: options.parent.clone(),
+            ..Default::default()
+        };
+        let name = workers.create_operation(request).await?.into_inner().name;
+        let sent = Instant::now();
+        ops.cancel_operation(CancelOperationRequest { name: name.clone() })
+            .await?;
+        loop {
+            let event = events.message().await?.ok_or("the event stream ended")?;
+            if event.name == name && event.r#type() == operation_event::Type::CancelRequested {
+                break;
+            }
+        }
+        latency.record(sent.elapsed().as_micros() as u64)?;
+    }
+    Ok(latency)
+}
+
+/// What `waiters` measured.
+#[derive(Debug)]
+pub struct WaitersReport {
+    pub waiters: usize,
+    /// Server RSS growth per parked Wait, with `server_pid`.
+    pub bytes_per_waiter: Option<f64>,
+    /// For each sampled operation: from sending its completion to its
+    /// Wait's answer, while all the other Waits stay parked (µs).
+    pub wake: Histogram<u64>,
+}
+
+/// Parks `waiters` WaitOperation calls, one per operation (spread over
+/// connections of at most 1,000 streams), measures the server's RSS growth,
+/// then completes `sample` of the operations one at a time and times how
+/// long each one's Wait takes to answer while the others stay parked.
+pub async fn waiters(
+    options: &LoadOptions,
+    waiters: usize,
+    sample: usize,
+) -> Result<WaitersReport, BenchError> {
+    use crate::pb::google::longrunning::WaitOperationRequest;
+    const PER_CONNECTION: usize = 1000;
+    let mut workers = WorkersClient::new(connect(&options.target).await?);
+    let mut names = Vec::with_capacity(waiters);
+    for _ in 0..waiters {
+        let request = CreateOperationRequest {
+            parent: options.parent.clone(),
+            ..Default::default()
+        };
+        names.push(workers.create_operation(request).await?.into_inner().name);
+    }
+    let before = options
+        .server_pid
+        .and_then(server_usage)
+        .map(|(_, rss)| rss);
+    let (woken_tx, mut woken) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut channel = connect(&options.target).await?;
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 && i % PER_CONNECTION == 0 {
+            channel = connect(&options.target).await?;
+        }
+        let mut ops = OperationsClient::new(channel.clone());
+        let (name, woken_tx) = (name.clone(), woken_tx.clone());
+        tasks.spawn(async move {
+            let request = WaitOperationRequest {
+                name: name.clone(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            };
+            if let Ok(op) = ops.wait_operation(request).await {
+                if op.into_inner().done {
+                    let _ = woken_tx.send((name, Instant::now()));
+                }
+            }
+        });
+    }
+    // Let every Wait reach the server and park.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let parked = options
+        .server_pid
+        .and_then(server_usage)
+        .map(|(_, rss)| rss);
+    let bytes_per_waiter = match (before, parked) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / waiters.max(1) as f64),
+        _ => None,
+    };
+    let mut wake = Histogram::<u64>::new(3)?;
+    let step = (waiters / sample.max(1)).max(1);
+    for name in names.iter().step_by(step).take(sample) {
+        let response = prost_types::Any::from_msg(&()).map_err(|e| e.to_string())?;
+        let sent = Instant::now();
+        workers
+            .complete_operation(CompleteOperationRequest {
+                name: name.clone(),
+                result: Some(complete_operation_request::Result::Response(response)),
+                metadata: None,
+            })
+            .await?;
+        loop {
+            let (woke, at) = woken.recv().await.ok_or("the waiters ended")?;
+            if woke == *name {
+                wake.record(at.saturating_duration_since(sent).as_micros() as u64)?;
+                break;
+            }
+        }
+    }
+    tasks.abort_all();
+    Ok(WaitersReport {
+        waiters,
+        bytes_per_waiter,
+        wake,
+    })
+}

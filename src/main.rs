@@ -65,6 +65,25 @@ enum BenchCommand {
         #[arg(long, default_value = "")]
         filter: String,
     },
+    /// Cancel → worker: times how long a cancel takes to reach a worker's
+    /// WatchOperations stream, COUNT times in a row.
+    CancelNotify {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+    },
+    /// Parks WAITERS WaitOperation calls, one per operation, reports the
+    /// server's memory per parked Wait (with --server-pid), then completes
+    /// SAMPLE operations one at a time and times each one's wake-up.
+    Waiters {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 10_000)]
+        waiters: usize,
+        #[arg(long, default_value_t = 1000)]
+        sample: usize,
+    },
     /// Starts `opsd serve --store STORE` and times how long it takes to answer.
     Startup {
         #[arg(long)]
@@ -183,6 +202,36 @@ async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
                 "list pages of {page_size}, {}: {}",
                 mode(&load),
                 report.summary()
+            );
+        }
+        BenchCommand::CancelNotify { load, count } => {
+            let latency = bench::cancel_notify(&load.options(), count).await?;
+            let q = |p: f64| latency.value_at_quantile(p);
+            println!(
+                "cancel → worker, {count} in a row: latency µs p50 {} p99 {} p99.9 {} max {}",
+                q(0.5),
+                q(0.99),
+                q(0.999),
+                latency.max()
+            );
+        }
+        BenchCommand::Waiters {
+            load,
+            waiters,
+            sample,
+        } => {
+            let report = bench::waiters(&load.options(), waiters, sample).await?;
+            let q = |p: f64| report.wake.value_at_quantile(p);
+            let memory = report.bytes_per_waiter.map_or_else(String::new, |b| {
+                format!("; server RSS {b:.0} bytes per parked Wait")
+            });
+            println!(
+                "{} parked Waits{memory}; {} completed one by one, µs to their Wait's answer: p50 {} p99 {} max {}",
+                report.waiters,
+                report.wake.len(),
+                q(0.5),
+                q(0.99),
+                report.wake.max()
             );
         }
         BenchCommand::Startup { store } => {
