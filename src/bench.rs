@@ -1,18 +1,18 @@
 //! `opsd bench`: a load generator against a running server.
 //!
-//! Workloads (closed loop: each client sends its next call when the last one
-//! answered; latencies go into an HDR histogram):
+//! [`run`] drives a [`Workload`] closed loop (each client sends its next call
+//! when the last one answered) or open loop (a fixed schedule, latency counted
+//! from each call's intended send time, so a slow server cannot hide its
+//! queueing), with HDR histograms, errors by code, and the server's CPU time
+//! per call and RSS from `/proc` when its pid is given. Workloads: GetOperation,
+//! REST GET, create+complete (durable writes), List pages.
 //!
-//! - `create-complete`: CreateOperation then CompleteOperation, two durable
-//!   writes per iteration; on redb this measures group commit.
-//! - `fill`: creates N operations (then done), to measure start-up and List
-//!   on a large store.
-//! - `churn`: create+complete forever against a server with a short
-//!   `--retention`, printing the store file's size, to show it stays bounded.
-//! - `list`: walks a listing page by page, to compare page cost across
-//!   store sizes (keyset pagination: it should not grow with the store).
-//! - `startup`: starts `opsd serve` on a store and times how long it takes
-//!   to answer health checks.
+//! Measurements of their own: [`fill`] (a large store), [`startup`] (time
+//! to serve), [`cancel_notify`] (cancel → watching worker), [`waiters`]
+//! (memory per parked Wait, wake latency with many parked).
+//!
+//! `benches/ceiling.rs` serves the same APIs with no-op handlers: the
+//! reference every figure is compared with, in the same run and layout.
 
 use std::{
     collections::BTreeMap,
