@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::Weak,
+    sync::{Arc, Weak},
     time::{Duration, SystemTime},
 };
 
@@ -36,21 +36,27 @@ const FIRE_BATCH: usize = 256;
 /// How long to wait before retrying a deadline whose write failed.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Deadlines ordered by time, with a reverse index by name.
+/// Deadlines ordered by time, with a reverse index by name. Both indexes
+/// share one allocation of each name.
 #[derive(Default)]
 struct Timers {
-    by_time: BTreeSet<(SystemTime, String)>,
-    by_name: HashMap<String, SystemTime>,
+    by_time: BTreeSet<(SystemTime, Arc<str>)>,
+    by_name: HashMap<Arc<str>, SystemTime>,
 }
 
 impl Timers {
     fn set(&mut self, name: &str, deadline: Option<SystemTime>) {
-        if let Some(old) = self.by_name.remove(name) {
-            self.by_time.remove(&(old, name.to_owned()));
-        }
+        let key = match self.by_name.remove_entry(name) {
+            Some((key, old)) => {
+                self.by_time.remove(&(old, key.clone()));
+                key
+            }
+            None if deadline.is_some() => Arc::from(name),
+            None => return,
+        };
         if let Some(at) = deadline {
-            self.by_name.insert(name.to_owned(), at);
-            self.by_time.insert((at, name.to_owned()));
+            self.by_time.insert((at, key.clone()));
+            self.by_name.insert(key, at);
         }
     }
 
@@ -67,7 +73,7 @@ impl Timers {
             }
             if let Some((_, name)) = self.by_time.pop_first() {
                 self.by_name.remove(&name);
-                due.push(name);
+                due.push(name.to_string());
             }
         }
         due

@@ -250,7 +250,7 @@ impl Registry {
         let script = params
             .script
             .as_ref()
-            .map(|spec| self.check_script(spec, now))
+            .map(|spec| self.check_script(spec, now).map(Box::new))
             .transpose()?;
         if script.is_some() && lease.is_some() {
             return Err(Error::invalid(

@@ -500,7 +500,7 @@ async fn overdue_script_events_and_cancels_apply_in_time_order() {
         update_time: now - 10 * second,
         done_time: None,
         expire_time: None,
-        script: Some(Script {
+        script: Some(Box::new(Script {
             steps: vec![
                 (now - 4 * second, any("early")),
                 (now - 2 * second, any("after the outcome")),
@@ -508,7 +508,7 @@ async fn overdue_script_events_and_cancels_apply_in_time_order() {
             outcome: Some((now - 3 * second, Outcome::Response(any("done")))),
             on_cancel: None,
             disabled_methods: vec![],
-        }),
+        })),
     };
     record = store.insert(record).await.unwrap();
     registry.on_deadline(&record.name).await.unwrap();

@@ -76,8 +76,9 @@ pub struct Record {
     pub done_time: Option<SystemTime>,
     /// When a done operation is deleted by retention.
     pub expire_time: Option<SystemTime>,
-    /// For scripted operations: what opsd still has to do to it.
-    pub script: Option<Script>,
+    /// For scripted operations: what opsd still has to do to it (boxed:
+    /// most operations have none, and the record stays small).
+    pub script: Option<Box<Script>>,
 }
 
 /// The rest of a scripted operation's script, with absolute times.

@@ -745,7 +745,7 @@ fn encode(record: &Record) -> Vec<u8> {
         update_time: ts(Some(record.update_time)),
         done_time: ts(record.done_time),
         expire_time: ts(record.expire_time),
-        script: record.script.as_ref().map(encode_script),
+        script: record.script.as_deref().map(encode_script),
     }
     .encode_to_vec()
 }
@@ -783,7 +783,7 @@ fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
         update_time: time(stored.update_time)?.ok_or_else(|| corrupt("no update time"))?,
         done_time: time(stored.done_time)?,
         expire_time: time(stored.expire_time)?,
-        script: stored.script.map(decode_script).transpose()?,
+        script: stored.script.map(decode_script).transpose()?.map(Box::new),
     })
 }
 
@@ -823,7 +823,7 @@ mod tests {
     fn records_round_trip_through_their_encoding() {
         let mut r = record("operations/a");
         assert_eq!(decode(&encode(&r)).unwrap(), r);
-        r.script = Some(crate::store::Script {
+        r.script = Some(Box::new(crate::store::Script {
             steps: vec![(
                 SystemTime::now(),
                 prost_types::Any::from_msg(&"s".to_owned()).unwrap(),
@@ -837,7 +837,7 @@ mod tests {
                 Outcome::Error(crate::registry::cancelled_status()),
             )),
             disabled_methods: vec!["cancel".into()],
-        });
+        }));
         assert_eq!(decode(&encode(&r)).unwrap(), r);
         r.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
         r.done_time = Some(SystemTime::now());
