@@ -348,6 +348,8 @@ pub async fn run(
             let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
             let in_flight = Arc::new(tokio::sync::Semaphore::new(100_000));
             let mut tasks = tokio::task::JoinSet::new();
+            // Recorded by this scheduling task as calls finish.
+            let mut latency = Histogram::<u64>::new(3)?;
             let mut i: u32 = 0;
             loop {
                 let intended = started + interval * i;
@@ -381,19 +383,16 @@ pub async fn run(
                 i += 1;
                 while let Some(done) = tasks.try_join_next() {
                     if let Ok(Some(micros)) = done {
-                        let mut local = Histogram::<u64>::new(3)?;
-                        let _ = local.record(micros);
-                        tally.merge(&local);
+                        let _ = latency.record(micros);
                     }
                 }
             }
             while let Some(done) = tasks.join_next().await {
                 if let Ok(Some(micros)) = done {
-                    let mut local = Histogram::<u64>::new(3)?;
-                    let _ = local.record(micros);
-                    tally.merge(&local);
+                    let _ = latency.record(micros);
                 }
             }
+            tally.merge(&latency);
         }
     }
     ticker.abort();

@@ -62,8 +62,10 @@ pub enum ServerError {
 pub struct Server {
     config: Config,
     registry: Registry,
-    types: TypeRegistry,
     rest: RestService,
+    /// Shared by the gRPC routes and the REST transcoder.
+    operations: OperationsService,
+    workers: WorkersService,
     scenarios: Vec<crate::scenario::LoadedScenario>,
 }
 
@@ -92,9 +94,11 @@ impl Server {
                 .map_err(|e| fail(e.to_string()))?;
             tracing::info!(path = %path.display(), types = added.len(), "descriptor set loaded");
         }
+        let operations = OperationsService::new(registry.clone(), config.disabled_methods.clone());
+        let workers = WorkersService::new(registry.clone(), types.clone());
         let rest = RestService::new(
-            operations_service(&registry, &config),
-            WorkersService::new(registry.clone(), types.clone()),
+            operations.clone(),
+            workers.clone(),
             config.strict_rest_clients,
             registry.clone(),
             types.clone(),
@@ -113,8 +117,9 @@ impl Server {
         Ok(Self {
             config,
             registry,
-            types,
             rest,
+            operations,
+            workers,
             scenarios,
         })
     }
@@ -133,8 +138,9 @@ impl Server {
         let Self {
             config,
             registry,
-            types,
             rest,
+            operations,
+            workers,
             scenarios,
         } = self;
         let limits = &config.limits;
@@ -160,12 +166,8 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(
-                operations_service(&registry, &config).into_server(limits.max_message_size),
-            )
-            .add_service(
-                WorkersService::new(registry.clone(), types).into_server(limits.max_message_size),
-            )
+            .add_service(operations.into_server(limits.max_message_size))
+            .add_service(workers.into_server(limits.max_message_size))
             .clone()
             .routes();
         let app = App { grpc, rest };
@@ -265,10 +267,6 @@ impl Server {
 
 const OPERATIONS_SERVICE: &str = "google.longrunning.Operations";
 const WORKERS_SERVICE: &str = "opsd.v1.Workers";
-
-fn operations_service(registry: &Registry, config: &Config) -> OperationsService {
-    OperationsService::new(registry.clone(), config.disabled_methods.clone())
-}
 
 /// Routes each request to gRPC or REST. Cloning it is shallow.
 #[derive(Clone)]
