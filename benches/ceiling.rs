@@ -21,6 +21,11 @@ use opsd::pb::google::longrunning::{
 };
 use tonic::{Request, Response, Status};
 
+/// The allocator the opsd binary uses, so the ceiling differs from opsd only
+/// in what the handlers do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Answers GetOperation with the name it was asked for; nothing else.
 struct NoOp;
 

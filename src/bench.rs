@@ -77,6 +77,9 @@ pub struct LoadReport {
     pub errors: BTreeMap<String, u64>,
     pub elapsed: Duration,
     pub latency: Histogram<u64>,
+    /// Open loop: how late each call was sent after its intended time (µs),
+    /// the generator's own health; latency already counts it.
+    pub send_lag: Option<Histogram<u64>>,
     /// Server CPU seconds per call (user + system), with `server_pid`.
     pub server_cpu_per_call: Option<Duration>,
     /// Server resident set size at the end, with `server_pid`.
@@ -102,6 +105,13 @@ impl LoadReport {
             q(0.999),
             self.latency.max()
         );
+        if let Some(lag) = &self.send_lag {
+            line.push_str(&format!(
+                "; send lag µs p99 {} max {}",
+                lag.value_at_quantile(0.99),
+                lag.max()
+            ));
+        }
         if self.errors.is_empty() {
             line.push_str("; 0 errors");
         } else {
@@ -192,6 +202,7 @@ impl Clients {
             }
             Workload::CreateComplete => create_complete(&mut self.workers, parent)
                 .await
+                .map(drop)
                 .map_err(code),
             Workload::List { page_size, filter } => {
                 let request = crate::pb::google::longrunning::ListOperationsRequest {
@@ -209,11 +220,11 @@ impl Clients {
     }
 }
 
-/// One create+complete iteration.
+/// One create+complete iteration; returns the operation's name.
 async fn create_complete(
     workers: &mut WorkersClient<Channel>,
     parent: &str,
-) -> Result<(), tonic::Status> {
+) -> Result<String, tonic::Status> {
     let request = CreateOperationRequest {
         parent: parent.to_owned(),
         ..Default::default()
@@ -223,12 +234,12 @@ async fn create_complete(
         prost_types::Any::from_msg(&()).map_err(|e| tonic::Status::internal(e.to_string()))?;
     workers
         .complete_operation(CompleteOperationRequest {
-            name,
+            name: name.clone(),
             result: Some(complete_operation_request::Result::Response(response)),
             metadata: None,
         })
         .await?;
-    Ok(())
+    Ok(name)
 }
 
 /// Server CPU time (user + system) and RSS from /proc.
@@ -307,6 +318,7 @@ pub async fn run(
     let before = options.server_pid.and_then(server_usage);
     let started = Instant::now();
     let until = started + options.duration;
+    let mut send_lag = None;
     let ticker = {
         let tally = tally.clone();
         tokio::spawn(async move {
@@ -350,6 +362,7 @@ pub async fn run(
             let mut tasks = tokio::task::JoinSet::new();
             // Recorded by this scheduling task as calls finish.
             let mut latency = Histogram::<u64>::new(3)?;
+            let mut lag = Histogram::<u64>::new(3)?;
             let mut i: u32 = 0;
             loop {
                 let intended = started + interval * i;
@@ -366,33 +379,41 @@ pub async fn run(
                 let (shared, workload, parent) =
                     (tally.clone(), workload.clone(), options.parent.clone());
                 tasks.spawn(async move {
+                    let sent = intended.elapsed().as_micros() as u64;
                     let result = client.call(&workload, &parent).await;
                     let micros = intended.elapsed().as_micros() as u64;
                     drop(permit);
                     match result {
                         Ok(()) => {
                             shared.iterations.fetch_add(1, Ordering::Relaxed);
-                            Some(micros)
+                            (sent, Some(micros))
                         }
                         Err(code) => {
                             shared.error(code);
-                            None
+                            (sent, None)
                         }
                     }
                 });
                 i += 1;
                 while let Some(done) = tasks.try_join_next() {
-                    if let Ok(Some(micros)) = done {
-                        let _ = latency.record(micros);
+                    if let Ok((sent, answered)) = done {
+                        let _ = lag.record(sent);
+                        if let Some(micros) = answered {
+                            let _ = latency.record(micros);
+                        }
                     }
                 }
             }
             while let Some(done) = tasks.join_next().await {
-                if let Ok(Some(micros)) = done {
-                    let _ = latency.record(micros);
+                if let Ok((sent, answered)) = done {
+                    let _ = lag.record(sent);
+                    if let Some(micros) = answered {
+                        let _ = latency.record(micros);
+                    }
                 }
             }
             tally.merge(&latency);
+            send_lag = Some(lag);
         }
     }
     ticker.abort();
@@ -421,14 +442,28 @@ pub async fn run(
         errors,
         elapsed,
         latency,
+        send_lag,
         server_cpu_per_call,
         server_rss_bytes: after.map(|(_, rss)| rss),
     })
 }
 
+/// What `fill` measured.
+#[derive(Debug)]
+pub struct FillReport {
+    pub elapsed: Duration,
+    /// Server RSS before and after, with `server_pid`.
+    pub rss: Option<(u64, u64)>,
+    /// The encoded size of one of the operations (as GetOperation returns
+    /// it), for memory per operation beyond its encoding.
+    pub encoded_size: Option<usize>,
+}
+
 /// Creates `count` operations (each then completed) with `concurrency` clients.
-pub async fn fill(options: &LoadOptions, count: u64) -> Result<Duration, BenchError> {
+pub async fn fill(options: &LoadOptions, count: u64) -> Result<FillReport, BenchError> {
+    use prost::Message;
     let next = Arc::new(AtomicU64::new(0));
+    let before = options.server_pid.and_then(server_usage);
     let started = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..options.concurrency.max(1) {
@@ -436,16 +471,32 @@ pub async fn fill(options: &LoadOptions, count: u64) -> Result<Duration, BenchEr
         let next = next.clone();
         let parent = options.parent.clone();
         clients.push(tokio::spawn(async move {
+            let mut last = None;
             while next.fetch_add(1, Ordering::Relaxed) < count {
-                create_complete(&mut workers, &parent).await?;
+                last = Some(create_complete(&mut workers, &parent).await?);
             }
-            Ok::<_, tonic::Status>(())
+            Ok::<_, tonic::Status>(last)
         }));
     }
+    let mut sample = None;
     for client in clients {
-        client.await??;
+        sample = client.await??.or(sample);
     }
-    Ok(started.elapsed())
+    let elapsed = started.elapsed();
+    let after = options.server_pid.and_then(server_usage);
+    let encoded_size = match sample {
+        Some(name) => {
+            let mut ops = OperationsClient::new(connect(&options.target).await?);
+            let request = crate::pb::google::longrunning::GetOperationRequest { name };
+            Some(ops.get_operation(request).await?.into_inner().encoded_len())
+        }
+        None => None,
+    };
+    Ok(FillReport {
+        elapsed,
+        rss: before.zip(after).map(|((_, a), (_, b))| (a, b)),
+        encoded_size,
+    })
 }
 
 /// Starts `opsd serve` (this executable) on `store` and returns how long it
@@ -543,25 +594,54 @@ pub async fn cancel_notify(
 #[derive(Debug)]
 pub struct WaitersReport {
     pub waiters: usize,
+    /// How many Waits the server reported parked before memory was read
+    /// (its `opsd_waiters` gauge), when it serves `/metrics`.
+    pub parked: Option<u64>,
     /// Server RSS growth per parked Wait, with `server_pid`.
     pub bytes_per_waiter: Option<f64>,
-    /// For each sampled operation: from sending its completion to its
-    /// Wait's answer, while all the other Waits stay parked (µs).
-    pub wake: Histogram<u64>,
+    /// For sampled operations completed by their worker: from sending the
+    /// completion to its Wait's answer, while all the other Waits stay
+    /// parked (µs).
+    pub wake_by_completion: Histogram<u64>,
+    /// The same for sampled operations cancelled by a client (µs).
+    pub wake_by_cancel: Histogram<u64>,
+}
+
+/// The server's `opsd_waiters` gauge, from its `/metrics`.
+async fn parked_waiters(http: &HttpClient, target: &str) -> Option<u64> {
+    let uri: http::Uri = format!("{target}/metrics").parse().ok()?;
+    let response = http.get(uri).await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .ok()?
+        .to_bytes();
+    std::str::from_utf8(&body)
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("opsd_waiters "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// Parks `waiters` WaitOperation calls, one per operation (spread over
-/// connections of at most 1,000 streams), measures the server's RSS growth,
-/// then completes `sample` of the operations one at a time and times how
-/// long each one's Wait takes to answer while the others stay parked.
+/// connections of at most 1,000 streams), waits until the server reports
+/// them all parked (or 3 s when it serves no `/metrics`), measures the
+/// server's RSS growth, then finishes `sample` of the operations one at a
+/// time, alternately completing and cancelling them, and times how long
+/// each one's Wait takes to answer while the others stay parked.
 pub async fn waiters(
     options: &LoadOptions,
     waiters: usize,
     sample: usize,
 ) -> Result<WaitersReport, BenchError> {
-    use crate::pb::google::longrunning::WaitOperationRequest;
+    use crate::pb::google::longrunning::{CancelOperationRequest, WaitOperationRequest};
     const PER_CONNECTION: usize = 1000;
-    let mut workers = WorkersClient::new(connect(&options.target).await?);
+    let clients = Clients::new(&options.target).await?;
+    let mut workers = clients.workers.clone();
+    let mut ops = clients.ops.clone();
     let mut names = Vec::with_capacity(waiters);
     for _ in 0..waiters {
         let request = CreateOperationRequest {
@@ -570,6 +650,7 @@ pub async fn waiters(
         };
         names.push(workers.create_operation(request).await?.into_inner().name);
     }
+    let already = parked_waiters(&clients.http, &options.target).await;
     let before = options
         .server_pid
         .and_then(server_usage)
@@ -599,31 +680,58 @@ pub async fn waiters(
         });
     }
     // Let every Wait reach the server and park.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let parked = options
+    let mut parked = None;
+    match already {
+        Some(already) => {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                parked = parked_waiters(&clients.http, &options.target).await;
+                if parked.is_some_and(|p| p >= already + waiters as u64) {
+                    break;
+                }
+            }
+            parked = parked.map(|p| p.saturating_sub(already));
+            // The last streams' buffers settle.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        None => tokio::time::sleep(Duration::from_secs(3)).await,
+    }
+    let after = options
         .server_pid
         .and_then(server_usage)
         .map(|(_, rss)| rss);
-    let bytes_per_waiter = match (before, parked) {
+    let bytes_per_waiter = match (before, after) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / waiters.max(1) as f64),
         _ => None,
     };
-    let mut wake = Histogram::<u64>::new(3)?;
+    let mut wake_by_completion = Histogram::<u64>::new(3)?;
+    let mut wake_by_cancel = Histogram::<u64>::new(3)?;
     let step = (waiters / sample.max(1)).max(1);
-    for name in names.iter().step_by(step).take(sample) {
-        let response = prost_types::Any::from_msg(&()).map_err(|e| e.to_string())?;
+    for (i, name) in names.iter().step_by(step).take(sample).enumerate() {
         let sent = Instant::now();
-        workers
-            .complete_operation(CompleteOperationRequest {
-                name: name.clone(),
-                result: Some(complete_operation_request::Result::Response(response)),
-                metadata: None,
-            })
-            .await?;
+        if i % 2 == 0 {
+            let response = prost_types::Any::from_msg(&()).map_err(|e| e.to_string())?;
+            workers
+                .complete_operation(CompleteOperationRequest {
+                    name: name.clone(),
+                    result: Some(complete_operation_request::Result::Response(response)),
+                    metadata: None,
+                })
+                .await?;
+        } else {
+            ops.cancel_operation(CancelOperationRequest { name: name.clone() })
+                .await?;
+        }
         loop {
             let (woke, at) = woken.recv().await.ok_or("the waiters ended")?;
             if woke == *name {
-                wake.record(at.saturating_duration_since(sent).as_micros() as u64)?;
+                let micros = at.saturating_duration_since(sent).as_micros() as u64;
+                if i % 2 == 0 {
+                    wake_by_completion.record(micros)?;
+                } else {
+                    wake_by_cancel.record(micros)?;
+                }
                 break;
             }
         }
@@ -631,7 +739,9 @@ pub async fn waiters(
     tasks.abort_all();
     Ok(WaitersReport {
         waiters,
+        parked,
         bytes_per_waiter,
-        wake,
+        wake_by_completion,
+        wake_by_cancel,
     })
 }

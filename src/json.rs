@@ -47,6 +47,57 @@ pub fn message_to_json<M: Message>(
     Ok(value)
 }
 
+/// Renders a prost message of type `full_name` through `pool` straight to
+/// JSON text, indented as `serde_json::to_vec_pretty` does when `pretty`.
+/// Same output as [`message_to_json`] followed by serialization, without the
+/// intermediate tree, except when the message holds an `Any` of
+/// `google.protobuf.Empty`, whose correction needs the tree.
+pub fn render_message<M: Message>(
+    message: &M,
+    full_name: &str,
+    pool: &DescriptorPool,
+    options: JsonOptions,
+    pretty: bool,
+) -> Result<Vec<u8>, String> {
+    let bytes = message.encode_to_vec();
+    if contains(&bytes, EMPTY_TYPE.as_bytes()) {
+        let value = message_to_json(message, full_name, pool, options)?;
+        return Ok(write_json(&value, pretty));
+    }
+    let descriptor = pool
+        .get_message_by_name(full_name)
+        .ok_or_else(|| format!("unknown message type {full_name}"))?;
+    let dynamic =
+        DynamicMessage::decode(descriptor, bytes.as_slice()).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(64 + 2 * bytes.len());
+    let serialize = options.serialize();
+    let written = if pretty {
+        dynamic.serialize_with_options(&mut serde_json::Serializer::pretty(&mut out), &serialize)
+    } else {
+        dynamic.serialize_with_options(&mut serde_json::Serializer::new(&mut out), &serialize)
+    };
+    written.map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// A JSON value as text, indented when `pretty`.
+pub fn write_json(value: &Value, pretty: bool) -> Vec<u8> {
+    let written = if pretty {
+        serde_json::to_vec_pretty(value)
+    } else {
+        serde_json::to_vec(value)
+    };
+    // Serializing a `Value` into memory cannot fail.
+    written.unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// The message name whose `Any` form [`empty_any_without_value`] corrects.
+const EMPTY_TYPE: &str = "google.protobuf.Empty";
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// An `Any` holding `google.protobuf.Empty` is `{"@type": ".../google.protobuf.Empty"}`
 /// in the ProtoJSON of protobuf's own runtimes (Empty has no special JSON
 /// form, so no `value` wrapper); prost-reflect writes `"value": {}`, which
@@ -141,6 +192,76 @@ mod tests {
             any_to_json(&wkt, &pool(), JsonOptions::default()),
             serde_json::json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "hi"})
         );
+    }
+
+    #[test]
+    fn rendered_text_equals_the_serialized_tree() {
+        use crate::pb::google::longrunning::{operation::Result as OpResult, Operation};
+        let info = crate::pb::google::rpc::ErrorInfo {
+            reason: "R".into(),
+            domain: "d".into(),
+            metadata: [("k".to_owned(), "v".to_owned())].into(),
+        };
+        let ops = [
+            Operation {
+                name: "operations/a".into(),
+                ..Default::default()
+            },
+            Operation {
+                name: "projects/p/operations/b".into(),
+                metadata: Some(Any::from_msg(&"50%".to_owned()).unwrap()),
+                done: true,
+                result: Some(OpResult::Error(crate::pb::google::rpc::Status {
+                    code: 1,
+                    message: "Operation was cancelled.".into(),
+                    details: vec![Any::from_msg(&info).unwrap()],
+                })),
+            },
+            Operation {
+                name: "operations/c".into(),
+                metadata: None,
+                done: true,
+                result: Some(OpResult::Response(Any::from_msg(&()).unwrap())),
+            },
+        ];
+        for op in &ops {
+            for pretty in [false, true] {
+                for enum_numbers in [false, true] {
+                    let options = JsonOptions { enum_numbers };
+                    let tree =
+                        message_to_json(op, "google.longrunning.Operation", &pool(), options)
+                            .unwrap();
+                    let text = render_message(
+                        op,
+                        "google.longrunning.Operation",
+                        &pool(),
+                        options,
+                        pretty,
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        String::from_utf8(text).unwrap(),
+                        String::from_utf8(write_json(&tree, pretty)).unwrap()
+                    );
+                }
+            }
+        }
+        let unknown = Operation {
+            name: "operations/d".into(),
+            metadata: Some(Any {
+                type_url: "type.googleapis.com/acme.Unknown".into(),
+                value: vec![1],
+            }),
+            ..Default::default()
+        };
+        assert!(render_message(
+            &unknown,
+            "google.longrunning.Operation",
+            &pool(),
+            JsonOptions::default(),
+            false
+        )
+        .is_err());
     }
 
     #[test]

@@ -9,6 +9,9 @@ use opsd::{
 };
 use tokio::net::TcpListener;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// opsd serves the google.longrunning.Operations API (List, Get, Delete,
 /// Cancel, Wait) and the opsd.v1.Workers API through which services register
 /// their long-running jobs, report progress and results, and learn of
@@ -172,11 +175,26 @@ async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
             println!("create+complete, {}: {}", mode(&load), report.summary());
         }
         BenchCommand::Fill { load, count } => {
-            let elapsed = bench::fill(&load.options(), count).await?;
-            println!(
+            let report = bench::fill(&load.options(), count).await?;
+            let mut line = format!(
                 "created and completed {count} operations in {:.1}s",
-                elapsed.as_secs_f64()
+                report.elapsed.as_secs_f64()
             );
+            if let Some((before, after)) = report.rss {
+                let per = after.saturating_sub(before) as f64 / count.max(1) as f64;
+                line.push_str(&format!(
+                    "; server RSS {:.1} → {:.1} MiB: {per:.0} bytes per operation",
+                    before as f64 / 1048576.0,
+                    after as f64 / 1048576.0
+                ));
+                if let Some(size) = report.encoded_size {
+                    line.push_str(&format!(
+                        ", {:.0} beyond its {size}-byte encoding",
+                        per - size as f64
+                    ));
+                }
+            }
+            println!("{line}");
         }
         BenchCommand::Churn { load, store_file } => {
             let before = bench::file_size(&store_file);
@@ -221,17 +239,27 @@ async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
             sample,
         } => {
             let report = bench::waiters(&load.options(), waiters, sample).await?;
-            let q = |p: f64| report.wake.value_at_quantile(p);
             let memory = report.bytes_per_waiter.map_or_else(String::new, |b| {
                 format!("; server RSS {b:.0} bytes per parked Wait")
             });
+            let parked = report
+                .parked
+                .map_or_else(String::new, |p| format!(" ({p} parked per the server)"));
+            let wake = |h: &hdrhistogram::Histogram<u64>| {
+                format!(
+                    "p50 {} p99 {} max {} µs",
+                    h.value_at_quantile(0.5),
+                    h.value_at_quantile(0.99),
+                    h.max()
+                )
+            };
             println!(
-                "{} parked Waits{memory}; {} completed one by one, µs to their Wait's answer: p50 {} p99 {} max {}",
+                "{} parked Waits{parked}{memory}; wake-up, with the others parked: {} completed, {}; {} cancelled, {}",
                 report.waiters,
-                report.wake.len(),
-                q(0.5),
-                q(0.99),
-                report.wake.max()
+                report.wake_by_completion.len(),
+                wake(&report.wake_by_completion),
+                report.wake_by_cancel.len(),
+                wake(&report.wake_by_cancel),
             );
         }
         BenchCommand::Startup { store } => {
@@ -488,10 +516,31 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let runtime = match &cli.command {
+        // The server uses every core it is given.
+        Command::Serve(_) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        // The load generator runs on one thread: pinned to one core, a second
+        // thread (the runtime's main thread beside a worker) would take turns
+        // with it and add milliseconds of scheduling delay to the figures.
+        Command::Bench(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli.command)),
+        Err(err) => {
+            eprintln!("opsd: cannot start the Tokio runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
         Command::Serve(args) => {
             init_logging(args.log_format);
             let config = match args.into_config() {

@@ -5,25 +5,52 @@
 //! no-op costing an atomic load. The recorder is process-wide, so it is
 //! installed once and shared by every server in the process.
 //!
+//! Once opsd's own recorder is installed, the per-call series (one counter
+//! and one histogram per method, transport and code) are looked up once and
+//! their handles kept in a map behind a `std::sync::RwLock` (read-locked on
+//! every call, write-locked once per new series; nothing awaits under it),
+//! so a call costs an atomic add and a histogram push instead of a registry
+//! lookup. A thread drains the histograms every few seconds (the exporter's
+//! upkeep), so samples never pile up between scrapes.
+//!
 //! Series:
 //! - `opsd_rpc_total{method, transport, code}` and
 //!   `opsd_rpc_duration_seconds{method, transport}` (histogram): every
 //!   Operations and Workers call, over gRPC and REST.
-//! - `opsd_waiters`, `opsd_watchers`, `opsd_operations`: gauges, read at scrape.
+//! - `opsd_waiters`, `opsd_watchers`, `opsd_operations{state}` (`running`,
+//!   `done`): gauges, read at scrape.
 //! - `opsd_store_commit_duration_seconds`, `opsd_store_commit_batch_size`
 //!   (histograms) and `opsd_store_commit_failures_total`: the redb writer.
 //! - `opsd_operation_transitions_total{cause}`: committed changes by cause.
 
 use std::{
+    collections::HashMap,
     future::Future,
-    sync::OnceLock,
+    pin::Pin,
+    sync::{OnceLock, RwLock},
+    task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tonic::{Code, Status};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// How often the histograms' pending samples are folded in.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// (method, transport, code) → the handles of its series.
+type RpcSeries = RwLock<HashMap<(&'static str, &'static str, i32), (Counter, Histogram)>>;
+
+/// The cached per-call series; used only while opsd's recorder is installed.
+static RPC_SERIES: OnceLock<RpcSeries> = OnceLock::new();
+
+/// Whether opsd's own recorder is the global one.
+fn installed() -> bool {
+    HANDLE.get().is_some_and(Option::is_some)
+}
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> Option<PrometheusHandle> {
@@ -38,7 +65,19 @@ pub fn install() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
-                Ok(()) => Some(handle),
+                Ok(()) => {
+                    let upkeep = handle.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("opsd-metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(UPKEEP_INTERVAL);
+                            upkeep.run_upkeep();
+                        });
+                    if let Err(err) = spawned {
+                        tracing::warn!(cause = %err, "cannot start the metrics upkeep thread; histograms drain at scrape only");
+                    }
+                    Some(handle)
+                }
                 Err(err) => {
                     tracing::warn!(cause = %err, "another metrics recorder is installed; /metrics is off");
                     None
@@ -54,28 +93,88 @@ fn code_name(code: Code) -> &'static str {
         .unwrap_or("UNKNOWN")
 }
 
-/// Records one call.
-pub fn rpc(method: &'static str, transport: &'static str, code: Code, elapsed: Duration) {
-    metrics::counter!("opsd_rpc_total", "method" => method, "transport" => transport, "code" => code_name(code))
-        .increment(1);
-    metrics::histogram!("opsd_rpc_duration_seconds", "method" => method, "transport" => transport)
-        .record(elapsed.as_secs_f64());
+fn rpc_series(method: &'static str, transport: &'static str, code: Code) -> (Counter, Histogram) {
+    (
+        metrics::counter!("opsd_rpc_total", "method" => method, "transport" => transport, "code" => code_name(code)),
+        metrics::histogram!("opsd_rpc_duration_seconds", "method" => method, "transport" => transport),
+    )
 }
 
-/// Runs a handler and records it.
-pub async fn observed<T>(
-    method: &'static str,
-    transport: &'static str,
-    call: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
-    let started = Instant::now();
-    let result = call.await;
-    let code = match &result {
-        Ok(_) => Code::Ok,
-        Err(status) => status.code(),
-    };
-    rpc(method, transport, code, started.elapsed());
-    result
+/// Records one call.
+pub fn rpc(method: &'static str, transport: &'static str, code: Code, elapsed: Duration) {
+    let seconds = elapsed.as_secs_f64();
+    if !installed() {
+        // Another recorder (or none): plain lookups.
+        let (calls, duration) = rpc_series(method, transport, code);
+        calls.increment(1);
+        duration.record(seconds);
+        return;
+    }
+    let cache = RPC_SERIES.get_or_init(RpcSeries::default);
+    let key = (method, transport, code as i32);
+    if let Some((calls, duration)) = cache.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        calls.increment(1);
+        duration.record(seconds);
+        return;
+    }
+    let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
+    let (calls, duration) = cache
+        .entry(key)
+        .or_insert_with(|| rpc_series(method, transport, code));
+    calls.increment(1);
+    duration.record(seconds);
+}
+
+pin_project_lite::pin_project! {
+    /// A handler's future, run inside its debug-level `rpc` span and recorded
+    /// when it finishes. A plain wrapper rather than an `async fn`, so a
+    /// parked call (a Wait) does not hold a second copy of the handler's
+    /// state.
+    pub struct Observed<F> {
+        #[pin]
+        call: F,
+        method: &'static str,
+        transport: &'static str,
+        started: Instant,
+        span: tracing::Span,
+    }
+}
+
+impl<F, T> Future for Observed<F>
+where
+    F: Future<Output = Result<T, Status>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let result = ready!(this.call.poll(cx));
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        rpc(this.method, this.transport, code, this.started.elapsed());
+        Poll::Ready(result)
+    }
+}
+
+impl<F> Observed<F> {
+    /// Wraps the future of a `method` call that came over `transport`.
+    pub fn new(
+        method: &'static str,
+        transport: &'static str,
+        span: tracing::Span,
+        call: F,
+    ) -> Self {
+        Self {
+            call,
+            method,
+            transport,
+            started: Instant::now(),
+            span,
+        }
+    }
 }
 
 /// One redb group commit.
@@ -93,10 +192,11 @@ pub fn transition(cause: &'static str) {
 }
 
 /// The scrape-time gauges.
-pub fn gauges(waiters: usize, watchers: usize, operations: Option<usize>) {
+pub fn gauges(waiters: usize, watchers: usize, operations: Option<crate::store::Counts>) {
     metrics::gauge!("opsd_waiters").set(waiters as f64);
     metrics::gauge!("opsd_watchers").set(watchers as f64);
-    if let Some(operations) = operations {
-        metrics::gauge!("opsd_operations").set(operations as f64);
+    if let Some(counts) = operations {
+        metrics::gauge!("opsd_operations", "state" => "running").set(counts.running as f64);
+        metrics::gauge!("opsd_operations", "state" => "done").set(counts.done as f64);
     }
 }

@@ -12,7 +12,11 @@
 //! in-flight calls. Connections still open after the drain timeout (long-lived
 //! health watches, for example) are closed.
 
-use std::{convert::Infallible, future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible, future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
+};
+
+use futures_util::future::Either;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -275,16 +279,26 @@ struct App {
     rest: RestService,
 }
 
+/// The future of one request. A gRPC call holds only the router's future;
+/// the larger REST one is boxed, so the many parked gRPC Waits do not carry
+/// its size.
+type Routed = Either<
+    tower::util::Oneshot<Routes, Request<Incoming>>,
+    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>,
+>;
+
 impl App {
-    async fn call(self, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    fn call(self, request: Request<Incoming>) -> Routed {
         let grpc = request
             .headers()
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         if grpc {
-            self.grpc.oneshot(request).await
+            Either::Left(self.grpc.oneshot(request))
         } else {
-            Ok(self.rest.handle(request).await.map(Body::new))
+            Either::Right(Box::pin(async move {
+                Ok(self.rest.handle(request).await.map(Body::new))
+            }))
         }
     }
 }

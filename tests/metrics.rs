@@ -2,8 +2,11 @@
 
 mod common;
 
-use common::{create, op, TestServer};
-use opsd::pb::google::longrunning::GetOperationRequest;
+use common::{any_string, create, op, TestServer};
+use opsd::pb::{
+    google::longrunning::{GetOperationRequest, WaitOperationRequest},
+    opsd::v1::{complete_operation_request, CompleteOperationRequest},
+};
 
 #[tokio::test]
 async fn metrics_count_calls_by_method_transport_and_code() {
@@ -45,9 +48,59 @@ async fn metrics_count_calls_by_method_transport_and_code() {
         r#"opsd_rpc_total{method="GetOperation",transport="rest",code="OK"}"#,
         r#"opsd_rpc_total{method="CreateOperation",transport="grpc",code="OK"}"#,
         "opsd_rpc_duration_seconds_bucket{",
-        "opsd_waiters ",
-        "opsd_watchers ",
-        "opsd_operations ",
+        "\nopsd_waiters 0\n",
+        "\nopsd_watchers 0\n",
+        "\nopsd_operations{state=\"running\"} 1\n",
+        "\nopsd_operations{state=\"done\"} 0\n",
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
+    }
+
+    // A parked Wait shows, and a completion moves the operation to done.
+    let wait = tokio::spawn({
+        let mut ops = ops.clone();
+        let name = name.clone();
+        async move {
+            ops.wait_operation(WaitOperationRequest {
+                name,
+                timeout: Some(prost_types::Duration {
+                    seconds: 30,
+                    nanos: 0,
+                }),
+            })
+            .await
+        }
+    });
+    let scrape = || async {
+        http.get(format!("{}/metrics", server.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    while !scrape().await.contains("\nopsd_waiters 1\n") {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    workers
+        .complete_operation(CompleteOperationRequest {
+            name: name.clone(),
+            result: Some(complete_operation_request::Result::Response(any_string(
+                "done",
+            ))),
+            metadata: None,
+        })
+        .await
+        .unwrap();
+    assert!(wait.await.unwrap().unwrap().into_inner().done);
+    let text = scrape().await;
+    for series in [
+        "\nopsd_waiters 0\n",
+        "\nopsd_operations{state=\"running\"} 0\n",
+        "\nopsd_operations{state=\"done\"} 1\n",
+        r#"opsd_operation_transitions_total{cause="completed"} 1"#,
+        r#"opsd_rpc_total{method="WaitOperation",transport="grpc",code="OK"} 1"#,
     ] {
         assert!(text.contains(series), "{series} missing from:\n{text}");
     }

@@ -395,7 +395,7 @@ async fn scripts_survive_a_restart_and_scenarios_reapply_idempotently() {
             Err(err) => panic!("{err}"),
         }
     };
-    assert_eq!(server.registry.operation_count().await.unwrap(), 5);
+    assert_eq!(server.registry.operation_counts().await.unwrap().total(), 5);
     let running = get(&server, "operations/running").await.unwrap();
     assert!(running.done, "the cancel before the restart stands");
     let slow = wait(&server, "operations/slow", 10.0).await;

@@ -15,7 +15,67 @@ use std::time::Duration;
 
 use tonic::{metadata::MetadataMap, Request};
 
-use crate::error::Error;
+use crate::{
+    error::Error,
+    metrics::Observed,
+    pb::{google::longrunning as lro, opsd::v1 as wapi},
+};
+
+/// What a request is about, for its span: the operation's name, or the
+/// parent it works under.
+pub(crate) trait Resource {
+    fn resource(&self) -> &str;
+}
+
+macro_rules! resource {
+    ($($request:ty => $field:ident),* $(,)?) => {
+        $(impl Resource for $request {
+            fn resource(&self) -> &str {
+                &self.$field
+            }
+        })*
+    };
+}
+
+resource! {
+    lro::ListOperationsRequest => name,
+    lro::GetOperationRequest => name,
+    lro::DeleteOperationRequest => name,
+    lro::CancelOperationRequest => name,
+    lro::WaitOperationRequest => name,
+    wapi::CreateOperationRequest => parent,
+    wapi::UpdateOperationRequest => name,
+    wapi::CompleteOperationRequest => name,
+    wapi::WatchOperationsRequest => parent,
+    wapi::GetOperationReportRequest => name,
+}
+
+impl Resource for wapi::RegisterTypesRequest {
+    fn resource(&self) -> &str {
+        ""
+    }
+}
+
+/// Runs `handler` on `request` inside a debug-level `rpc` span (method,
+/// transport, resource) and records the call's metrics when it ends: the
+/// one wrapper of every Operations and Workers method.
+pub(crate) fn observe<T, F>(
+    method: &'static str,
+    request: Request<T>,
+    handler: impl FnOnce(Request<T>) -> F,
+) -> Observed<F>
+where
+    T: Resource,
+{
+    let via = transport(&request);
+    let span = tracing::debug_span!(
+        "rpc",
+        method,
+        transport = via,
+        resource = request.get_ref().resource()
+    );
+    Observed::new(method, via, span, handler(request))
+}
 
 /// Marks a gRPC request that the REST surface made (a request extension),
 /// so polling reports can tell the transports apart.

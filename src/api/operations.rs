@@ -4,8 +4,7 @@ use std::{collections::BTreeSet, fmt, str::FromStr, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use super::{duration, rpc_deadline, transport};
-use crate::metrics::observed;
+use super::{duration, observe, rpc_deadline, transport};
 use crate::{
     error::Error,
     pb::google::longrunning::{
@@ -99,7 +98,6 @@ impl OperationsService {
 
 /// The handlers; the trait impl below wraps each with metrics.
 impl OperationsService {
-    #[tracing::instrument(name = "ListOperations", skip_all, fields(name = %request.get_ref().name))]
     async fn list(
         &self,
         request: Request<ListOperationsRequest>,
@@ -128,7 +126,6 @@ impl OperationsService {
         }))
     }
 
-    #[tracing::instrument(name = "GetOperation", skip_all, fields(name = %request.get_ref().name))]
     async fn get(
         &self,
         request: Request<GetOperationRequest>,
@@ -139,7 +136,6 @@ impl OperationsService {
         Ok(Response::new(operation(&record)))
     }
 
-    #[tracing::instrument(name = "DeleteOperation", skip_all, fields(name = %request.get_ref().name))]
     async fn delete(
         &self,
         request: Request<DeleteOperationRequest>,
@@ -150,7 +146,6 @@ impl OperationsService {
         Ok(Response::new(()))
     }
 
-    #[tracing::instrument(name = "CancelOperation", skip_all, fields(name = %request.get_ref().name))]
     async fn cancel(
         &self,
         request: Request<CancelOperationRequest>,
@@ -162,7 +157,6 @@ impl OperationsService {
         Ok(Response::new(()))
     }
 
-    #[tracing::instrument(name = "WaitOperation", skip_all, fields(name = %request.get_ref().name))]
     async fn wait(
         &self,
         request: Request<WaitOperationRequest>,
@@ -189,35 +183,35 @@ impl Operations for OperationsService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        observed("ListOperations", transport(&request), self.list(request)).await
+        observe("ListOperations", request, |request| self.list(request)).await
     }
 
     async fn get_operation(
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        observed("GetOperation", transport(&request), self.get(request)).await
+        observe("GetOperation", request, |request| self.get(request)).await
     }
 
     async fn delete_operation(
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
-        observed("DeleteOperation", transport(&request), self.delete(request)).await
+        observe("DeleteOperation", request, |request| self.delete(request)).await
     }
 
     async fn cancel_operation(
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
-        observed("CancelOperation", transport(&request), self.cancel(request)).await
+        observe("CancelOperation", request, |request| self.cancel(request)).await
     }
 
     async fn wait_operation(
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        observed("WaitOperation", transport(&request), self.wait(request)).await
+        observe("WaitOperation", request, |request| self.wait(request)).await
     }
 }
 

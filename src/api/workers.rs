@@ -6,8 +6,7 @@ use std::pin::Pin;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::{duration, transport};
-use crate::metrics::observed;
+use super::{duration, observe};
 use crate::{
     api::types::TypeRegistry,
     error::Error,
@@ -132,7 +131,6 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<OperationEvent, Status>> + S
 
 /// The handlers; the trait impl below wraps each with metrics.
 impl WorkersService {
-    #[tracing::instrument(name = "CreateOperation", skip_all, fields(parent = %request.get_ref().parent, id = %request.get_ref().operation_id))]
     async fn create(
         &self,
         request: Request<CreateOperationRequest>,
@@ -160,7 +158,6 @@ impl WorkersService {
         Ok(Response::new(operation(&record)))
     }
 
-    #[tracing::instrument(name = "UpdateOperation", skip_all, fields(name = %request.get_ref().name))]
     async fn update(
         &self,
         request: Request<UpdateOperationRequest>,
@@ -173,7 +170,6 @@ impl WorkersService {
         Ok(Response::new(operation(&record)))
     }
 
-    #[tracing::instrument(name = "CompleteOperation", skip_all, fields(name = %request.get_ref().name))]
     async fn complete(
         &self,
         request: Request<CompleteOperationRequest>,
@@ -195,7 +191,6 @@ impl WorkersService {
         Ok(Response::new(operation(&record)))
     }
 
-    #[tracing::instrument(name = "WatchOperations", skip_all, fields(parent = %request.get_ref().parent))]
     async fn watch(
         &self,
         request: Request<WatchOperationsRequest>,
@@ -207,7 +202,6 @@ impl WorkersService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[tracing::instrument(name = "RegisterTypes", skip_all)]
     async fn register(
         &self,
         request: Request<RegisterTypesRequest>,
@@ -218,7 +212,6 @@ impl WorkersService {
         Ok(Response::new(RegisterTypesResponse { message_types }))
     }
 
-    #[tracing::instrument(name = "GetOperationReport", skip_all, fields(name = %request.get_ref().name))]
     async fn report(
         &self,
         request: Request<GetOperationReportRequest>,
@@ -250,25 +243,23 @@ impl Workers for WorkersService {
         &self,
         request: Request<CreateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        observed("CreateOperation", transport(&request), self.create(request)).await
+        observe("CreateOperation", request, |request| self.create(request)).await
     }
 
     async fn update_operation(
         &self,
         request: Request<UpdateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        observed("UpdateOperation", transport(&request), self.update(request)).await
+        observe("UpdateOperation", request, |request| self.update(request)).await
     }
 
     async fn complete_operation(
         &self,
         request: Request<CompleteOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
-        observed(
-            "CompleteOperation",
-            transport(&request),
-            self.complete(request),
-        )
+        observe("CompleteOperation", request, |request| {
+            self.complete(request)
+        })
         .await
     }
 
@@ -278,25 +269,23 @@ impl Workers for WorkersService {
         &self,
         request: Request<WatchOperationsRequest>,
     ) -> Result<Response<Self::WatchOperationsStream>, Status> {
-        observed("WatchOperations", transport(&request), self.watch(request)).await
+        observe("WatchOperations", request, |request| self.watch(request)).await
     }
 
     async fn register_types(
         &self,
         request: Request<RegisterTypesRequest>,
     ) -> Result<Response<RegisterTypesResponse>, Status> {
-        observed("RegisterTypes", transport(&request), self.register(request)).await
+        observe("RegisterTypes", request, |request| self.register(request)).await
     }
 
     async fn get_operation_report(
         &self,
         request: Request<GetOperationReportRequest>,
     ) -> Result<Response<OperationReport>, Status> {
-        observed(
-            "GetOperationReport",
-            transport(&request),
-            self.report(request),
-        )
+        observe("GetOperationReport", request, |request| {
+            self.report(request)
+        })
         .await
     }
 }

@@ -6,9 +6,14 @@
 //! and sleeps until the earliest. When one is due it re-reads the record and
 //! applies whatever is due with the usual conditional write, so a stale or
 //! early timer is harmless.
+//!
+//! The index holds every done operation (its retention expiry), so it is kept
+//! small: one ordered set of (time, name) with the name shared with the
+//! store's change feed, and no reverse index by name: each change carries the
+//! record's previous deadline, which finds the entry to drop.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     sync::{Arc, Weak},
     time::{Duration, SystemTime},
 };
@@ -36,44 +41,48 @@ const FIRE_BATCH: usize = 256;
 /// How long to wait before retrying a deadline whose write failed.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Deadlines ordered by time, with a reverse index by name. Both indexes
-/// share one allocation of each name.
+/// Deadlines ordered by time: (nanoseconds since the Unix epoch, name).
+/// A name may have stale entries (after missed changes); they only cause a
+/// harmless re-read when they fire.
 #[derive(Default)]
 struct Timers {
-    by_time: BTreeSet<(SystemTime, Arc<str>)>,
-    by_name: HashMap<Arc<str>, SystemTime>,
+    by_time: BTreeSet<(u64, Arc<str>)>,
+}
+
+/// A deadline as the index keys it (times before 1970 are due at once).
+fn nanos(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl Timers {
-    fn set(&mut self, name: &str, deadline: Option<SystemTime>) {
-        let key = match self.by_name.remove_entry(name) {
-            Some((key, old)) => {
-                self.by_time.remove(&(old, key.clone()));
-                key
-            }
-            None if deadline.is_some() => Arc::from(name),
-            None => return,
-        };
-        if let Some(at) = deadline {
-            self.by_time.insert((at, key.clone()));
-            self.by_name.insert(key, at);
+    /// Moves `name` from its `previous` deadline to `next`.
+    fn replace(&mut self, name: &Arc<str>, previous: Option<SystemTime>, next: Option<SystemTime>) {
+        if let Some(at) = previous {
+            self.by_time.remove(&(nanos(at), name.clone()));
+        }
+        if let Some(at) = next {
+            self.add(name.clone(), at);
         }
     }
 
+    fn add(&mut self, name: Arc<str>, at: SystemTime) {
+        self.by_time.insert((nanos(at), name));
+    }
+
     fn next(&self) -> Option<SystemTime> {
-        self.by_time.first().map(|(at, _)| *at)
+        self.by_time
+            .first()
+            .map(|(at, _)| SystemTime::UNIX_EPOCH + Duration::from_nanos(*at))
     }
 
     /// Removes and returns the names due at `now`.
-    fn take_due(&mut self, now: SystemTime) -> Vec<String> {
+    fn take_due(&mut self, now: SystemTime) -> Vec<Arc<str>> {
+        let now = nanos(now);
         let mut due = Vec::new();
-        while let Some((at, _)) = self.by_time.first() {
-            if *at > now {
-                break;
-            }
+        while self.by_time.first().is_some_and(|(at, _)| *at <= now) {
             if let Some((_, name)) = self.by_time.pop_first() {
-                self.by_name.remove(&name);
-                due.push(name.to_string());
+                due.push(name);
             }
         }
         due
@@ -112,7 +121,7 @@ async fn run(
                 Ok(all) => {
                     timers = Timers::default();
                     for (at, name) in all {
-                        timers.set(&name, Some(at));
+                        timers.add(name, at);
                     }
                     rescan = false;
                 }
@@ -127,7 +136,7 @@ async fn run(
         tokio::select! {
             () = shutdown.cancelled() => return,
             change = feed.recv() => match change {
-                Ok(change) => timers.set(&change.name, change.deadline),
+                Ok(change) => timers.replace(&change.name, change.previous_deadline, change.deadline),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "deadline task fell behind the change feed; rescanning");
                     rescan = true;
@@ -154,10 +163,11 @@ async fn run(
                     while let Some(joined) = running.join_next().await {
                         let Ok((name, result)) = joined else { continue };
                         match result {
-                            Ok(next) => timers.set(&name, next),
+                            Ok(Some(next)) => timers.add(name, next),
+                            Ok(None) => {}
                             Err(err) => {
-                                tracing::error!(name, cause = %err, "deadline action failed; retrying");
-                                timers.set(&name, Some(SystemTime::now() + RETRY_AFTER));
+                                tracing::error!(name = %name, cause = %err, "deadline action failed; retrying");
+                                timers.add(name, SystemTime::now() + RETRY_AFTER);
                             }
                         }
                     }
@@ -278,18 +288,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timers_keep_one_deadline_per_name() {
-        let t0 = SystemTime::UNIX_EPOCH;
+    fn timers_move_with_each_change() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let s = Duration::from_secs;
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         let mut timers = Timers::default();
-        timers.set("a", Some(t0 + s(5)));
-        timers.set("b", Some(t0 + s(3)));
-        timers.set("a", Some(t0 + s(1)));
+        timers.replace(&a, None, Some(t0 + s(5)));
+        timers.replace(&b, None, Some(t0 + s(3)));
+        timers.replace(&a, Some(t0 + s(5)), Some(t0 + s(1)));
         assert_eq!(timers.next(), Some(t0 + s(1)));
-        timers.set("a", None);
+        timers.replace(&a, Some(t0 + s(1)), None);
         assert_eq!(timers.next(), Some(t0 + s(3)));
-        assert_eq!(timers.take_due(t0 + s(4)), ["b"]);
+        assert_eq!(timers.take_due(t0 + s(4)), std::slice::from_ref(&b));
         assert_eq!(timers.next(), None);
-        assert!(timers.by_name.is_empty());
+        // A stale entry (a missed change) stays until it fires.
+        timers.replace(&a, None, Some(t0 + s(7)));
+        timers.replace(&a, Some(t0 + s(6)), Some(t0 + s(8)));
+        assert_eq!(timers.take_due(t0 + s(9)), [a.clone(), a.clone()]);
+        assert!(timers.by_time.is_empty());
+        assert_eq!(nanos(SystemTime::UNIX_EPOCH - s(1)), 0);
     }
 }

@@ -194,9 +194,9 @@ impl Registry {
         self.shared.watchers.load(Ordering::Relaxed)
     }
 
-    /// The number of stored operations.
-    pub async fn operation_count(&self) -> Result<usize, Error> {
-        Ok(self.shared.store.count().await?)
+    /// The number of stored operations, by state.
+    pub async fn operation_counts(&self) -> Result<crate::store::Counts, Error> {
+        Ok(self.shared.store.counts().await?)
     }
 
     /// Starts draining: open Waits return their latest state at once, worker

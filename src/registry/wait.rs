@@ -192,13 +192,16 @@ impl Registry {
         let mut first = true;
         loop {
             guard.rx.borrow_and_update();
-            let record = self.load(&name).await?;
-            if first {
-                Self::enabled_for(&record, "wait")?;
-                first = false;
-            }
-            if record.done() || self.is_shutting_down() {
-                return Ok(record);
+            {
+                // Scoped, so a parked Wait does not keep a copy of the record.
+                let record = self.load(&name).await?;
+                if first {
+                    Self::enabled_for(&record, "wait")?;
+                    first = false;
+                }
+                if record.done() || self.is_shutting_down() {
+                    return Ok(record);
+                }
             }
             tokio::select! {
                 changed = guard.rx.changed() => {

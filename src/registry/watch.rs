@@ -184,7 +184,7 @@ impl Registry {
                     }
                     let event = WorkerEvent {
                         kind,
-                        name: change.name,
+                        name: change.name.to_string(),
                         time: change.time,
                     };
                     if !send(&tx, event, &shutdown).await {
@@ -213,7 +213,7 @@ impl Registry {
             // Every pending cancellation has a deadline (its grace period).
             for (_, name) in store.deadlines().await? {
                 if store.get(&name).await?.is_some_and(|r| pending(&r)) {
-                    found.push(name);
+                    found.push(name.to_string());
                 }
             }
             return Ok(found);

@@ -1,21 +1,27 @@
 //! The in-process store, for tests and `--store memory`.
 //!
+//! Records are kept encoded (the codec the redb file uses), keyed by a
+//! shared `Arc<str>` name: an operation costs its encoded bytes plus a few
+//! dozen bytes of tree, and the change feed and the deadline index reuse the
+//! key instead of copying the name. Reads decode.
+//!
 //! All state sits behind one `std::sync::Mutex`: nothing awaits while it is
-//! held, and every critical section is a map lookup or insert, so it is never
-//! held for long. Changes are published while the lock is held, which keeps
-//! the feed in commit order.
+//! held, and every critical section is a map lookup or insert plus one
+//! record's encoding, so it is never held for long. Changes are published
+//! while the lock is held, which keeps the feed in commit order.
 
 use std::{
     collections::{BTreeMap, HashMap},
     ops::Bound,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
 };
 
 use tokio::sync::broadcast;
 
 use super::{
-    scan, scan_start, Cause, Change, ListQuery, Record, Revision, Scan, Store, StoreError,
+    codec::{decode, encode},
+    scan, scan_start, Cause, Change, Counts, ListQuery, Record, Revision, Scan, Store, StoreError,
 };
 
 /// How many changes a slow subscriber may fall behind before it is told it
@@ -32,9 +38,27 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct State {
-    records: BTreeMap<String, Record>,
+    /// name → the record encoded without its name.
+    records: BTreeMap<Arc<str>, Box<[u8]>>,
     /// request id → name, for idempotent creates.
-    request_ids: HashMap<String, String>,
+    request_ids: HashMap<String, Arc<str>>,
+    counts: Counts,
+}
+
+impl State {
+    fn load(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        match self.records.get_key_value(name) {
+            Some((key, bytes)) => Ok(Some(with_name(key, bytes)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Decodes a stored record and gives it its name back.
+fn with_name(name: &str, bytes: &[u8]) -> Result<Record, StoreError> {
+    let mut record = decode(bytes)?;
+    record.name = name.to_owned();
+    Ok(record)
 }
 
 impl Default for MemoryStore {
@@ -67,11 +91,18 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn publish(&self, name: &str, cause: Cause, deadline: Option<SystemTime>) {
+    fn publish(
+        &self,
+        name: Arc<str>,
+        cause: Cause,
+        previous_deadline: Option<SystemTime>,
+        deadline: Option<SystemTime>,
+    ) {
         // No subscribers is fine: nobody is waiting.
         let _ = self.feed.send(Change {
-            name: name.to_owned(),
+            name,
             cause,
+            previous_deadline,
             deadline,
             time: SystemTime::now(),
         });
@@ -81,16 +112,15 @@ impl MemoryStore {
 #[async_trait::async_trait]
 impl Store for MemoryStore {
     async fn get(&self, name: &str) -> Result<Option<Record>, StoreError> {
-        Ok(self.state().records.get(name).cloned())
+        self.state().load(name)
     }
 
     async fn find_by_request_id(&self, request_id: &str) -> Result<Option<Record>, StoreError> {
         let state = self.state();
-        Ok(state
-            .request_ids
-            .get(request_id)
-            .and_then(|name| state.records.get(name))
-            .cloned())
+        match state.request_ids.get(request_id) {
+            Some(name) => state.load(name),
+            None => Ok(None),
+        }
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Scan, StoreError> {
@@ -98,31 +128,33 @@ impl Store for MemoryStore {
         let state = self.state();
         let entries = state
             .records
-            .range::<String, _>((Bound::Included(&start), Bound::Unbounded))
-            .map(|(name, record)| Ok((name.clone(), record.clone())));
+            .range::<str, _>((Bound::Included(start.as_str()), Bound::Unbounded))
+            .map(|(name, bytes)| Ok((name.to_string(), with_name(name, bytes)?)));
         scan(query, entries)
     }
 
     async fn insert(&self, mut record: Record) -> Result<Record, StoreError> {
         let mut state = self.state();
-        if let Some(existing) = state.records.get(&record.name) {
-            return Err(StoreError::Exists(Box::new(existing.clone())));
+        if let Some(existing) = state.load(&record.name)? {
+            return Err(StoreError::Exists(Box::new(existing)));
         }
         if let Some(request_id) = &record.request_id {
-            if let Some(existing) = state
-                .request_ids
-                .get(request_id)
-                .and_then(|name| state.records.get(name))
-            {
-                return Err(StoreError::Exists(Box::new(existing.clone())));
+            if let Some(name) = state.request_ids.get(request_id) {
+                if let Some(existing) = state.load(name)? {
+                    return Err(StoreError::Exists(Box::new(existing)));
+                }
             }
-            state
-                .request_ids
-                .insert(request_id.clone(), record.name.clone());
         }
         record.revision = 1;
-        state.records.insert(record.name.clone(), record.clone());
-        self.publish(&record.name, Cause::Created, record.next_deadline());
+        let name: Arc<str> = Arc::from(record.name.as_str());
+        if let Some(request_id) = &record.request_id {
+            state.request_ids.insert(request_id.clone(), name.clone());
+        }
+        state
+            .records
+            .insert(name.clone(), encode(&record, false).into_boxed_slice());
+        state.counts.add(&record, 1);
+        self.publish(name, Cause::Created, None, record.next_deadline());
         Ok(record)
     }
 
@@ -133,50 +165,63 @@ impl Store for MemoryStore {
         cause: Cause,
     ) -> Result<Record, StoreError> {
         let mut state = self.state();
-        let Some(slot) = state.records.get_mut(&record.name) else {
+        let Some(stored) = state.load(&record.name)? else {
             return Err(StoreError::Conflict);
         };
-        if slot.revision != expected {
+        if stored.revision != expected {
             return Err(StoreError::Conflict);
         }
         record.revision = expected + 1;
         // The idempotency key belongs to the record for its whole life.
-        record.request_id = slot.request_id.clone();
-        *slot = record.clone();
-        self.publish(&record.name, cause, record.next_deadline());
+        record.request_id = stored.request_id.clone();
+        let encoded = encode(&record, false).into_boxed_slice();
+        let Some((name, _)) = state.records.get_key_value(record.name.as_str()) else {
+            return Err(StoreError::Conflict);
+        };
+        // Replacing the value keeps the key, and with it the shared name.
+        let name = name.clone();
+        state.records.insert(name.clone(), encoded);
+        state.counts.add(&stored, -1);
+        state.counts.add(&record, 1);
+        self.publish(name, cause, stored.next_deadline(), record.next_deadline());
         Ok(record)
     }
 
     async fn delete(&self, name: &str, expected: Revision, cause: Cause) -> Result<(), StoreError> {
         let mut state = self.state();
-        match state.records.get(name) {
-            Some(record) if record.revision == expected => {}
-            _ => return Err(StoreError::Conflict),
-        }
-        if let Some(record) = state.records.remove(name) {
-            if let Some(request_id) = &record.request_id {
-                state.request_ids.remove(request_id);
+        match state.load(name)? {
+            Some(stored) if stored.revision == expected => {
+                let Some((key, _)) = state.records.remove_entry(name) else {
+                    return Err(StoreError::Conflict);
+                };
+                if let Some(request_id) = &stored.request_id {
+                    state.request_ids.remove(request_id);
+                }
+                state.counts.add(&stored, -1);
+                self.publish(key, cause, stored.next_deadline(), None);
+                Ok(())
             }
+            _ => Err(StoreError::Conflict),
         }
-        self.publish(name, cause, None);
-        Ok(())
     }
 
-    async fn deadlines(&self) -> Result<Vec<(SystemTime, String)>, StoreError> {
-        Ok(self
-            .state()
-            .records
-            .values()
-            .filter_map(|r| r.next_deadline().map(|d| (d, r.name.clone())))
-            .collect())
+    async fn deadlines(&self) -> Result<Vec<(SystemTime, Arc<str>)>, StoreError> {
+        let state = self.state();
+        let mut out = Vec::new();
+        for (name, bytes) in &state.records {
+            if let Some(at) = decode(bytes)?.next_deadline() {
+                out.push((at, name.clone()));
+            }
+        }
+        Ok(out)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.feed.subscribe()
     }
 
-    async fn count(&self) -> Result<usize, StoreError> {
-        Ok(self.state().records.len())
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        Ok(self.state().counts)
     }
 
     fn page_token_key(&self) -> [u8; 32] {
@@ -189,7 +234,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{CancelPolicy, ParentPattern};
+    use crate::store::{CancelPolicy, Counts, ParentPattern};
 
     fn record(name: &str) -> Record {
         let now = SystemTime::now();
@@ -295,6 +340,63 @@ mod tests {
             .unwrap();
         assert_eq!(page.records.len(), 4);
         assert!(page.resume_after.is_none());
+    }
+
+    #[tokio::test]
+    async fn counts_follow_each_commit_and_changes_carry_both_deadlines() {
+        let store = MemoryStore::new();
+        let mut feed = store.subscribe();
+        let mut leased = record("operations/a");
+        leased.lease_deadline = Some(SystemTime::now() + Duration::from_secs(60));
+        let a = store.insert(leased.clone()).await.unwrap();
+        store.insert(record("operations/b")).await.unwrap();
+        assert_eq!(
+            store.counts().await.unwrap(),
+            Counts {
+                running: 2,
+                done: 0
+            }
+        );
+        let mut done = a.clone();
+        done.outcome = Some(crate::store::Outcome::Error(Default::default()));
+        done.lease_deadline = None;
+        done.expire_time = Some(SystemTime::now() + Duration::from_secs(3600));
+        store
+            .update(done.clone(), 1, Cause::Completed)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.counts().await.unwrap(),
+            Counts {
+                running: 1,
+                done: 1
+            }
+        );
+        store
+            .delete("operations/a", 2, Cause::Deleted)
+            .await
+            .unwrap();
+        store
+            .delete("operations/b", 1, Cause::Deleted)
+            .await
+            .unwrap();
+        assert_eq!(store.counts().await.unwrap(), Counts::default());
+        let created = feed.try_recv().unwrap();
+        assert_eq!(
+            (created.previous_deadline, created.deadline),
+            (None, leased.lease_deadline)
+        );
+        feed.try_recv().unwrap();
+        let completed = feed.try_recv().unwrap();
+        assert_eq!(completed.previous_deadline, leased.lease_deadline);
+        assert_eq!(completed.deadline, done.expire_time);
+        let deleted = feed.try_recv().unwrap();
+        assert_eq!(
+            (deleted.previous_deadline, deleted.deadline),
+            (done.expire_time, None)
+        );
+        // The feed hands out the store's own key.
+        assert_eq!(&*deleted.name, "operations/a");
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! task follow that feed, so the same registry code will serve a single
 //! process and several replicas sharing one database.
 
+mod codec;
 pub mod filter;
 mod memory;
 mod redb;
@@ -319,12 +320,41 @@ impl Cause {
 /// One committed change, published after the commit.
 #[derive(Clone, Debug)]
 pub struct Change {
-    pub name: String,
+    /// Shared, not copied: the memory store hands out its own key, so a
+    /// deadline index that keeps the name costs no second allocation.
+    pub name: Arc<str>,
     pub cause: Cause,
+    /// The record's next deadline before the change (`None` for a creation),
+    /// so a deadline index can drop the old entry without a reverse index.
+    pub previous_deadline: Option<SystemTime>,
     /// The record's next deadline after the change (`None` once deleted).
     pub deadline: Option<SystemTime>,
     /// When the change was committed.
     pub time: SystemTime,
+}
+
+/// How many operations a store holds, by state. Done operations that
+/// retention has not swept yet still count as done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub running: u64,
+    pub done: u64,
+}
+
+impl Counts {
+    pub fn total(&self) -> u64 {
+        self.running + self.done
+    }
+
+    /// Counts `record` in (`sign` 1) or out (`sign` -1).
+    fn add(&mut self, record: &Record, sign: i64) {
+        let slot = if record.done() {
+            &mut self.done
+        } else {
+            &mut self.running
+        };
+        *slot = slot.saturating_add_signed(sign);
+    }
 }
 
 /// A store failure. `Conflict` and `Exists` are answers the registry acts on;
@@ -378,13 +408,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every record's next deadline, for the deadline task at start-up and
     /// after it missed changes.
-    async fn deadlines(&self) -> Result<Vec<(SystemTime, String)>, StoreError>;
+    async fn deadlines(&self) -> Result<Vec<(SystemTime, Arc<str>)>, StoreError>;
 
     /// The change feed: every commit from now on, in commit order.
     fn subscribe(&self) -> broadcast::Receiver<Change>;
 
-    /// The number of stored records.
-    async fn count(&self) -> Result<usize, StoreError>;
+    /// The number of stored records, by state (kept current with every
+    /// commit, never counted by a scan).
+    async fn counts(&self) -> Result<Counts, StoreError>;
 
     /// The secret that signs page tokens: kept with the store, so tokens
     /// survive restarts and every replica of the store accepts them.

@@ -19,24 +19,22 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use prost::Message;
 use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, TableHandle,
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition,
+    TableHandle,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    scan, scan_start, CancelPolicy, Cause, Change, ListQuery, Outcome, Record, Revision, Scan,
-    Store, StoreError,
+    codec::{decode, encode},
+    scan, scan_start, Cause, Change, Counts, ListQuery, Record, Revision, Scan, Store, StoreError,
 };
-use crate::pb::google::rpc;
 
-/// name → encoded [`StoredRecord`].
+/// name → the encoded record (`codec`).
 const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
 /// request id → name.
 const REQUEST_IDS: TableDefinition<&str, &str> = TableDefinition::new("request_ids");
@@ -45,6 +43,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const FORMAT_KEY: &str = "format";
 const FORMAT: &[u8] = b"opsd-store-1";
+/// The operations by state: running and done, two little-endian u64s,
+/// written with every commit that changes them.
+const COUNTS_KEY: &str = "counts";
 
 /// Mutations queued for the writer before callers wait for room.
 const QUEUE: usize = 4096;
@@ -61,6 +62,9 @@ pub struct RedbStore {
     page_token_key: [u8; 32],
     queue: mpsc::Sender<Mutation>,
     feed: broadcast::Sender<Change>,
+    /// The committed counts by state; the writer replaces them after each
+    /// commit (a std mutex: one copy under it, nothing awaits).
+    counts: Arc<Mutex<Counts>>,
     /// Test hook: fail the next commits as a full disk would.
     #[cfg(any(test, feature = "failpoints"))]
     failpoints: Arc<Failpoints>,
@@ -111,6 +115,7 @@ impl RedbStore {
         })?;
         check_format(&db, path)?;
         let page_token_key = page_token_key(&db)?;
+        let counts = Arc::new(Mutex::new(stored_counts(&db)?));
         let db = Arc::new(db);
         let (queue, rx) = mpsc::channel(QUEUE);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
@@ -126,6 +131,7 @@ impl RedbStore {
         let writer = Writer {
             db: db.clone(),
             feed: feed.clone(),
+            counts: counts.clone(),
             failed: false,
             #[cfg(any(test, feature = "failpoints"))]
             failpoints: failpoints.clone(),
@@ -140,6 +146,7 @@ impl RedbStore {
             page_token_key,
             queue,
             feed,
+            counts,
             #[cfg(any(test, feature = "failpoints"))]
             failpoints,
         })
@@ -251,6 +258,55 @@ fn page_token_key(db: &Database) -> Result<[u8; 32], StoreError> {
     Ok(key)
 }
 
+/// The counts kept in the file. A file written before they were kept is
+/// counted once by a scan and the result stored.
+fn stored_counts(db: &Database) -> Result<Counts, StoreError> {
+    let read = db.begin_read().map_err(internal)?;
+    let stored = read
+        .open_table(META)
+        .map_err(internal)?
+        .get(COUNTS_KEY)
+        .map_err(internal)?
+        .map(|v| v.value().to_vec());
+    if let Some(bytes) = stored {
+        return decode_counts(&bytes)
+            .ok_or_else(|| StoreError::Internal("the stored operation counts are corrupt".into()));
+    }
+    let mut counts = Counts::default();
+    for entry in read
+        .open_table(OPERATIONS)
+        .map_err(internal)?
+        .iter()
+        .map_err(internal)?
+    {
+        let (_, value) = entry.map_err(internal)?;
+        counts.add(&decode(value.value())?, 1);
+    }
+    drop(read);
+    let mut txn = db.begin_write().map_err(internal)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(internal)?;
+    txn.open_table(META)
+        .map_err(internal)?
+        .insert(COUNTS_KEY, encode_counts(counts).as_slice())
+        .map_err(internal)?;
+    txn.commit().map_err(internal)?;
+    Ok(counts)
+}
+
+fn encode_counts(counts: Counts) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[..8].copy_from_slice(&counts.running.to_le_bytes());
+    bytes[8..].copy_from_slice(&counts.done.to_le_bytes());
+    bytes
+}
+
+fn decode_counts(bytes: &[u8]) -> Option<Counts> {
+    let running = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let done = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    Some(Counts { running, done })
+}
+
 fn internal(e: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(e.to_string())
 }
@@ -259,6 +315,7 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
 struct Writer {
     db: Arc<Database>,
     feed: broadcast::Sender<Change>,
+    counts: Arc<Mutex<Counts>>,
     /// A commit failed; the next batch must first prove the file healthy.
     failed: bool,
     #[cfg(any(test, feature = "failpoints"))]
@@ -322,6 +379,7 @@ impl Writer {
         let size = batch.len();
         let mut results = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
+        let mut counts = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let outcome = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write().map_err(internal)?;
             txn.set_durability(self.durability()).map_err(internal)?;
@@ -329,11 +387,26 @@ impl Writer {
                 let mut ops = txn.open_table(OPERATIONS).map_err(internal)?;
                 let mut ids = txn.open_table(REQUEST_IDS).map_err(internal)?;
                 for mutation in &batch {
-                    let result = apply(&mut ops, &mut ids, &mutation.op)?;
-                    if let Ok(written) = &result {
-                        changes.push(change_of(&mutation.op, written.as_ref(), now));
-                    }
+                    let result = match apply(&mut ops, &mut ids, &mutation.op)? {
+                        Ok(written) => {
+                            if let Some(before) = &written.before {
+                                counts.add(before, -1);
+                            }
+                            if let Some(after) = &written.after {
+                                counts.add(after, 1);
+                            }
+                            changes.push(change_of(&mutation.op, &written, now));
+                            Ok(written.after)
+                        }
+                        Err(refused) => Err(refused),
+                    };
                     results.push(result);
+                }
+                if !changes.is_empty() {
+                    txn.open_table(META)
+                        .map_err(internal)?
+                        .insert(COUNTS_KEY, encode_counts(counts).as_slice())
+                        .map_err(internal)?;
                 }
             }
             if self.injected_failure() {
@@ -345,6 +418,7 @@ impl Writer {
         crate::metrics::store_commit(size, started.elapsed(), outcome.is_ok());
         match outcome {
             Ok(()) => {
+                *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
                 for (mutation, result) in batch.into_iter().zip(results) {
                     let _ = mutation.reply.send(result);
                 }
@@ -389,15 +463,21 @@ impl Writer {
 type Ops<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 type Ids<'t> = redb::Table<'t, &'static str, &'static str>;
 
+/// What one mutation wrote: the record before (`None` for an insert) and
+/// after (`None` for a delete).
+struct Written {
+    before: Option<Record>,
+    after: Option<Record>,
+}
+
 /// Applies one mutation inside the batch's transaction. The outer error is a
 /// storage fault (the whole batch fails); the inner one is this mutation's
 /// own answer (conflict, exists).
-#[allow(clippy::type_complexity)]
 fn apply(
     ops: &mut Ops<'_>,
     ids: &mut Ids<'_>,
     op: &Op,
-) -> Result<Result<Option<Record>, StoreError>, StoreError> {
+) -> Result<Result<Written, StoreError>, StoreError> {
     let load = |ops: &Ops<'_>, name: &str| -> Result<Option<Record>, StoreError> {
         ops.get(name)
             .map_err(internal)?
@@ -424,9 +504,12 @@ fn apply(
             }
             let mut record = record.clone();
             record.revision = 1;
-            ops.insert(record.name.as_str(), encode(&record).as_slice())
+            ops.insert(record.name.as_str(), encode(&record, true).as_slice())
                 .map_err(internal)?;
-            Ok(Ok(Some(record)))
+            Ok(Ok(Written {
+                before: None,
+                after: Some(record),
+            }))
         }
         Op::Update(record, expected, _) => {
             let Some(stored) = load(ops, &record.name)? else {
@@ -437,10 +520,13 @@ fn apply(
             }
             let mut record = record.clone();
             record.revision = expected + 1;
-            record.request_id = stored.request_id;
-            ops.insert(record.name.as_str(), encode(&record).as_slice())
+            record.request_id = stored.request_id.clone();
+            ops.insert(record.name.as_str(), encode(&record, true).as_slice())
                 .map_err(internal)?;
-            Ok(Ok(Some(record)))
+            Ok(Ok(Written {
+                before: Some(stored),
+                after: Some(record),
+            }))
         }
         Op::Delete(name, expected, _) => {
             let Some(stored) = load(ops, name)? else {
@@ -453,21 +539,25 @@ fn apply(
             if let Some(request_id) = &stored.request_id {
                 ids.remove(request_id.as_str()).map_err(internal)?;
             }
-            Ok(Ok(None))
+            Ok(Ok(Written {
+                before: Some(stored),
+                after: None,
+            }))
         }
     }
 }
 
-fn change_of(op: &Op, written: Option<&Record>, time: SystemTime) -> Change {
+fn change_of(op: &Op, written: &Written, time: SystemTime) -> Change {
     let (name, cause) = match op {
-        Op::Insert(r) => (r.name.clone(), Cause::Created),
-        Op::Update(r, _, cause) => (r.name.clone(), *cause),
-        Op::Delete(name, _, cause) => (name.clone(), *cause),
+        Op::Insert(r) => (r.name.as_str(), Cause::Created),
+        Op::Update(r, _, cause) => (r.name.as_str(), *cause),
+        Op::Delete(name, _, cause) => (name.as_str(), *cause),
     };
     Change {
-        name,
+        name: Arc::from(name),
         cause,
-        deadline: written.and_then(Record::next_deadline),
+        previous_deadline: written.before.as_ref().and_then(Record::next_deadline),
+        deadline: written.after.as_ref().and_then(Record::next_deadline),
         time,
     }
 }
@@ -542,7 +632,7 @@ impl Store for RedbStore {
             .map(drop)
     }
 
-    async fn deadlines(&self) -> Result<Vec<(SystemTime, String)>, StoreError> {
+    async fn deadlines(&self) -> Result<Vec<(SystemTime, Arc<str>)>, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(internal)?;
@@ -552,7 +642,7 @@ impl Store for RedbStore {
                 let (_, value) = entry.map_err(internal)?;
                 let record = decode(value.value())?;
                 if let Some(at) = record.next_deadline() {
-                    out.push((at, record.name));
+                    out.push((at, Arc::from(record.name)));
                 }
             }
             Ok(out)
@@ -565,11 +655,8 @@ impl Store for RedbStore {
         self.feed.subscribe()
     }
 
-    async fn count(&self) -> Result<usize, StoreError> {
-        self.read(|txn| {
-            let ops = txn.open_table(OPERATIONS).map_err(internal)?;
-            Ok(ops.len().map_err(internal)? as usize)
-        })
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        Ok(*self.counts.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn page_token_key(&self) -> [u8; 32] {
@@ -577,220 +664,10 @@ impl Store for RedbStore {
     }
 }
 
-/// The on-disk form of a [`Record`].
-#[derive(Clone, PartialEq, prost::Message)]
-struct StoredRecord {
-    #[prost(string, tag = "1")]
-    name: String,
-    #[prost(uint64, tag = "2")]
-    revision: u64,
-    #[prost(message, optional, tag = "3")]
-    metadata: Option<prost_types::Any>,
-    #[prost(oneof = "StoredOutcome", tags = "4, 5")]
-    outcome: Option<StoredOutcome>,
-    #[prost(int32, tag = "6")]
-    cancel_policy: i32,
-    #[prost(message, optional, tag = "7")]
-    cancel_grace_period: Option<prost_types::Duration>,
-    #[prost(message, optional, tag = "8")]
-    cancel_deadline: Option<prost_types::Timestamp>,
-    #[prost(message, optional, tag = "9")]
-    lease: Option<prost_types::Duration>,
-    #[prost(message, optional, tag = "10")]
-    lease_deadline: Option<prost_types::Timestamp>,
-    #[prost(string, optional, tag = "11")]
-    request_id: Option<String>,
-    #[prost(message, optional, tag = "12")]
-    create_time: Option<prost_types::Timestamp>,
-    #[prost(message, optional, tag = "13")]
-    update_time: Option<prost_types::Timestamp>,
-    #[prost(message, optional, tag = "14")]
-    done_time: Option<prost_types::Timestamp>,
-    #[prost(message, optional, tag = "15")]
-    expire_time: Option<prost_types::Timestamp>,
-    #[prost(message, optional, tag = "16")]
-    script: Option<StoredScript>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StoredScript {
-    #[prost(message, repeated, tag = "1")]
-    steps: Vec<StoredStep>,
-    #[prost(message, optional, tag = "2")]
-    outcome_time: Option<prost_types::Timestamp>,
-    #[prost(oneof = "StoredOutcome", tags = "4, 5")]
-    outcome: Option<StoredOutcome>,
-    #[prost(message, optional, tag = "6")]
-    on_cancel_after: Option<prost_types::Duration>,
-    #[prost(message, optional, tag = "7")]
-    on_cancel: Option<StoredResult>,
-    #[prost(string, repeated, tag = "8")]
-    disabled_methods: Vec<String>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StoredStep {
-    #[prost(message, optional, tag = "1")]
-    at: Option<prost_types::Timestamp>,
-    #[prost(message, optional, tag = "2")]
-    metadata: Option<prost_types::Any>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StoredResult {
-    #[prost(oneof = "StoredOutcome", tags = "4, 5")]
-    outcome: Option<StoredOutcome>,
-}
-
-fn stored_outcome(o: &Outcome) -> StoredOutcome {
-    match o {
-        Outcome::Response(a) => StoredOutcome::Response(a.clone()),
-        Outcome::Error(s) => StoredOutcome::Error(s.clone()),
-    }
-}
-
-fn outcome_of(o: StoredOutcome) -> Outcome {
-    match o {
-        StoredOutcome::Response(a) => Outcome::Response(a),
-        StoredOutcome::Error(s) => Outcome::Error(s),
-    }
-}
-
-fn encode_script(script: &super::Script) -> StoredScript {
-    StoredScript {
-        steps: script
-            .steps
-            .iter()
-            .map(|(at, metadata)| StoredStep {
-                at: Some((*at).into()),
-                metadata: Some(metadata.clone()),
-            })
-            .collect(),
-        outcome_time: script.outcome.as_ref().map(|(at, _)| (*at).into()),
-        outcome: script.outcome.as_ref().map(|(_, o)| stored_outcome(o)),
-        on_cancel_after: script
-            .on_cancel
-            .as_ref()
-            .and_then(|(after, _)| prost_types::Duration::try_from(*after).ok()),
-        on_cancel: script.on_cancel.as_ref().map(|(_, o)| StoredResult {
-            outcome: Some(stored_outcome(o)),
-        }),
-        disabled_methods: script.disabled_methods.clone(),
-    }
-}
-
-fn decode_script(stored: StoredScript) -> Result<super::Script, StoreError> {
-    let corrupt = |what: &str| StoreError::Internal(format!("corrupt script: {what}"));
-    let time = |t: Option<prost_types::Timestamp>| {
-        t.and_then(|t| SystemTime::try_from(t).ok())
-            .ok_or_else(|| corrupt("time"))
-    };
-    let steps = stored
-        .steps
-        .into_iter()
-        .map(|step| Ok((time(step.at)?, step.metadata.unwrap_or_default())))
-        .collect::<Result<_, StoreError>>()?;
-    let outcome = match stored.outcome {
-        Some(o) => Some((time(stored.outcome_time)?, outcome_of(o))),
-        None => None,
-    };
-    let on_cancel = match stored.on_cancel.and_then(|r| r.outcome) {
-        Some(o) => Some((
-            stored
-                .on_cancel_after
-                .and_then(|d| Duration::try_from(d).ok())
-                .unwrap_or_default(),
-            outcome_of(o),
-        )),
-        None => None,
-    };
-    Ok(super::Script {
-        steps,
-        outcome,
-        on_cancel,
-        disabled_methods: stored.disabled_methods,
-    })
-}
-
-#[derive(Clone, PartialEq, prost::Oneof)]
-enum StoredOutcome {
-    #[prost(message, tag = "4")]
-    Response(prost_types::Any),
-    #[prost(message, tag = "5")]
-    Error(rpc::Status),
-}
-
-fn encode(record: &Record) -> Vec<u8> {
-    let ts = |t: Option<SystemTime>| t.map(prost_types::Timestamp::from);
-    let dur = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
-    StoredRecord {
-        name: record.name.clone(),
-        revision: record.revision,
-        metadata: record.metadata.clone(),
-        outcome: record.outcome.as_ref().map(|o| match o {
-            Outcome::Response(a) => StoredOutcome::Response(a.clone()),
-            Outcome::Error(s) => StoredOutcome::Error(s.clone()),
-        }),
-        cancel_policy: match record.cancel_policy {
-            CancelPolicy::Immediate => 1,
-            CancelPolicy::Cooperative => 2,
-            CancelPolicy::NotCancellable => 3,
-        },
-        cancel_grace_period: dur(Some(record.cancel_grace_period)),
-        cancel_deadline: ts(record.cancel_deadline),
-        lease: dur(record.lease),
-        lease_deadline: ts(record.lease_deadline),
-        request_id: record.request_id.clone(),
-        create_time: ts(Some(record.create_time)),
-        update_time: ts(Some(record.update_time)),
-        done_time: ts(record.done_time),
-        expire_time: ts(record.expire_time),
-        script: record.script.as_deref().map(encode_script),
-    }
-    .encode_to_vec()
-}
-
-fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
-    let corrupt = |what: &str| StoreError::Internal(format!("corrupt operation record: {what}"));
-    let stored = StoredRecord::decode(bytes).map_err(|e| corrupt(&e.to_string()))?;
-    let time = |t: Option<prost_types::Timestamp>| -> Result<Option<SystemTime>, StoreError> {
-        t.map(|t| SystemTime::try_from(t).map_err(|_| corrupt("timestamp")))
-            .transpose()
-    };
-    let dur = |d: Option<prost_types::Duration>| -> Result<Option<Duration>, StoreError> {
-        d.map(|d| Duration::try_from(d).map_err(|_| corrupt("duration")))
-            .transpose()
-    };
-    Ok(Record {
-        name: stored.name,
-        revision: stored.revision,
-        metadata: stored.metadata,
-        outcome: stored.outcome.map(|o| match o {
-            StoredOutcome::Response(a) => Outcome::Response(a),
-            StoredOutcome::Error(s) => Outcome::Error(s),
-        }),
-        cancel_policy: match stored.cancel_policy {
-            2 => CancelPolicy::Cooperative,
-            3 => CancelPolicy::NotCancellable,
-            _ => CancelPolicy::Immediate,
-        },
-        cancel_grace_period: dur(stored.cancel_grace_period)?.unwrap_or_default(),
-        cancel_deadline: time(stored.cancel_deadline)?,
-        lease: dur(stored.lease)?,
-        lease_deadline: time(stored.lease_deadline)?,
-        request_id: stored.request_id,
-        create_time: time(stored.create_time)?.ok_or_else(|| corrupt("no create time"))?,
-        update_time: time(stored.update_time)?.ok_or_else(|| corrupt("no update time"))?,
-        done_time: time(stored.done_time)?,
-        expire_time: time(stored.expire_time)?,
-        script: stored.script.map(decode_script).transpose()?.map(Box::new),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ParentPattern;
+    use crate::store::{CancelPolicy, Outcome, ParentPattern};
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("opsd-redb-{}-{name}", std::process::id()));
@@ -817,33 +694,6 @@ mod tests {
             expire_time: None,
             script: None,
         }
-    }
-
-    #[test]
-    fn records_round_trip_through_their_encoding() {
-        let mut r = record("operations/a");
-        assert_eq!(decode(&encode(&r)).unwrap(), r);
-        r.script = Some(Box::new(crate::store::Script {
-            steps: vec![(
-                SystemTime::now(),
-                prost_types::Any::from_msg(&"s".to_owned()).unwrap(),
-            )],
-            outcome: Some((
-                SystemTime::now(),
-                Outcome::Response(prost_types::Any::default()),
-            )),
-            on_cancel: Some((
-                Duration::from_millis(250),
-                Outcome::Error(crate::registry::cancelled_status()),
-            )),
-            disabled_methods: vec!["cancel".into()],
-        }));
-        assert_eq!(decode(&encode(&r)).unwrap(), r);
-        r.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
-        r.done_time = Some(SystemTime::now());
-        r.expire_time = Some(SystemTime::now());
-        assert_eq!(decode(&encode(&r)).unwrap(), r);
-        assert!(decode(b"\xff\x01").is_err());
     }
 
     #[tokio::test]
@@ -911,8 +761,77 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(page.records.len(), 1);
-        assert_eq!(store.count().await.unwrap(), 1);
+        assert_eq!(store.counts().await.unwrap().total(), 1);
         assert_eq!(store.deadlines().await.unwrap().len(), 1);
+    }
+
+    /// Opens `path`, waiting for an earlier store's writer to let go.
+    fn reopen(path: &Path) -> RedbStore {
+        loop {
+            match RedbStore::open(path) {
+                Ok(store) => break store,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_by_state_are_kept_in_the_file() {
+        let path = temp("counts");
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let a = store.insert(record("operations/a")).await.unwrap();
+            store.insert(record("operations/b")).await.unwrap();
+            store.insert(record("operations/c")).await.unwrap();
+            let mut done = a.clone();
+            done.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
+            store.update(done, 1, Cause::Cancelled).await.unwrap();
+            store
+                .delete("operations/c", 1, Cause::Deleted)
+                .await
+                .unwrap();
+            // A refused write changes nothing.
+            assert!(store
+                .delete("operations/b", 7, Cause::Deleted)
+                .await
+                .is_err());
+            assert_eq!(
+                store.counts().await.unwrap(),
+                Counts {
+                    running: 1,
+                    done: 1
+                }
+            );
+        }
+        let store = reopen(&path);
+        assert_eq!(
+            store.counts().await.unwrap(),
+            Counts {
+                running: 1,
+                done: 1
+            }
+        );
+        drop(store);
+        // A file from before the counts were kept is counted once at open.
+        {
+            let db = loop {
+                match Database::builder().create(&path) {
+                    Ok(db) => break db,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().remove(COUNTS_KEY).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = reopen(&path);
+        assert_eq!(
+            store.counts().await.unwrap(),
+            Counts {
+                running: 1,
+                done: 1
+            }
+        );
     }
 
     #[tokio::test]
@@ -964,7 +883,7 @@ mod tests {
         );
         // Healthy again: writes are accepted.
         store.insert(record("operations/b")).await.unwrap();
-        assert_eq!(store.count().await.unwrap(), 2);
+        assert_eq!(store.counts().await.unwrap().total(), 2);
     }
 
     #[tokio::test]
@@ -982,6 +901,6 @@ mod tests {
         for task in tasks {
             task.await.unwrap().unwrap();
         }
-        assert_eq!(store.count().await.unwrap(), 64);
+        assert_eq!(store.counts().await.unwrap().total(), 64);
     }
 }

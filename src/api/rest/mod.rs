@@ -26,7 +26,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use prost_reflect::{DescriptorPool, DynamicMessage};
+use prost_reflect::DescriptorPool;
 use serde_json::{json, Value};
 use tonic::Status;
 
@@ -37,7 +37,7 @@ use self::{
 use super::{operations::OperationsService, types::TypeRegistry, workers::WorkersService, ViaRest};
 use crate::{
     error::{json_envelope, Error},
-    json::{any_to_json, message_to_json, status_to_json, JsonOptions},
+    json::{any_to_json, message_to_json, render_message, status_to_json, write_json, JsonOptions},
     pb::{
         google::longrunning::{
             operation::Result as OpResult, operations_server::Operations, ListOperationsResponse,
@@ -160,11 +160,11 @@ impl RestService {
                 body,
                 query,
                 &pool,
-                presentation.json,
+                presentation,
             )
             .await
         {
-            Ok(value) => json_response(StatusCode::OK, &value, presentation),
+            Ok(body) => body_response(StatusCode::OK, body),
             Err(status) => error_response(&status, &pool, presentation),
         }
     }
@@ -177,7 +177,7 @@ impl RestService {
         crate::metrics::gauges(
             registry.waiter_count(),
             registry.watcher_count(),
-            registry.operation_count().await.ok(),
+            registry.operation_counts().await.ok(),
         );
         let mut response = Response::new(Full::new(Bytes::from(handle.render())));
         response.headers_mut().insert(
@@ -200,7 +200,7 @@ impl RestService {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[tracing::instrument(name = "REST", skip_all, fields(method = %method, path = %uri.path()))]
+    #[tracing::instrument(level = "debug", name = "REST", skip_all, fields(method = %method, path = %uri.path()))]
     async fn call<B>(
         &self,
         method: &Method,
@@ -209,8 +209,8 @@ impl RestService {
         body: B,
         query: Vec<(String, String)>,
         pool: &DescriptorPool,
-        options: JsonOptions,
-    ) -> Result<Value, Status>
+        presentation: Presentation,
+    ) -> Result<Vec<u8>, Status>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -219,7 +219,12 @@ impl RestService {
         if self.inner.strict {
             check_client_header(headers)?;
         }
-        let body = read_body(headers, body, self.inner.max_body_bytes).await?;
+        // A bodiless request (every GET) skips the read and its timer.
+        let body = if body.is_end_stream() {
+            Bytes::new()
+        } else {
+            read_body(headers, body, self.inner.max_body_bytes).await?
+        };
         let descriptor = pool
             .get_message_by_name(route.method.input_type())
             .ok_or_else(|| Status::internal("request type missing from the descriptor pool"))?;
@@ -231,29 +236,29 @@ impl RestService {
                     .list_operations(grpc(&message, headers)?)
                     .await?
                     .into_inner();
-                list_json(&response, pool, options)
+                list_body(&response, pool, presentation)
             }
-            RestMethod::Get => operation_json(
+            RestMethod::Get => operation_body(
                 &ops.get_operation(grpc(&message, headers)?)
                     .await?
                     .into_inner(),
                 pool,
-                options,
+                presentation,
             ),
-            RestMethod::Wait => operation_json(
+            RestMethod::Wait => operation_body(
                 &ops.wait_operation(grpc(&message, headers)?)
                     .await?
                     .into_inner(),
                 pool,
-                options,
+                presentation,
             ),
             RestMethod::Delete => {
                 ops.delete_operation(grpc(&message, headers)?).await?;
-                json!({})
+                b"{}".to_vec()
             }
             RestMethod::Cancel => {
                 ops.cancel_operation(grpc(&message, headers)?).await?;
-                json!({})
+                b"{}".to_vec()
             }
             RestMethod::Report => {
                 let report = self
@@ -261,8 +266,14 @@ impl RestService {
                     .workers
                     .get_operation_report(grpc(&message, headers)?)
                     .await?;
-                message_to_json(report.get_ref(), "opsd.v1.OperationReport", pool, options)
-                    .map_err(Status::internal)?
+                render_message(
+                    report.get_ref(),
+                    "opsd.v1.OperationReport",
+                    pool,
+                    presentation.json,
+                    presentation.pretty,
+                )
+                .map_err(Status::internal)?
             }
         })
     }
@@ -292,14 +303,13 @@ impl RestService {
     }
 }
 
-/// The gRPC request for a transcoded message, with the client's deadline
-/// (`X-Server-Timeout`, in seconds) as `grpc-timeout`.
-fn grpc<T>(message: &DynamicMessage, headers: &HeaderMap) -> Result<tonic::Request<T>, Status>
+/// The gRPC request for a transcoded (encoded) message, with the client's
+/// deadline (`X-Server-Timeout`, in seconds) as `grpc-timeout`.
+fn grpc<T>(message: &[u8], headers: &HeaderMap) -> Result<tonic::Request<T>, Status>
 where
     T: prost::Message + Default,
 {
-    let request: T = message
-        .transcode_to()
+    let request = T::decode(message)
         .map_err(|e| Status::internal(format!("cannot transcode the request: {e}")))?;
     let mut request = tonic::Request::new(request);
     request.extensions_mut().insert(ViaRest);
@@ -366,6 +376,34 @@ where
     }
 }
 
+/// An operation as ProtoJSON text.
+fn operation_body(op: &Operation, pool: &DescriptorPool, presentation: Presentation) -> Vec<u8> {
+    let name = "google.longrunning.Operation";
+    render_message(op, name, pool, presentation.json, presentation.pretty).unwrap_or_else(|_| {
+        write_json(
+            &operation_json(op, pool, presentation.json),
+            presentation.pretty,
+        )
+    })
+}
+
+/// A List page as ProtoJSON text.
+fn list_body(
+    response: &ListOperationsResponse,
+    pool: &DescriptorPool,
+    presentation: Presentation,
+) -> Vec<u8> {
+    let name = "google.longrunning.ListOperationsResponse";
+    render_message(response, name, pool, presentation.json, presentation.pretty).unwrap_or_else(
+        |_| {
+            write_json(
+                &list_json(response, pool, presentation.json),
+                presentation.pretty,
+            )
+        },
+    )
+}
+
 /// An operation as ProtoJSON; an `Any` of an unknown type falls back to
 /// `{"@type", "value"}` without hiding the rest.
 fn operation_json(op: &Operation, pool: &DescriptorPool, options: JsonOptions) -> Value {
@@ -425,12 +463,11 @@ fn json_response(
     value: &Value,
     presentation: Presentation,
 ) -> Response<Full<Bytes>> {
-    let mut body = if presentation.pretty {
-        serde_json::to_vec_pretty(value)
-    } else {
-        serde_json::to_vec(value)
-    }
-    .unwrap_or_else(|_| b"{}".to_vec());
+    body_response(status, write_json(value, presentation.pretty))
+}
+
+/// A JSON response of already rendered text (a newline is added).
+fn body_response(status: StatusCode, mut body: Vec<u8>) -> Response<Full<Bytes>> {
     body.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;

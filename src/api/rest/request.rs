@@ -88,8 +88,46 @@ pub fn split_query(query: &str) -> Result<(Vec<(String, String)>, Presentation),
     Ok((fields, presentation))
 }
 
-/// Builds the request message for one call.
+/// Builds the request message for one call, encoded: the bytes the gRPC
+/// handler's request type decodes from.
 pub fn build(
+    descriptor: MessageDescriptor,
+    body_rule: &BodyRule,
+    body: &[u8],
+    path_values: Vec<(String, String)>,
+    query: Vec<(String, String)>,
+) -> Result<Vec<u8>, Error> {
+    let blank = body.iter().all(u8::is_ascii_whitespace);
+    if blank && query.is_empty() {
+        if let Some(encoded) = encode_path_only(&descriptor, &path_values) {
+            return Ok(encoded);
+        }
+    }
+    build_dynamic(descriptor, body_rule, body, path_values, query)
+        .map(|m| prost::Message::encode_to_vec(&m))
+}
+
+/// The common call made of its URL path alone (`GET /v1/{name=...}`): when
+/// every path value sets a top-level string field, the request is encoded
+/// directly, without a dynamic message. `None`: any other shape.
+fn encode_path_only(
+    descriptor: &MessageDescriptor,
+    path_values: &[(String, String)],
+) -> Option<Vec<u8>> {
+    let mut encoded = Vec::with_capacity(path_values.iter().map(|(_, v)| v.len() + 8).sum());
+    for (path, value) in path_values {
+        let field = descriptor.get_field_by_name(path)?;
+        if !matches!(field.kind(), Kind::String) || field.is_list() {
+            return None;
+        }
+        prost::encoding::string::encode(field.number(), value, &mut encoded);
+    }
+    Some(encoded)
+}
+
+/// [`build`] for every shape: body, path values and query through a
+/// dynamic message.
+fn build_dynamic(
     descriptor: MessageDescriptor,
     body_rule: &BodyRule,
     body: &[u8],
@@ -302,8 +340,13 @@ fn parse_scalar(key: &str, field: &FieldDescriptor, value: &str) -> Result<Value
 mod tests {
     use proptest::prelude::*;
 
+    use prost::Message;
+
     use super::*;
-    use crate::{api::types::base_pool, pb::google::longrunning::ListOperationsRequest};
+    use crate::{
+        api::types::base_pool,
+        pb::google::longrunning::{GetOperationRequest, ListOperationsRequest},
+    };
 
     fn list_descriptor() -> MessageDescriptor {
         base_pool()
@@ -320,7 +363,28 @@ mod tests {
             vec![("name".into(), "operations".into())],
             fields,
         )?;
-        Ok(message.transcode_to().unwrap())
+        Ok(ListOperationsRequest::decode(message.as_slice()).unwrap())
+    }
+
+    #[test]
+    fn path_only_requests_encode_as_the_dynamic_message_does() {
+        let descriptor = base_pool()
+            .get_message_by_name("google.longrunning.GetOperationRequest")
+            .unwrap();
+        let path = vec![("name".to_owned(), "projects/p/operations/a%2Fb".to_owned())];
+        let direct = encode_path_only(&descriptor, &path).unwrap();
+        let dynamic = build_dynamic(descriptor.clone(), &BodyRule::None, b"", path, vec![])
+            .unwrap()
+            .encode_to_vec();
+        assert_eq!(direct, dynamic);
+        assert_eq!(
+            GetOperationRequest::decode(direct.as_slice()).unwrap().name,
+            "projects/p/operations/a%2Fb"
+        );
+        // A nested or non-string field takes the dynamic path.
+        let list = list_descriptor();
+        assert!(encode_path_only(&list, &[("page_size".into(), "5".into())]).is_none());
+        assert!(encode_path_only(&list, &[("name.x".into(), "5".into())]).is_none());
     }
 
     #[test]
@@ -411,8 +475,9 @@ mod tests {
             vec![("timeout".into(), "1.5s".into())],
         )
         .unwrap();
-        let request: crate::pb::google::longrunning::WaitOperationRequest =
-            message.transcode_to().unwrap();
+        let request =
+            crate::pb::google::longrunning::WaitOperationRequest::decode(message.as_slice())
+                .unwrap();
         assert_eq!(
             request.timeout,
             Some(prost_types::Duration {

@@ -206,7 +206,7 @@ impl Template {
             let part = raw[i];
             match segment {
                 Segment::Literal(literal) => {
-                    if decode(part).ok()?.as_str() != literal {
+                    if !decodes_to(part, literal) {
                         return None;
                     }
                 }
@@ -229,11 +229,7 @@ impl Template {
             {
                 decode(parts[0])
             } else {
-                parts
-                    .iter()
-                    .map(|p| decode_keeping_slashes(p))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(|v| v.join("/"))
+                decode_segments(parts)
             };
             match value {
                 Ok(value) => values.push((variable.field.clone(), value)),
@@ -279,17 +275,44 @@ fn decode(segment: &str) -> Result<String, DecodeError> {
         })
 }
 
-/// Decodes a segment of a multi-segment variable, keeping `%2F` encoded.
-fn decode_keeping_slashes(segment: &str) -> Result<String, DecodeError> {
-    let mut out = String::new();
-    let mut rest = segment;
-    while let Some(at) = rest.to_ascii_lowercase().find("%2f") {
-        out.push_str(&decode(&rest[..at])?);
-        out.push_str(&rest[at..at + 3]);
-        rest = &rest[at + 3..];
+/// Whether a raw segment percent-decodes to `literal` (without allocating).
+fn decodes_to(raw: &str, literal: &str) -> bool {
+    if raw.contains('%') {
+        percent_decode_str(raw).eq(literal.bytes())
+    } else {
+        raw == literal
     }
-    out.push_str(&decode(rest)?);
+}
+
+/// Decodes the segments of a multi-segment variable and joins them with
+/// `/`, keeping each `%2F` encoded.
+fn decode_segments(parts: &[&str]) -> Result<String, DecodeError> {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let mut rest = *part;
+        while let Some(at) = encoded_slash(rest) {
+            out.push_str(&decode(&rest[..at])?);
+            out.push_str(&rest[at..at + 3]);
+            rest = &rest[at + 3..];
+        }
+        if rest.contains('%') {
+            out.push_str(&decode(rest)?);
+        } else {
+            out.push_str(rest);
+        }
+    }
     Ok(out)
+}
+
+/// Where the first `%2F` (or `%2f`) of `segment` starts.
+fn encoded_slash(segment: &str) -> Option<usize> {
+    segment
+        .as_bytes()
+        .windows(3)
+        .position(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'))
 }
 
 #[cfg(test)]
