@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 /// The allocator the opsd binary uses, so the ceiling differs from opsd only
 /// in what the handlers do.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -3,8 +3,8 @@
 #
 #   benches/suite.sh [section ...]
 #
-# Sections (all by default): ratios open-loop notify waiters memory durable
-# callgrind. Servers run pinned to core 0 and the load generator to core 1
+# Sections (all by default): ratios open-loop notify waiters memory list
+# durable churn callgrind. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (benches/ceiling.rs). Set
@@ -17,7 +17,7 @@ ROUNDS=${ROUNDS:-3}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory durable callgrind)
+[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind)
 
 cargo build --release --quiet --bin opsd
 cargo bench --quiet --bench ceiling --no-run 2>/dev/null
@@ -119,11 +119,33 @@ if has memory; then
   stop "$pid_memory"
 fi
 
+if has list; then
+  echo "## List pages of 100 (memory store): cost at 10,000 and at 1,000,000 operations"
+  serve memory 50171 "$opsd" serve --listen 127.0.0.1:50171 --store memory
+  t=http://127.0.0.1:50171
+  load fill --target $t --concurrency 16 --count 10000 --parent projects/small
+  echo -n "10k store, projects/small     "; load list --target $t --parent projects/small --page-size 100 --duration 5s
+  load fill --target $t --concurrency 32 --count 990000 --parent projects/big
+  echo -n "1M store,  projects/small     "; load list --target $t --parent projects/small --page-size 100 --duration 5s
+  echo -n "1M store,  projects/big       "; load list --target $t --parent projects/big --page-size 100 --duration 5s
+  echo -n "1M store,  big, filtered      "; load list --target $t --parent projects/big --page-size 100 --duration 5s --filter "done = true AND response:*"
+  stop "$pid_memory"
+fi
+
 if has durable; then
   echo "## durable create+complete (redb, every write fsynced)"
   serve redb 50151 "$opsd" serve --listen 127.0.0.1:50151 --store "redb:$work/durable/opsd.redb"
   echo -n " 1 client  "; load create-complete --target http://127.0.0.1:50151 --concurrency 1 --duration 10s --server-pid "$pid_redb"
   echo -n "64 clients "; load create-complete --target http://127.0.0.1:50151 --concurrency 64 --duration 10s --server-pid "$pid_redb"
+  stop "$pid_redb"
+  echo -n "start-up on that store: "; load startup --store "redb:$work/durable/opsd.redb"
+fi
+
+if has churn; then
+  echo "## churn: create+complete with --retention 2s for 40 s (redb), store file size"
+  serve redb 50181 "$opsd" serve --listen 127.0.0.1:50181 --retention 2s --store "redb:$work/churn/opsd.redb"
+  load churn --target http://127.0.0.1:50181 --concurrency 16 --duration 40s --store-file "$work/churn/opsd.redb" |
+    awk 'NR % 5 == 0 || /churn:/'
   stop "$pid_redb"
 fi
 

@@ -679,11 +679,14 @@ pub async fn waiters(
             }
         });
     }
-    // Let every Wait reach the server and park.
+    // Only the Waits hold senders now: when they are all gone, `recv` ends.
+    drop(woken_tx);
+    // Let every Wait reach the server and park (well within the Waits' own
+    // 60 s, which the measurement after this must fit in).
     let mut parked = None;
     match already {
         Some(already) => {
-            let deadline = Instant::now() + Duration::from_secs(60);
+            let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 parked = parked_waiters(&clients.http, &options.target).await;
@@ -724,7 +727,10 @@ pub async fn waiters(
                 .await?;
         }
         loop {
-            let (woke, at) = woken.recv().await.ok_or("the waiters ended")?;
+            let (woke, at) = tokio::time::timeout(Duration::from_secs(5), woken.recv())
+                .await
+                .map_err(|_| format!("the Wait on {name} did not answer within 5 s"))?
+                .ok_or("every Wait ended before its operation finished")?;
             if woke == *name {
                 let micros = at.saturating_duration_since(sent).as_micros() as u64;
                 if i % 2 == 0 {

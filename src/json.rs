@@ -35,23 +35,18 @@ pub fn message_to_json<M: Message>(
     pool: &DescriptorPool,
     options: JsonOptions,
 ) -> Result<Value, String> {
-    let descriptor = pool
-        .get_message_by_name(full_name)
-        .ok_or_else(|| format!("unknown message type {full_name}"))?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
-        .map_err(|e| e.to_string())?;
-    let mut value = dynamic
-        .serialize_with_options(serde_json::value::Serializer, &options.serialize())
-        .map_err(|e| e.to_string())?;
+    let text = serialize(&message.encode_to_vec(), full_name, pool, options, false)?;
+    let mut value: Value = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
     empty_any_without_value(&mut value);
     Ok(value)
 }
 
 /// Renders a prost message of type `full_name` through `pool` straight to
-/// JSON text, indented as `serde_json::to_vec_pretty` does when `pretty`.
-/// Same output as [`message_to_json`] followed by serialization, without the
-/// intermediate tree, except when the message holds an `Any` of
-/// `google.protobuf.Empty`, whose correction needs the tree.
+/// JSON text, indented as `serde_json::to_vec_pretty` does when `pretty`:
+/// the text of [`message_to_json`]'s tree. Only a message that holds an
+/// `Any` of `google.protobuf.Empty` goes through the tree, whose correction
+/// needs it; the tree is parsed from the same text, so both agree to the
+/// last digit.
 pub fn render_message<M: Message>(
     message: &M,
     full_name: &str,
@@ -64,17 +59,27 @@ pub fn render_message<M: Message>(
         let value = message_to_json(message, full_name, pool, options)?;
         return Ok(write_json(&value, pretty));
     }
+    serialize(&bytes, full_name, pool, options, pretty)
+}
+
+/// The ProtoJSON text of an encoded message, as prost-reflect writes it.
+fn serialize(
+    bytes: &[u8],
+    full_name: &str,
+    pool: &DescriptorPool,
+    options: JsonOptions,
+    pretty: bool,
+) -> Result<Vec<u8>, String> {
     let descriptor = pool
         .get_message_by_name(full_name)
         .ok_or_else(|| format!("unknown message type {full_name}"))?;
-    let dynamic =
-        DynamicMessage::decode(descriptor, bytes.as_slice()).map_err(|e| e.to_string())?;
+    let dynamic = DynamicMessage::decode(descriptor, bytes).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(64 + 2 * bytes.len());
-    let serialize = options.serialize();
+    let options = options.serialize();
     let written = if pretty {
-        dynamic.serialize_with_options(&mut serde_json::Serializer::pretty(&mut out), &serialize)
+        dynamic.serialize_with_options(&mut serde_json::Serializer::pretty(&mut out), &options)
     } else {
-        dynamic.serialize_with_options(&mut serde_json::Serializer::new(&mut out), &serialize)
+        dynamic.serialize_with_options(&mut serde_json::Serializer::new(&mut out), &options)
     };
     written.map_err(|e| e.to_string())?;
     Ok(out)
@@ -207,6 +212,18 @@ mod tests {
                 name: "operations/a".into(),
                 ..Default::default()
             },
+            // A float: f32 digits on every path.
+            Operation {
+                name: "operations/f".into(),
+                metadata: Some(Any::from_msg(&0.1f32).unwrap()),
+                ..Default::default()
+            },
+            Operation {
+                name: "operations/g".into(),
+                metadata: Some(Any::from_msg(&0.1f32).unwrap()),
+                done: true,
+                result: Some(OpResult::Response(Any::from_msg(&()).unwrap())),
+            },
             Operation {
                 name: "projects/p/operations/b".into(),
                 metadata: Some(Any::from_msg(&"50%".to_owned()).unwrap()),
@@ -245,6 +262,18 @@ mod tests {
                     );
                 }
             }
+        }
+        for op in &ops[1..3] {
+            let text = render_message(
+                op,
+                "google.longrunning.Operation",
+                &pool(),
+                JsonOptions::default(),
+                false,
+            )
+            .unwrap();
+            let text = String::from_utf8(text).unwrap();
+            assert!(text.contains(r#""value":0.1}"#), "{text}");
         }
         let unknown = Operation {
             name: "operations/d".into(),

@@ -9,6 +9,10 @@ use opsd::{
 };
 use tokio::net::TcpListener;
 
+/// mimalloc: faster than the system allocator for opsd's many small
+/// allocations, with no per-allocation header, so a stored operation and a
+/// parked Wait cost less memory (README, Benchmarks).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -41,7 +45,9 @@ enum BenchCommand {
     RestGet(LoadArgs),
     /// CreateOperation + CompleteOperation (two durable writes per call).
     CreateComplete(LoadArgs),
-    /// Creates COUNT operations (each completed), e.g. to measure start-up.
+    /// Creates COUNT operations (each completed), e.g. to measure start-up;
+    /// with --server-pid, reports the server's RSS growth per operation and
+    /// how much of it is beyond the operation's encoded size.
     Fill {
         #[command(flatten)]
         load: LoadArgs,
@@ -77,8 +83,9 @@ enum BenchCommand {
         count: u64,
     },
     /// Parks WAITERS WaitOperation calls, one per operation, reports the
-    /// server's memory per parked Wait (with --server-pid), then completes
-    /// SAMPLE operations one at a time and times each one's wake-up.
+    /// server's memory per parked Wait (with --server-pid), then finishes
+    /// SAMPLE operations one at a time, alternately completing and
+    /// cancelling them, and times each one's wake-up.
     Waiters {
         #[command(flatten)]
         load: LoadArgs,

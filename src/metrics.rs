@@ -129,12 +129,14 @@ pin_project_lite::pin_project! {
     /// A handler's future, run inside its debug-level `rpc` span and recorded
     /// when it finishes. A plain wrapper rather than an `async fn`, so a
     /// parked call (a Wait) does not hold a second copy of the handler's
-    /// state.
+    /// state. A server-side failure is logged with the method and resource,
+    /// which the span (off at the default level) would otherwise carry.
     pub struct Observed<F> {
         #[pin]
         call: F,
         method: &'static str,
         transport: &'static str,
+        resource: Box<str>,
         started: Instant,
         span: tracing::Span,
     }
@@ -155,15 +157,32 @@ where
             Err(status) => status.code(),
         };
         rpc(this.method, this.transport, code, this.started.elapsed());
+        if let Err(status) = &result {
+            if matches!(
+                code,
+                Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
+            ) {
+                tracing::warn!(
+                    method = *this.method,
+                    transport = *this.transport,
+                    resource = &**this.resource,
+                    code = code_name(code),
+                    message = status.message(),
+                    "call failed"
+                );
+            }
+        }
         Poll::Ready(result)
     }
 }
 
 impl<F> Observed<F> {
-    /// Wraps the future of a `method` call that came over `transport`.
+    /// Wraps the future of a `method` call on `resource` (the operation's
+    /// name, or the parent the call works under) that came over `transport`.
     pub fn new(
         method: &'static str,
         transport: &'static str,
+        resource: Box<str>,
         span: tracing::Span,
         call: F,
     ) -> Self {
@@ -171,6 +190,7 @@ impl<F> Observed<F> {
             call,
             method,
             transport,
+            resource,
             started: Instant::now(),
             span,
         }

@@ -68,13 +68,9 @@ where
     T: Resource,
 {
     let via = transport(&request);
-    let span = tracing::debug_span!(
-        "rpc",
-        method,
-        transport = via,
-        resource = request.get_ref().resource()
-    );
-    Observed::new(method, via, span, handler(request))
+    let resource: Box<str> = request.get_ref().resource().into();
+    let span = tracing::debug_span!("rpc", method, transport = via, resource = &*resource);
+    Observed::new(method, via, resource, span, handler(request))
 }
 
 /// Marks a gRPC request that the REST surface made (a request extension),

@@ -120,8 +120,8 @@ async fn run(
             match registry.shared.store.deadlines().await {
                 Ok(all) => {
                     timers = Timers::default();
-                    for (at, name) in all {
-                        timers.add(name, at);
+                    for deadline in all {
+                        timers.add(deadline.name, deadline.at);
                     }
                     rescan = false;
                 }

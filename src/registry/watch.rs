@@ -210,10 +210,18 @@ impl Registry {
         let store = self.store();
         let mut found = Vec::new();
         if filter.everything() {
-            // Every pending cancellation has a deadline (its grace period).
-            for (_, name) in store.deadlines().await? {
-                if store.get(&name).await?.is_some_and(|r| pending(&r)) {
-                    found.push(name.to_string());
+            // Every pending cancellation has a deadline (its grace period),
+            // and only running operations can have one.
+            for deadline in store.deadlines().await? {
+                if deadline.done {
+                    continue;
+                }
+                if store
+                    .get(&deadline.name)
+                    .await?
+                    .is_some_and(|r| pending(&r))
+                {
+                    found.push(deadline.name.to_string());
                 }
             }
             return Ok(found);

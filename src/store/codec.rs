@@ -189,6 +189,72 @@ pub(super) fn encode(record: &Record, with_name: bool) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The fields of a [`StoredRecord`] that decide its next deadline. Decoding
+/// only these skips the rest (metadata, results) without allocating.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredDeadlines {
+    #[prost(message, optional, tag = "4")]
+    response: Option<Skipped>,
+    #[prost(message, optional, tag = "5")]
+    error: Option<Skipped>,
+    #[prost(message, optional, tag = "8")]
+    cancel_deadline: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "10")]
+    lease_deadline: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "15")]
+    expire_time: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "16")]
+    script: Option<StoredScriptTimes>,
+}
+
+/// A message whose content is skipped: only its presence counts.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Skipped {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredScriptTimes {
+    #[prost(message, repeated, tag = "1")]
+    steps: Vec<StoredStepTime>,
+    #[prost(message, optional, tag = "2")]
+    outcome_time: Option<prost_types::Timestamp>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredStepTime {
+    #[prost(message, optional, tag = "1")]
+    at: Option<prost_types::Timestamp>,
+}
+
+/// An encoded record's next deadline ([`Record::next_deadline`]) and
+/// whether it is done, without decoding the whole record.
+pub(super) fn deadline_of(bytes: &[u8]) -> Result<(Option<SystemTime>, bool), StoreError> {
+    let corrupt = |what: &str| StoreError::Internal(format!("corrupt operation record: {what}"));
+    let stored = StoredDeadlines::decode(bytes).map_err(|e| corrupt(&e.to_string()))?;
+    let time = |t: Option<prost_types::Timestamp>| -> Result<Option<SystemTime>, StoreError> {
+        t.map(|t| SystemTime::try_from(t).map_err(|_| corrupt("timestamp")))
+            .transpose()
+    };
+    let done = stored.response.is_some() || stored.error.is_some();
+    let (first_step, script_outcome) = match stored.script {
+        Some(script) => (
+            time(script.steps.into_iter().next().and_then(|s| s.at))?,
+            time(script.outcome_time)?,
+        ),
+        None => (None, None),
+    };
+    let at = super::next_deadline(
+        done,
+        time(stored.expire_time)?,
+        [
+            time(stored.lease_deadline)?,
+            time(stored.cancel_deadline)?,
+            first_step,
+            script_outcome,
+        ],
+    );
+    Ok((at, done))
+}
+
 /// Decodes a record; a record encoded without its name gets an empty one.
 pub(super) fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
     let corrupt = |what: &str| StoreError::Internal(format!("corrupt operation record: {what}"));
@@ -277,6 +343,50 @@ mod tests {
         r.expire_time = Some(SystemTime::now());
         assert_eq!(decode(&encode(&r, true)).unwrap(), r);
         assert!(decode(b"\xff\x01").is_err());
+    }
+
+    #[test]
+    fn the_partial_decoding_finds_the_same_deadline() {
+        let now = SystemTime::now();
+        let s = Duration::from_secs;
+        let mut r = record("operations/a");
+        let check = |r: &Record| {
+            assert_eq!(
+                deadline_of(&encode(r, false)).unwrap(),
+                (r.next_deadline(), r.done()),
+                "{r:?}"
+            );
+        };
+        check(&r);
+        r.lease_deadline = None;
+        check(&r);
+        r.cancel_deadline = None;
+        check(&r);
+        r.script = Some(Box::new(crate::store::Script {
+            steps: vec![
+                (
+                    now + s(2),
+                    prost_types::Any::from_msg(&"a".to_owned()).unwrap(),
+                ),
+                (
+                    now + s(4),
+                    prost_types::Any::from_msg(&"b".to_owned()).unwrap(),
+                ),
+            ],
+            outcome: Some((now + s(1), Outcome::Response(Default::default()))),
+            on_cancel: None,
+            disabled_methods: vec![],
+        }));
+        check(&r);
+        r.script.as_mut().unwrap().outcome = None;
+        check(&r);
+        r.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
+        check(&r);
+        r.expire_time = Some(now + s(60));
+        check(&r);
+        r.outcome = Some(Outcome::Response(Default::default()));
+        check(&r);
+        assert!(deadline_of(b"\xff\x01").is_err());
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! key instead of copying the name. Reads decode.
 //!
 //! All state sits behind one `std::sync::Mutex`: nothing awaits while it is
-//! held, and every critical section is a map lookup or insert plus one
-//! record's encoding, so it is never held for long. Changes are published
-//! while the lock is held, which keeps the feed in commit order.
+//! held, and every critical section is short: a lookup or insert with one
+//! record's encoding or decoding, one List page, or one chunk of the
+//! deadline scan (which lets go between chunks). Changes are published while
+//! the lock is held, which keeps the feed in commit order.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,13 +21,17 @@ use std::{
 use tokio::sync::broadcast;
 
 use super::{
-    codec::{decode, encode},
-    scan, scan_start, Cause, Change, Counts, ListQuery, Record, Revision, Scan, Store, StoreError,
+    codec::{deadline_of, decode, encode},
+    scan, scan_start, Cause, Change, Counts, Deadline, ListQuery, Record, Revision, Scan, Store,
+    StoreError,
 };
 
 /// How many changes a slow subscriber may fall behind before it is told it
 /// lagged (it then rescans).
 const FEED_CAPACITY: usize = 4096;
+
+/// Records the deadline scan reads per hold of the lock.
+const DEADLINE_CHUNK: usize = 4096;
 
 /// Operations kept in memory; lost when the process exits.
 pub struct MemoryStore {
@@ -129,8 +134,8 @@ impl Store for MemoryStore {
         let entries = state
             .records
             .range::<str, _>((Bound::Included(start.as_str()), Bound::Unbounded))
-            .map(|(name, bytes)| Ok((name.to_string(), with_name(name, bytes)?)));
-        scan(query, entries)
+            .map(|(name, bytes)| Ok((name, &**bytes)));
+        scan(query, entries, with_name)
     }
 
     async fn insert(&self, mut record: Record) -> Result<Record, StoreError> {
@@ -205,15 +210,40 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn deadlines(&self) -> Result<Vec<(SystemTime, Arc<str>)>, StoreError> {
-        let state = self.state();
+    async fn deadlines(&self) -> Result<Vec<Deadline>, StoreError> {
         let mut out = Vec::new();
-        for (name, bytes) in &state.records {
-            if let Some(at) = decode(bytes)?.next_deadline() {
-                out.push((at, name.clone()));
+        let mut after: Option<Arc<str>> = None;
+        loop {
+            let last = {
+                let state = self.state();
+                let start = match &after {
+                    Some(name) => Bound::Excluded(&**name),
+                    None => Bound::Unbounded,
+                };
+                let mut last = None;
+                for (name, bytes) in state
+                    .records
+                    .range::<str, _>((start, Bound::Unbounded))
+                    .take(DEADLINE_CHUNK)
+                {
+                    if let (Some(at), done) = deadline_of(bytes)? {
+                        out.push(Deadline {
+                            at,
+                            name: name.clone(),
+                            done,
+                        });
+                    }
+                    last = Some(name);
+                }
+                last.cloned()
+            };
+            match last {
+                Some(name) => after = Some(name),
+                None => return Ok(out),
             }
+            // Writers get their turn between chunks.
+            tokio::task::yield_now().await;
         }
-        Ok(out)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {

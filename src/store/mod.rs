@@ -106,25 +106,37 @@ impl Record {
     /// The earliest moment at which the deadline task must look at this
     /// record: lease expiry or forced cancel while running, retention once done.
     pub fn next_deadline(&self) -> Option<SystemTime> {
-        if self.done() {
-            return self.expire_time;
-        }
         let script = self.script.as_ref();
-        [
-            self.lease_deadline,
-            self.cancel_deadline,
-            script.and_then(|s| s.steps.first().map(|(at, _)| *at)),
-            script.and_then(|s| s.outcome.as_ref().map(|(at, _)| *at)),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        next_deadline(
+            self.done(),
+            self.expire_time,
+            [
+                self.lease_deadline,
+                self.cancel_deadline,
+                script.and_then(|s| s.steps.first().map(|(at, _)| *at)),
+                script.and_then(|s| s.outcome.as_ref().map(|(at, _)| *at)),
+            ],
+        )
     }
 
     /// The part of the name before `/operations/{id}`; empty for bare names.
     pub fn parent(&self) -> &str {
         parent_of(&self.name)
     }
+}
+
+/// The rule behind [`Record::next_deadline`], shared with the codec's
+/// partial decoding: retention once done; otherwise the earliest of the lease,
+/// the forced cancel, the script's next step and its outcome.
+fn next_deadline(
+    done: bool,
+    expire_time: Option<SystemTime>,
+    running: [Option<SystemTime>; 4],
+) -> Option<SystemTime> {
+    if done {
+        return expire_time;
+    }
+    running.into_iter().flatten().min()
 }
 
 /// The parent part of a canonical operation name.
@@ -218,12 +230,6 @@ impl ListQuery {
             scan_budget: usize::MAX,
         }
     }
-
-    /// Whether a record under the key prefix belongs to the answer.
-    pub fn selects(&self, record: &Record) -> bool {
-        self.parent.matches_parent(record.parent())
-            && self.filter.as_ref().is_none_or(|f| f.matches(record))
-    }
 }
 
 /// The answer to a [`ListQuery`].
@@ -237,32 +243,40 @@ pub struct Scan {
 }
 
 /// Scans `entries` (name order, from the query's start) into a [`Scan`]:
-/// the one loop both in-process stores share.
-pub fn scan<I>(query: &ListQuery, entries: I) -> Result<Scan, StoreError>
+/// the one loop both in-process stores share. An entry is a name and its
+/// stored value, which `decode` turns into the record only once the name has
+/// passed the prefix and parent checks.
+pub fn scan<I, K, V, D>(query: &ListQuery, entries: I, decode: D) -> Result<Scan, StoreError>
 where
-    I: IntoIterator<Item = Result<(String, Record), StoreError>>,
+    I: IntoIterator<Item = Result<(K, V), StoreError>>,
+    K: AsRef<str>,
+    D: Fn(&str, V) -> Result<Record, StoreError>,
 {
     let prefix = query.parent.key_prefix();
     let mut out = Scan::default();
     let mut examined = 0usize;
     for entry in entries {
-        let (name, record) = entry?;
+        let (name, value) = entry?;
+        let name = name.as_ref();
         if !name.starts_with(&prefix) {
             break;
         }
-        if query.after.as_deref() == Some(name.as_str()) {
+        if query.after.as_deref() == Some(name) {
             continue;
         }
         examined += 1;
-        if query.selects(&record) {
-            if out.records.len() == query.limit {
-                out.resume_after = out.records.last().map(|r| r.name.clone());
-                break;
+        if query.parent.matches_parent(parent_of(name)) {
+            let record = decode(name, value)?;
+            if query.filter.as_ref().is_none_or(|f| f.matches(&record)) {
+                if out.records.len() == query.limit {
+                    out.resume_after = out.records.last().map(|r| r.name.clone());
+                    break;
+                }
+                out.records.push(record);
             }
-            out.records.push(record);
         }
         if examined >= query.scan_budget {
-            out.resume_after = Some(name);
+            out.resume_after = Some(name.to_owned());
             break;
         }
     }
@@ -317,6 +331,15 @@ impl Cause {
     }
 }
 
+/// A record's next deadline, as [`Store::deadlines`] lists them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deadline {
+    pub at: SystemTime,
+    pub name: Arc<str>,
+    /// Whether the record is done (its deadline is its retention expiry).
+    pub done: bool,
+}
+
 /// One committed change, published after the commit.
 #[derive(Clone, Debug)]
 pub struct Change {
@@ -326,6 +349,8 @@ pub struct Change {
     pub cause: Cause,
     /// The record's next deadline before the change (`None` for a creation),
     /// so a deadline index can drop the old entry without a reverse index.
+    /// It is exactly the `deadline` of the change that set it: a store must
+    /// keep deadlines to the nanosecond.
     pub previous_deadline: Option<SystemTime>,
     /// The record's next deadline after the change (`None` once deleted).
     pub deadline: Option<SystemTime>,
@@ -348,7 +373,11 @@ impl Counts {
 
     /// Counts `record` in (`sign` 1) or out (`sign` -1).
     fn add(&mut self, record: &Record, sign: i64) {
-        let slot = if record.done() {
+        self.add_state(record.done(), sign);
+    }
+
+    fn add_state(&mut self, done: bool, sign: i64) {
+        let slot = if done {
             &mut self.done
         } else {
             &mut self.running
@@ -407,14 +436,16 @@ pub trait Store: Send + Sync + 'static {
     async fn delete(&self, name: &str, expected: Revision, cause: Cause) -> Result<(), StoreError>;
 
     /// Every record's next deadline, for the deadline task at start-up and
-    /// after it missed changes.
-    async fn deadlines(&self) -> Result<Vec<(SystemTime, Arc<str>)>, StoreError>;
+    /// after it missed changes. Reads only the fields that decide it, and
+    /// never holds writers back for the whole scan.
+    async fn deadlines(&self) -> Result<Vec<Deadline>, StoreError>;
 
     /// The change feed: every commit from now on, in commit order.
     fn subscribe(&self) -> broadcast::Receiver<Change>;
 
-    /// The number of stored records, by state (kept current with every
-    /// commit, never counted by a scan).
+    /// The number of stored records, by state, kept current with every
+    /// commit (a store counts its records once, when it opens a file written
+    /// before counts were kept).
     async fn counts(&self) -> Result<Counts, StoreError>;
 
     /// The secret that signs page tokens: kept with the store, so tokens

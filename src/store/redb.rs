@@ -24,14 +24,15 @@ use std::{
 };
 
 use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, TableDefinition,
-    TableHandle,
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    codec::{decode, encode},
-    scan, scan_start, Cause, Change, Counts, ListQuery, Record, Revision, Scan, Store, StoreError,
+    codec::{deadline_of, decode, encode},
+    scan, scan_start, Cause, Change, Counts, Deadline, ListQuery, Record, Revision, Scan, Store,
+    StoreError,
 };
 
 /// name → the encoded record (`codec`).
@@ -42,7 +43,11 @@ const REQUEST_IDS: TableDefinition<&str, &str> = TableDefinition::new("request_i
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const FORMAT_KEY: &str = "format";
-const FORMAT: &[u8] = b"opsd-store-1";
+/// Version 2 keeps the counts by state; older opsd binaries refuse it, so
+/// none can change the records without updating them.
+const FORMAT: &[u8] = b"opsd-store-2";
+/// The first version, upgraded in place at open.
+const FORMAT_1: &[u8] = b"opsd-store-1";
 /// The operations by state: running and done, two little-endian u64s,
 /// written with every commit that changes them.
 const COUNTS_KEY: &str = "counts";
@@ -212,6 +217,19 @@ fn check_format(db: &Database, path: &Path) -> Result<(), StoreError> {
     drop(read);
     match marker {
         Some(marker) if marker == FORMAT => Ok(()),
+        Some(marker) if marker == FORMAT_1 => {
+            // The counts are added by `stored_counts`, which finds none.
+            tracing::info!(path = %path.display(), "upgrading the store to format 2");
+            let mut txn = db.begin_write().map_err(internal)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(internal)?;
+            {
+                let mut meta = txn.open_table(META).map_err(internal)?;
+                meta.remove(COUNTS_KEY).map_err(internal)?;
+                meta.insert(FORMAT_KEY, FORMAT).map_err(internal)?;
+            }
+            txn.commit().map_err(internal)
+        }
         Some(_) => Err(foreign()),
         None if !tables.is_empty() => Err(foreign()),
         None => {
@@ -258,8 +276,10 @@ fn page_token_key(db: &Database) -> Result<[u8; 32], StoreError> {
     Ok(key)
 }
 
-/// The counts kept in the file. A file written before they were kept is
-/// counted once by a scan and the result stored.
+/// The counts kept in the file (written in the same transactions as the
+/// records, so they always agree with them). Missing (a file upgraded from
+/// format 1) or disagreeing with the number of records, they are counted
+/// again by a scan and stored.
 fn stored_counts(db: &Database) -> Result<Counts, StoreError> {
     let read = db.begin_read().map_err(internal)?;
     let stored = read
@@ -267,21 +287,25 @@ fn stored_counts(db: &Database) -> Result<Counts, StoreError> {
         .map_err(internal)?
         .get(COUNTS_KEY)
         .map_err(internal)?
-        .map(|v| v.value().to_vec());
-    if let Some(bytes) = stored {
-        return decode_counts(&bytes)
-            .ok_or_else(|| StoreError::Internal("the stored operation counts are corrupt".into()));
+        .and_then(|v| decode_counts(v.value()));
+    let ops = read.open_table(OPERATIONS).map_err(internal)?;
+    let records = ops.len().map_err(internal)?;
+    if let Some(counts) = stored.filter(|c| c.total() == records) {
+        return Ok(counts);
+    }
+    if stored.is_some() {
+        tracing::warn!(
+            records,
+            ?stored,
+            "stored operation counts disagree with the records; recounting"
+        );
     }
     let mut counts = Counts::default();
-    for entry in read
-        .open_table(OPERATIONS)
-        .map_err(internal)?
-        .iter()
-        .map_err(internal)?
-    {
+    for entry in ops.iter().map_err(internal)? {
         let (_, value) = entry.map_err(internal)?;
-        counts.add(&decode(value.value())?, 1);
+        counts.add_state(deadline_of(value.value())?.1, 1);
     }
+    drop(ops);
     drop(read);
     let mut txn = db.begin_write().map_err(internal)?;
     txn.set_durability(Durability::Immediate)
@@ -359,9 +383,12 @@ impl Writer {
 
     fn commit_batch(&mut self, batch: Vec<Mutation>) {
         if self.failed {
-            match self.probe() {
-                Ok(()) => {
+            // The failed commit may have reached the disk or not: the counts
+            // are read back from the file, which agrees with its records.
+            match self.probe().and_then(|()| stored_counts(&self.db)) {
+                Ok(counts) => {
                     tracing::warn!("the store is healthy again; accepting writes");
+                    *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
                     self.failed = false;
                 }
                 Err(err) => {
@@ -462,6 +489,8 @@ impl Writer {
 
 type Ops<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 type Ids<'t> = redb::Table<'t, &'static str, &'static str>;
+#[cfg(test)]
+type Meta<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 
 /// What one mutation wrote: the record before (`None` for an insert) and
 /// after (`None` for a delete).
@@ -601,9 +630,9 @@ impl Store for RedbStore {
             let start = scan_start(&query);
             let entries = ops.range(start.as_str()..).map_err(internal)?.map(|entry| {
                 let (key, value) = entry.map_err(internal)?;
-                Ok((key.value().to_owned(), decode(value.value())?))
+                Ok((key.value().to_owned(), value))
             });
-            scan(&query, entries)
+            scan(&query, entries, |_, value| decode(value.value()))
         })
         .await
         .map_err(internal)?
@@ -632,17 +661,20 @@ impl Store for RedbStore {
             .map(drop)
     }
 
-    async fn deadlines(&self) -> Result<Vec<(SystemTime, Arc<str>)>, StoreError> {
+    async fn deadlines(&self) -> Result<Vec<Deadline>, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(internal)?;
             let ops = txn.open_table(OPERATIONS).map_err(internal)?;
             let mut out = Vec::new();
             for entry in ops.iter().map_err(internal)? {
-                let (_, value) = entry.map_err(internal)?;
-                let record = decode(value.value())?;
-                if let Some(at) = record.next_deadline() {
-                    out.push((at, Arc::from(record.name)));
+                let (key, value) = entry.map_err(internal)?;
+                if let (Some(at), done) = deadline_of(value.value())? {
+                    out.push(Deadline {
+                        at,
+                        name: Arc::from(key.value()),
+                        done,
+                    });
                 }
             }
             Ok(out)
@@ -812,8 +844,10 @@ mod tests {
             }
         );
         drop(store);
-        // A file from before the counts were kept is counted once at open.
-        {
+        // A format-1 file (from before the counts were kept) is upgraded and
+        // counted once at open; counts that disagree with the records are
+        // counted again.
+        let raw = |change: &dyn Fn(&mut Meta<'_>)| {
             let db = loop {
                 match Database::builder().create(&path) {
                     Ok(db) => break db,
@@ -821,17 +855,41 @@ mod tests {
                 }
             };
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().remove(COUNTS_KEY).unwrap();
+            change(&mut txn.open_table(META).unwrap());
             txn.commit().unwrap();
-        }
+            db
+        };
+        let right = Counts {
+            running: 1,
+            done: 1,
+        };
+        drop(raw(&|meta| {
+            meta.remove(COUNTS_KEY).unwrap();
+            meta.insert(FORMAT_KEY, FORMAT_1).unwrap();
+        }));
         let store = reopen(&path);
-        assert_eq!(
-            store.counts().await.unwrap(),
-            Counts {
-                running: 1,
-                done: 1
-            }
-        );
+        assert_eq!(store.counts().await.unwrap(), right);
+        drop(store);
+        let db = raw(&|meta| {
+            let wrong = Counts {
+                running: 5,
+                done: 0,
+            };
+            meta.insert(COUNTS_KEY, encode_counts(wrong).as_slice())
+                .unwrap();
+        });
+        let marker = db
+            .begin_read()
+            .unwrap()
+            .open_table(META)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .map(|v| v.value().to_vec());
+        assert_eq!(marker.as_deref(), Some(FORMAT));
+        drop(db);
+        let store = reopen(&path);
+        assert_eq!(store.counts().await.unwrap(), right);
     }
 
     #[tokio::test]
