@@ -8,12 +8,12 @@
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (benches/ceiling.rs). Set
-# ROUNDS (default 3) for more alternating rounds, SERVER_CPU and LOAD_CPU to
-# pin elsewhere. Needs a release build; builds it if missing.
+# ROUNDS (default 5) for more alternating rounds, SERVER_CPU and LOAD_CPU to
+# pin elsewhere. Builds the release binaries first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
@@ -70,17 +70,25 @@ if has ratios || has open-loop; then
 fi
 
 if has ratios; then
-  echo "## closed loop, 16 clients, 5 s each, $ROUNDS rounds"
-  for round in $(seq 1 "$ROUNDS"); do
-    echo "### round $round"
-    echo -n "ceiling   "; load get --target http://127.0.0.1:50101 --concurrency 16 --duration 5s --server-pid "$pid_ceiling"
-    echo -n "memory    "; load get --target http://127.0.0.1:50111 --concurrency 16 --duration 5s --server-pid "$pid_memory"
-    echo -n "nometrics "; load get --target http://127.0.0.1:50112 --concurrency 16 --duration 5s --server-pid "$pid_nometrics"
-    echo -n "redb      "; load get --target http://127.0.0.1:50113 --concurrency 16 --duration 5s --server-pid "$pid_redb"
-    echo -n "ceiling   "; load rest-get --target http://127.0.0.1:50102 --concurrency 16 --duration 5s --server-pid "$pid_ceiling"
-    echo -n "memory    "; load rest-get --target http://127.0.0.1:50111 --concurrency 16 --duration 5s --server-pid "$pid_memory"
-    echo -n "redb      "; load rest-get --target http://127.0.0.1:50113 --concurrency 16 --duration 5s --server-pid "$pid_redb"
-  done
+  # Each comparison alternates the two servers round by round (the order
+  # flips every round) and ends with the median ratios.
+  echo "## closed loop, 16 clients, $ROUNDS rounds of 4 s per server"
+  compare() {
+    local what=$1 workload=$2 target=$3 pid=$4 reference=$5 reference_pid=$6
+    echo "### $what"
+    load "$workload" --target "$target" --server-pid "$pid" --ceiling "$reference" \
+      --ceiling-pid "$reference_pid" --rounds "$ROUNDS" --concurrency 16 --duration 4s
+  }
+  compare "GetOperation: opsd memory store vs the tonic ceiling" get \
+    http://127.0.0.1:50111 "$pid_memory" http://127.0.0.1:50101 "$pid_ceiling"
+  compare "GetOperation: opsd redb store vs the tonic ceiling" get \
+    http://127.0.0.1:50113 "$pid_redb" http://127.0.0.1:50101 "$pid_ceiling"
+  compare "GetOperation: metrics on vs --no-metrics (as the ceiling)" get \
+    http://127.0.0.1:50111 "$pid_memory" http://127.0.0.1:50112 "$pid_nometrics"
+  compare "REST GET: opsd memory store vs the axum ceiling" rest-get \
+    http://127.0.0.1:50111 "$pid_memory" http://127.0.0.1:50102 "$pid_ceiling"
+  compare "REST GET: opsd redb store vs the axum ceiling" rest-get \
+    http://127.0.0.1:50113 "$pid_redb" http://127.0.0.1:50102 "$pid_ceiling"
 fi
 
 if has open-loop; then

@@ -459,6 +459,87 @@ pub struct FillReport {
     pub encoded_size: Option<usize>,
 }
 
+/// One workload against a reference server and a target, round by round.
+#[derive(Debug)]
+pub struct Comparison {
+    /// (reference, target) for each round.
+    pub rounds: Vec<(LoadReport, LoadReport)>,
+}
+
+impl Comparison {
+    /// The target's calls/s over the reference's, per round.
+    pub fn throughput_ratios(&self) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .filter(|(reference, _)| reference.iterations > 0)
+            .map(|(reference, target)| target.rate() / reference.rate())
+            .collect()
+    }
+
+    /// The target's server CPU per call over the reference's, per round
+    /// (when both pids were given).
+    pub fn cpu_ratios(&self) -> Vec<f64> {
+        self.rounds
+            .iter()
+            .filter_map(|(reference, target)| {
+                let (r, t) = (reference.server_cpu_per_call?, target.server_cpu_per_call?);
+                (!r.is_zero()).then(|| t.as_secs_f64() / r.as_secs_f64())
+            })
+            .collect()
+    }
+
+    /// The median ratios with their ranges.
+    pub fn summary(&self) -> String {
+        let describe = |what: &str, mut ratios: Vec<f64>| {
+            if ratios.is_empty() {
+                return String::new();
+            }
+            ratios.sort_by(f64::total_cmp);
+            let median = ratios[ratios.len() / 2];
+            format!(
+                "{what} {median:.2}× the ceiling (rounds {:.2}–{:.2})",
+                ratios[0],
+                ratios[ratios.len() - 1]
+            )
+        };
+        let parts: Vec<String> = [
+            describe("throughput", self.throughput_ratios()),
+            describe("server CPU per call", self.cpu_ratios()),
+        ]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect();
+        format!(
+            "median of {} rounds: {}",
+            self.rounds.len(),
+            parts.join("; ")
+        )
+    }
+}
+
+/// Runs `workload` for `rounds` rounds against `reference` and `target`,
+/// alternating which goes first (reference, target; target, reference; ...)
+/// so a drift of the machine's speed weighs on both alike.
+pub async fn compare(
+    target: &LoadOptions,
+    reference: &LoadOptions,
+    workload: &Workload,
+    rounds: usize,
+) -> Result<Comparison, BenchError> {
+    let mut out = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let (first, second) = if round % 2 == 0 {
+            (reference, target)
+        } else {
+            (target, reference)
+        };
+        let a = run(first, workload, |_| {}).await?;
+        let b = run(second, workload, |_| {}).await?;
+        out.push(if round % 2 == 0 { (a, b) } else { (b, a) });
+    }
+    Ok(Comparison { rounds: out })
+}
+
 /// Creates `count` operations (each then completed) with `concurrency` clients.
 pub async fn fill(options: &LoadOptions, count: u64) -> Result<FillReport, BenchError> {
     use prost::Message;
@@ -750,4 +831,49 @@ pub async fn waiters(
         wake_by_completion,
         wake_by_cancel,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(calls: u64, cpu_micros: Option<u64>) -> LoadReport {
+        LoadReport {
+            iterations: calls,
+            errors: BTreeMap::new(),
+            elapsed: Duration::from_secs(1),
+            latency: Histogram::new(3).unwrap(),
+            send_lag: None,
+            server_cpu_per_call: cpu_micros.map(Duration::from_micros),
+            server_rss_bytes: None,
+        }
+    }
+
+    #[test]
+    fn comparisons_report_median_ratios_and_their_range() {
+        let comparison = Comparison {
+            rounds: vec![
+                (report(100, Some(20)), report(90, Some(22))),
+                (report(100, Some(20)), report(110, Some(18))),
+                (report(100, Some(20)), report(100, Some(21))),
+            ],
+        };
+        let throughput = comparison.throughput_ratios();
+        assert_eq!(throughput.len(), 3);
+        assert!((throughput[0] - 0.9).abs() < 1e-9);
+        assert_eq!(
+            comparison.summary(),
+            "median of 3 rounds: throughput 1.00× the ceiling (rounds 0.90–1.10); \
+             server CPU per call 1.05× the ceiling (rounds 0.90–1.10)"
+        );
+        // Without pids there is no CPU ratio.
+        let comparison = Comparison {
+            rounds: vec![(report(100, None), report(95, None))],
+        };
+        assert!(comparison.cpu_ratios().is_empty());
+        assert_eq!(
+            comparison.summary(),
+            "median of 1 rounds: throughput 0.95× the ceiling (rounds 0.95–0.95)"
+        );
+    }
 }

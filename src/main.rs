@@ -40,9 +40,19 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// GetOperation of one operation (created first), over and over.
-    Get(LoadArgs),
+    Get {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[command(flatten)]
+        ceiling: CeilingArgs,
+    },
     /// GET /v1/{name} of one operation over HTTP/1.1 (REST).
-    RestGet(LoadArgs),
+    RestGet {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[command(flatten)]
+        ceiling: CeilingArgs,
+    },
     /// CreateOperation + CompleteOperation (two durable writes per call).
     CreateComplete(LoadArgs),
     /// Creates COUNT operations (each completed), e.g. to measure start-up;
@@ -125,6 +135,21 @@ struct LoadArgs {
     server_pid: Option<u32>,
 }
 
+/// A reference server measured in the same run: rounds alternate between it
+/// and --target, and the ratios are reported.
+#[derive(clap::Args, Debug)]
+struct CeilingArgs {
+    /// The reference server (e.g. benches/ceiling.rs), loaded the same way.
+    #[arg(long)]
+    ceiling: Option<String>,
+    /// The reference server's pid, for its CPU per call.
+    #[arg(long)]
+    ceiling_pid: Option<u32>,
+    /// Rounds; each runs both servers for --duration, in alternating order.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+}
+
 impl LoadArgs {
     fn options(&self) -> opsd::bench::LoadOptions {
         opsd::bench::LoadOptions {
@@ -138,10 +163,11 @@ impl LoadArgs {
     }
 }
 
-/// Creates the operation the Get workloads read (unless it exists).
-async fn bench_target(load: &LoadArgs) -> Result<String, opsd::bench::BenchError> {
+/// Creates the operation the Get workloads read on `target` (unless it
+/// exists).
+async fn bench_target(target: &str) -> Result<String, opsd::bench::BenchError> {
     use opsd::pb::opsd::v1::{workers_client::WorkersClient, CreateOperationRequest};
-    let mut workers = WorkersClient::connect(load.target.clone()).await?;
+    let mut workers = WorkersClient::connect(target.to_owned()).await?;
     let request = CreateOperationRequest {
         operation_id: "bench-get".into(),
         request_id: "bench-get".into(),
@@ -157,6 +183,39 @@ async fn bench_target(load: &LoadArgs) -> Result<String, opsd::bench::BenchError
     }
 }
 
+/// Runs `workload` against --target, or with --ceiling in alternating rounds
+/// against both, printing each run and then the ratios to the ceiling.
+async fn measure(
+    load: &LoadArgs,
+    ceiling: &CeilingArgs,
+    workload: &opsd::bench::Workload,
+    label: &str,
+) -> Result<(), opsd::bench::BenchError> {
+    let Some(reference) = &ceiling.ceiling else {
+        let report = opsd::bench::run(&load.options(), workload, |_| {}).await?;
+        println!("{label}: {}", report.summary());
+        return Ok(());
+    };
+    // The same operation exists on both (a ceiling answers any name).
+    bench_target(reference).await?;
+    let mut reference_options = load.options();
+    reference_options.target = reference.clone();
+    reference_options.server_pid = ceiling.ceiling_pid;
+    let comparison = opsd::bench::compare(
+        &load.options(),
+        &reference_options,
+        workload,
+        ceiling.rounds.max(1),
+    )
+    .await?;
+    for (i, (reference, target)) in comparison.rounds.iter().enumerate() {
+        println!("round {}: ceiling {label}: {}", i + 1, reference.summary());
+        println!("round {}: target  {label}: {}", i + 1, target.summary());
+    }
+    println!("{label}: {}", comparison.summary());
+    Ok(())
+}
+
 async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
     use opsd::bench::{self, Workload};
     let mode = |load: &LoadArgs| match load.rate {
@@ -167,15 +226,15 @@ async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
         None => format!("{} clients", load.concurrency),
     };
     match command {
-        BenchCommand::Get(load) => {
-            let name = bench_target(&load).await?;
-            let report = bench::run(&load.options(), &Workload::Get { name }, |_| {}).await?;
-            println!("GetOperation, {}: {}", mode(&load), report.summary());
+        BenchCommand::Get { load, ceiling } => {
+            let name = bench_target(&load.target).await?;
+            let label = format!("GetOperation, {}", mode(&load));
+            measure(&load, &ceiling, &Workload::Get { name }, &label).await?;
         }
-        BenchCommand::RestGet(load) => {
-            let name = bench_target(&load).await?;
-            let report = bench::run(&load.options(), &Workload::RestGet { name }, |_| {}).await?;
-            println!("REST GET, {}: {}", mode(&load), report.summary());
+        BenchCommand::RestGet { load, ceiling } => {
+            let name = bench_target(&load.target).await?;
+            let label = format!("REST GET, {}", mode(&load));
+            measure(&load, &ceiling, &Workload::RestGet { name }, &label).await?;
         }
         BenchCommand::CreateComplete(load) => {
             let report = bench::run(&load.options(), &Workload::CreateComplete, |_| {}).await?;

@@ -33,6 +33,7 @@ use tonic::Status;
 use self::{
     request::Presentation,
     rules::{RestMethod, Route, RuleError},
+    template::SplitPath,
 };
 use super::{operations::OperationsService, types::TypeRegistry, workers::WorkersService, ViaRest};
 use crate::{
@@ -225,10 +226,7 @@ impl RestService {
         } else {
             read_body(headers, body, self.inner.max_body_bytes).await?
         };
-        let descriptor = pool
-            .get_message_by_name(route.method.input_type())
-            .ok_or_else(|| Status::internal("request type missing from the descriptor pool"))?;
-        let message = request::build(descriptor, &route.body, &body, values, query)?;
+        let message = request::build(route.input.clone(), &route.body, &body, values, query)?;
         let ops = &self.inner.operations;
         Ok(match route.method {
             RestMethod::List => {
@@ -281,8 +279,11 @@ impl RestService {
     /// The route for a method and raw path, with its path values.
     fn find(&self, method: &Method, path: &str) -> Result<(&Route, PathValues), Error> {
         let mut allowed: Vec<&Method> = Vec::new();
+        let split = SplitPath::new(path).ok_or_else(|| Error::RouteNotFound {
+            message: format!("No route for {method} {path}."),
+        })?;
         for route in &self.inner.routes {
-            match route.template.matches(path) {
+            match route.template.matches_split(&split) {
                 None => {}
                 Some(_) if route.verb != method => allowed.push(&route.verb),
                 Some(Ok(values)) => return Ok((route, values)),

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use prost_reflect::{DescriptorPool, DynamicMessage, Kind, Value};
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, Value};
 
 use super::template::Template;
 use crate::pb::google::api::{http_rule::Pattern, Http, HttpRule};
@@ -75,6 +75,9 @@ pub struct Route {
     pub template: Template,
     pub body: BodyRule,
     pub method: RestMethod,
+    /// The method's request type (from the embedded descriptors, which
+    /// registered types never change).
+    pub input: MessageDescriptor,
     /// Where the rule came from, for logs and errors.
     pub origin: String,
 }
@@ -217,12 +220,13 @@ fn add_rule(
         if !binding.response_body.is_empty() {
             return Err(fail("`response_body` is not supported".into()));
         }
-        check_fields(pool, method, &template, &body).map_err(fail)?;
+        let input = check_fields(pool, method, &template, &body).map_err(fail)?;
         routes.push(Route {
             verb,
             template,
             body,
             method,
+            input,
             origin: origin.to_owned(),
         });
     }
@@ -236,7 +240,7 @@ fn check_fields(
     method: RestMethod,
     template: &Template,
     body: &BodyRule,
-) -> Result<(), String> {
+) -> Result<MessageDescriptor, String> {
     let request = pool
         .get_message_by_name(method.input_type())
         .ok_or_else(|| format!("{} is missing from the descriptor set", method.input_type()))?;
@@ -275,7 +279,7 @@ fn check_fields(
             }
         }
     }
-    Ok(())
+    Ok(request)
 }
 
 #[cfg(test)]

@@ -53,6 +53,24 @@ pub struct TemplateError {
     reason: String,
 }
 
+/// A request path split on `/` once, for matching against many templates.
+#[derive(Clone, Debug)]
+pub struct SplitPath<'a> {
+    /// The segments after the leading `/`, still percent-encoded.
+    segments: Vec<&'a str>,
+    /// The last segment's text before and after its last `:`, if it has one.
+    verb: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> SplitPath<'a> {
+    /// `None` for a path that does not start with `/`.
+    pub fn new(path: &'a str) -> Option<Self> {
+        let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+        let verb = segments.last().and_then(|last| last.rsplit_once(':'));
+        Some(Self { segments, verb })
+    }
+}
+
 /// Why a path matched a template but its values could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -184,26 +202,39 @@ impl Template {
     /// Matches a raw (still percent-encoded) request path. `None`: no match;
     /// `Some(Err)`: a match whose values do not decode.
     pub fn matches(&self, path: &str) -> Option<Result<Vec<(String, String)>, DecodeError>> {
-        let rest = path.strip_prefix('/')?;
-        let rest = match &self.verb {
+        self.matches_split(&SplitPath::new(path)?)
+    }
+
+    /// [`Template::matches`] on a path already split (once for all routes).
+    pub fn matches_split(
+        &self,
+        path: &SplitPath<'_>,
+    ) -> Option<Result<Vec<(String, String)>, DecodeError>> {
+        // A verb is the part of the last segment after its last ':'; the
+        // rest of that segment stands in for it.
+        let last = match &self.verb {
             Some(verb) => {
-                let (head, tail) = rest.rsplit_once(':')?;
-                if tail != verb || tail.contains('/') {
+                let (head, tail) = path.verb?;
+                if tail != verb {
                     return None;
                 }
-                head
+                Some(head)
             }
-            None => rest,
+            None => None,
         };
-        let raw: Vec<&str> = rest.split('/').collect();
+        let count = path.segments.len();
+        let part = |i: usize| match last {
+            Some(head) if i + 1 == count => head,
+            _ => path.segments[i],
+        };
         let n = self.segments.len();
         let fixed = if self.has_double_star() { n - 1 } else { n };
-        if raw.len() < fixed || (!self.has_double_star() && raw.len() != n) {
+        if count < fixed || (!self.has_double_star() && count != n) {
             return None;
         }
         // Which raw segments each template segment covers.
         for (i, segment) in self.segments.iter().enumerate().take(fixed) {
-            let part = raw[i];
+            let part = part(i);
             match segment {
                 Segment::Literal(literal) => {
                     if !decodes_to(part, literal) {
@@ -214,22 +245,21 @@ impl Template {
                 Segment::Star | Segment::DoubleStar => {}
             }
         }
-        if self.has_double_star() && raw[fixed..].iter().any(|s| s.is_empty()) {
+        if self.has_double_star() && (fixed..count).any(|i| part(i).is_empty()) {
             return None;
         }
         let mut values = Vec::new();
         for variable in &self.variables {
             let end = if variable.end == n && self.has_double_star() {
-                raw.len()
+                count
             } else {
                 variable.end
             };
-            let parts = &raw[variable.start..end];
             let value = if variable.end - variable.start == 1 && !self.has_double_star_in(variable)
             {
-                decode(parts[0])
+                decode(part(variable.start))
             } else {
-                decode_segments(parts)
+                decode_segments((variable.start..end).map(part))
             };
             match value {
                 Ok(value) => values.push((variable.field.clone(), value)),
@@ -286,13 +316,13 @@ fn decodes_to(raw: &str, literal: &str) -> bool {
 
 /// Decodes the segments of a multi-segment variable and joins them with
 /// `/`, keeping each `%2F` encoded.
-fn decode_segments(parts: &[&str]) -> Result<String, DecodeError> {
-    let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
-    for (i, part) in parts.iter().enumerate() {
+fn decode_segments<'a>(parts: impl Iterator<Item = &'a str>) -> Result<String, DecodeError> {
+    let mut out = String::new();
+    for (i, part) in parts.enumerate() {
         if i > 0 {
             out.push('/');
         }
-        let mut rest = *part;
+        let mut rest = part;
         while let Some(at) = encoded_slash(rest) {
             out.push_str(&decode(&rest[..at])?);
             out.push_str(&rest[at..at + 3]);
