@@ -230,16 +230,22 @@ async fn create_complete(
         ..Default::default()
     };
     let name = workers.create_operation(request).await?.into_inner().name;
+    complete(workers, &name).await?;
+    Ok(name)
+}
+
+/// Completes `name` with a `google.protobuf.Empty` response.
+async fn complete(workers: &mut WorkersClient<Channel>, name: &str) -> Result<(), tonic::Status> {
     let response =
         prost_types::Any::from_msg(&()).map_err(|e| tonic::Status::internal(e.to_string()))?;
     workers
         .complete_operation(CompleteOperationRequest {
-            name: name.clone(),
+            name: name.to_owned(),
             result: Some(complete_operation_request::Result::Response(response)),
             metadata: None,
         })
         .await?;
-    Ok(name)
+    Ok(())
 }
 
 /// Server CPU time (user + system) and RSS from /proc.
@@ -795,14 +801,7 @@ pub async fn waiters(
     for (i, name) in names.iter().step_by(step).take(sample).enumerate() {
         let sent = Instant::now();
         if i % 2 == 0 {
-            let response = prost_types::Any::from_msg(&()).map_err(|e| e.to_string())?;
-            workers
-                .complete_operation(CompleteOperationRequest {
-                    name: name.clone(),
-                    result: Some(complete_operation_request::Result::Response(response)),
-                    metadata: None,
-                })
-                .await?;
+            complete(&mut workers, name).await?;
         } else {
             ops.cancel_operation(CancelOperationRequest { name: name.clone() })
                 .await?;

@@ -35,7 +35,17 @@ pub fn message_to_json<M: Message>(
     pool: &DescriptorPool,
     options: JsonOptions,
 ) -> Result<Value, String> {
-    let text = serialize(&message.encode_to_vec(), full_name, pool, options, false)?;
+    tree(&message.encode_to_vec(), full_name, pool, options)
+}
+
+/// [`message_to_json`] of an encoded message.
+fn tree(
+    bytes: &[u8],
+    full_name: &str,
+    pool: &DescriptorPool,
+    options: JsonOptions,
+) -> Result<Value, String> {
+    let text = serialize(bytes, full_name, pool, options, false)?;
     let mut value: Value = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
     empty_any_without_value(&mut value);
     Ok(value)
@@ -56,8 +66,7 @@ pub fn render_message<M: Message>(
 ) -> Result<Vec<u8>, String> {
     let bytes = message.encode_to_vec();
     if contains(&bytes, EMPTY_TYPE.as_bytes()) {
-        let value = message_to_json(message, full_name, pool, options)?;
-        return Ok(write_json(&value, pretty));
+        return Ok(write_json(&tree(&bytes, full_name, pool, options)?, pretty));
     }
     serialize(&bytes, full_name, pool, options, pretty)
 }

@@ -2,11 +2,8 @@
 
 mod common;
 
-use common::{any_string, create, op, TestServer};
-use opsd::pb::{
-    google::longrunning::{GetOperationRequest, WaitOperationRequest},
-    opsd::v1::{complete_operation_request, CompleteOperationRequest},
-};
+use common::{complete, create, op, TestServer};
+use opsd::pb::google::longrunning::{GetOperationRequest, WaitOperationRequest};
 
 #[tokio::test]
 async fn metrics_count_calls_by_method_transport_and_code() {
@@ -83,16 +80,7 @@ async fn metrics_count_calls_by_method_transport_and_code() {
     while !scrape().await.contains("\nopsd_waiters 1\n") {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    workers
-        .complete_operation(CompleteOperationRequest {
-            name: name.clone(),
-            result: Some(complete_operation_request::Result::Response(any_string(
-                "done",
-            ))),
-            metadata: None,
-        })
-        .await
-        .unwrap();
+    complete(&mut workers, &name, "done").await;
     assert!(wait.await.unwrap().unwrap().into_inner().done);
     let text = scrape().await;
     for series in [

@@ -294,10 +294,12 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn record(name: &str) -> Record {
+    /// A running record with every optional field set: the stores' tests
+    /// use it too.
+    pub(in crate::store) fn record(name: &str) -> Record {
         let now = SystemTime::now();
         Record {
             name: name.to_owned(),

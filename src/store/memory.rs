@@ -170,22 +170,21 @@ impl Store for MemoryStore {
         cause: Cause,
     ) -> Result<Record, StoreError> {
         let mut state = self.state();
-        let Some(stored) = state.load(&record.name)? else {
+        let Some((name, bytes)) = state.records.get_key_value(record.name.as_str()) else {
             return Err(StoreError::Conflict);
         };
+        let stored = with_name(name, bytes)?;
+        // Replacing the value keeps the key, and with it the shared name.
+        let name = name.clone();
         if stored.revision != expected {
             return Err(StoreError::Conflict);
         }
         record.revision = expected + 1;
         // The idempotency key belongs to the record for its whole life.
         record.request_id = stored.request_id.clone();
-        let encoded = encode(&record, false).into_boxed_slice();
-        let Some((name, _)) = state.records.get_key_value(record.name.as_str()) else {
-            return Err(StoreError::Conflict);
-        };
-        // Replacing the value keeps the key, and with it the shared name.
-        let name = name.clone();
-        state.records.insert(name.clone(), encoded);
+        state
+            .records
+            .insert(name.clone(), encode(&record, false).into_boxed_slice());
         state.counts.add(&stored, -1);
         state.counts.add(&record, 1);
         self.publish(name, cause, stored.next_deadline(), record.next_deadline());

@@ -699,33 +699,12 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{CancelPolicy, Outcome, ParentPattern};
+    use crate::store::{codec::tests::record, Outcome, ParentPattern};
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("opsd-redb-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir.join("store").join("opsd.redb")
-    }
-
-    fn record(name: &str) -> Record {
-        let now = SystemTime::now();
-        Record {
-            name: name.to_owned(),
-            revision: 0,
-            metadata: Some(prost_types::Any::from_msg(&"m".to_owned()).unwrap()),
-            outcome: None,
-            cancel_policy: CancelPolicy::Cooperative,
-            cancel_grace_period: Duration::from_secs(30),
-            cancel_deadline: Some(now + Duration::from_secs(5)),
-            lease: Some(Duration::from_millis(1500)),
-            lease_deadline: Some(now + Duration::from_secs(9)),
-            request_id: Some(format!("req-{name}")),
-            create_time: now,
-            update_time: now,
-            done_time: None,
-            expire_time: None,
-            script: None,
-        }
     }
 
     #[tokio::test]

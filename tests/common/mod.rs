@@ -89,6 +89,21 @@ pub async fn create(
         .into_inner()
 }
 
+/// Completes an operation through the worker API with a string response.
+pub async fn complete(workers: &mut WorkersClient<Channel>, name: &str, response: &str) {
+    use opsd::pb::opsd::v1::{complete_operation_request, CompleteOperationRequest};
+    workers
+        .complete_operation(CompleteOperationRequest {
+            name: name.to_owned(),
+            result: Some(complete_operation_request::Result::Response(any_string(
+                response,
+            ))),
+            metadata: None,
+        })
+        .await
+        .unwrap();
+}
+
 /// A request for a running operation `{parent}/operations/{id}`.
 pub fn op(parent: &str, id: &str) -> CreateOperationRequest {
     CreateOperationRequest {
