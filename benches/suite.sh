@@ -7,7 +7,7 @@
 # durable churn callgrind. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
-# ceiling measured in the same run and layout (benches/ceiling.rs). Set
+# ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
 # ROUNDS (default 5) for more alternating rounds, SERVER_CPU and LOAD_CPU to
 # pin elsewhere. Builds the release binaries first.
 set -euo pipefail
@@ -19,10 +19,10 @@ LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind)
 
-cargo build --release --quiet --bin opsd
-cargo bench --quiet --bench ceiling --no-run 2>/dev/null
+cargo build --release --quiet -p opsd -p opsd-bench
 opsd=target/release/opsd
-ceiling=$(ls -t target/release/deps/ceiling-* | grep -v '\.d$' | head -1)
+bench=target/release/opsd-bench
+ceiling=target/release/opsd-ceiling
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -56,7 +56,7 @@ stop() {
   wait "$pid" 2>/dev/null || true
 }
 
-load() { taskset -c "$LOAD_CPU" "$opsd" bench "$@"; }
+load() { taskset -c "$LOAD_CPU" "$bench" "$@"; }
 
 has() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 
@@ -146,7 +146,7 @@ if has durable; then
   echo -n " 1 client  "; load create-complete --target http://127.0.0.1:50151 --concurrency 1 --duration 10s --server-pid "$pid_redb"
   echo -n "64 clients "; load create-complete --target http://127.0.0.1:50151 --concurrency 64 --duration 10s --server-pid "$pid_redb"
   stop "$pid_redb"
-  echo -n "start-up on that store: "; load startup --store "redb:$work/durable/opsd.redb"
+  echo -n "start-up on that store: "; load startup --opsd "$opsd" --store "redb:$work/durable/opsd.redb"
 fi
 
 if has churn; then
@@ -170,10 +170,10 @@ if has callgrind; then
       (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
       sleep 0.1
     done
-    "$opsd" bench "$workload" --target "http://127.0.0.1:$port" --concurrency 4 --duration 3s >/dev/null
+    "$bench" "$workload" --target "http://127.0.0.1:$port" --concurrency 4 --duration 3s >/dev/null
     callgrind_control -z "$pid" >/dev/null
     local out
-    out=$("$opsd" bench "$workload" --target "http://127.0.0.1:$port" --concurrency 4 --duration 10s)
+    out=$("$bench" "$workload" --target "http://127.0.0.1:$port" --concurrency 4 --duration 10s)
     callgrind_control -d "$pid" >/dev/null
     stop "$pid"
     local calls ir

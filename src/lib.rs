@@ -35,7 +35,6 @@
 //! ```
 
 pub mod api;
-pub mod bench;
 pub mod config;
 pub mod error;
 pub mod json;

@@ -32,308 +32,6 @@ enum Command {
     /// Serve gRPC (Operations, Workers, health, reflection) and the REST/JSON
     /// surface on one port.
     Serve(Box<ServeArgs>),
-    /// Load generator and measurements against a running opsd.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Subcommand, Debug)]
-enum BenchCommand {
-    /// GetOperation of one operation (created first), over and over.
-    Get {
-        #[command(flatten)]
-        load: LoadArgs,
-        #[command(flatten)]
-        ceiling: CeilingArgs,
-    },
-    /// GET /v1/{name} of one operation over HTTP/1.1 (REST).
-    RestGet {
-        #[command(flatten)]
-        load: LoadArgs,
-        #[command(flatten)]
-        ceiling: CeilingArgs,
-    },
-    /// CreateOperation + CompleteOperation (two durable writes per call).
-    CreateComplete(LoadArgs),
-    /// Creates COUNT operations (each completed), e.g. to measure start-up;
-    /// with --server-pid, reports the server's RSS growth per operation and
-    /// how much of it is beyond the operation's encoded size.
-    Fill {
-        #[command(flatten)]
-        load: LoadArgs,
-        #[arg(long, default_value_t = 100_000)]
-        count: u64,
-    },
-    /// create+complete for --duration against a server with a short
-    /// --retention, printing the store file's size every second.
-    Churn {
-        #[command(flatten)]
-        load: LoadArgs,
-        /// The server's store file, whose size is printed.
-        #[arg(long)]
-        store_file: PathBuf,
-    },
-    /// Walks the listing of --parent page by page, over and over; one call
-    /// is one page.
-    List {
-        #[command(flatten)]
-        load: LoadArgs,
-        #[arg(long, default_value_t = 100)]
-        page_size: i32,
-        /// An AIP-160 filter applied to every page.
-        #[arg(long, default_value = "")]
-        filter: String,
-    },
-    /// Cancel → worker: times how long a cancel takes to reach a worker's
-    /// WatchOperations stream, COUNT times in a row.
-    CancelNotify {
-        #[command(flatten)]
-        load: LoadArgs,
-        #[arg(long, default_value_t = 1000)]
-        count: u64,
-    },
-    /// Parks WAITERS WaitOperation calls, one per operation, reports the
-    /// server's memory per parked Wait (with --server-pid), then finishes
-    /// SAMPLE operations one at a time, alternately completing and
-    /// cancelling them, and times each one's wake-up.
-    Waiters {
-        #[command(flatten)]
-        load: LoadArgs,
-        #[arg(long, default_value_t = 10_000)]
-        waiters: usize,
-        #[arg(long, default_value_t = 1000)]
-        sample: usize,
-    },
-    /// Starts `opsd serve --store STORE` and times how long it takes to answer.
-    Startup {
-        #[arg(long)]
-        store: String,
-    },
-}
-
-#[derive(clap::Args, Debug)]
-struct LoadArgs {
-    /// The server to load.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    target: String,
-    /// Concurrent clients, one connection each (closed loop); connections
-    /// the calls are spread over (open loop).
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
-    /// How long to run.
-    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
-    duration: Duration,
-    /// The parent the operations are created under.
-    #[arg(long, default_value = "projects/bench")]
-    parent: String,
-    /// Open loop: calls per second on a fixed schedule (latency counts from
-    /// each call's intended send time). Default: closed loop.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// A local server's pid: report its CPU seconds per call and its RSS.
-    #[arg(long)]
-    server_pid: Option<u32>,
-}
-
-/// A reference server measured in the same run: rounds alternate between it
-/// and --target, and the ratios are reported.
-#[derive(clap::Args, Debug)]
-struct CeilingArgs {
-    /// The reference server (e.g. benches/ceiling.rs), loaded the same way.
-    #[arg(long)]
-    ceiling: Option<String>,
-    /// The reference server's pid, for its CPU per call.
-    #[arg(long)]
-    ceiling_pid: Option<u32>,
-    /// Rounds; each runs both servers for --duration, in alternating order.
-    #[arg(long, default_value_t = 1)]
-    rounds: usize,
-}
-
-impl LoadArgs {
-    fn options(&self) -> opsd::bench::LoadOptions {
-        opsd::bench::LoadOptions {
-            target: self.target.clone(),
-            concurrency: self.concurrency,
-            duration: self.duration,
-            parent: self.parent.clone(),
-            rate: self.rate,
-            server_pid: self.server_pid,
-        }
-    }
-}
-
-/// Creates the operation the Get workloads read on `target` (unless it
-/// exists).
-async fn bench_target(target: &str) -> Result<String, opsd::bench::BenchError> {
-    use opsd::pb::opsd::v1::{workers_client::WorkersClient, CreateOperationRequest};
-    let mut workers = WorkersClient::connect(target.to_owned()).await?;
-    let request = CreateOperationRequest {
-        operation_id: "bench-get".into(),
-        request_id: "bench-get".into(),
-        ..Default::default()
-    };
-    match workers.create_operation(request).await {
-        Ok(op) => Ok(op.into_inner().name),
-        // A no-op ceiling server has no worker API: any name will do.
-        Err(status) if status.code() == tonic::Code::Unimplemented => {
-            Ok("operations/bench-get".into())
-        }
-        Err(status) => Err(status.into()),
-    }
-}
-
-/// Runs `workload` against --target, or with --ceiling in alternating rounds
-/// against both, printing each run and then the ratios to the ceiling.
-async fn measure(
-    load: &LoadArgs,
-    ceiling: &CeilingArgs,
-    workload: &opsd::bench::Workload,
-    label: &str,
-) -> Result<(), opsd::bench::BenchError> {
-    let Some(reference) = &ceiling.ceiling else {
-        let report = opsd::bench::run(&load.options(), workload, |_| {}).await?;
-        println!("{label}: {}", report.summary());
-        return Ok(());
-    };
-    // The same operation exists on both (a ceiling answers any name).
-    bench_target(reference).await?;
-    let mut reference_options = load.options();
-    reference_options.target = reference.clone();
-    reference_options.server_pid = ceiling.ceiling_pid;
-    let comparison = opsd::bench::compare(
-        &load.options(),
-        &reference_options,
-        workload,
-        ceiling.rounds.max(1),
-    )
-    .await?;
-    for (i, (reference, target)) in comparison.rounds.iter().enumerate() {
-        println!("round {}: ceiling {label}: {}", i + 1, reference.summary());
-        println!("round {}: target  {label}: {}", i + 1, target.summary());
-    }
-    println!("{label}: {}", comparison.summary());
-    Ok(())
-}
-
-async fn bench(command: BenchCommand) -> Result<(), opsd::bench::BenchError> {
-    use opsd::bench::{self, Workload};
-    let mode = |load: &LoadArgs| match load.rate {
-        Some(rate) => format!(
-            "open loop at {rate}/s over {} connections",
-            load.concurrency
-        ),
-        None => format!("{} clients", load.concurrency),
-    };
-    match command {
-        BenchCommand::Get { load, ceiling } => {
-            let name = bench_target(&load.target).await?;
-            let label = format!("GetOperation, {}", mode(&load));
-            measure(&load, &ceiling, &Workload::Get { name }, &label).await?;
-        }
-        BenchCommand::RestGet { load, ceiling } => {
-            let name = bench_target(&load.target).await?;
-            let label = format!("REST GET, {}", mode(&load));
-            measure(&load, &ceiling, &Workload::RestGet { name }, &label).await?;
-        }
-        BenchCommand::CreateComplete(load) => {
-            let report = bench::run(&load.options(), &Workload::CreateComplete, |_| {}).await?;
-            println!("create+complete, {}: {}", mode(&load), report.summary());
-        }
-        BenchCommand::Fill { load, count } => {
-            let report = bench::fill(&load.options(), count).await?;
-            let mut line = format!(
-                "created and completed {count} operations in {:.1}s",
-                report.elapsed.as_secs_f64()
-            );
-            if let Some((before, after)) = report.rss {
-                let per = after.saturating_sub(before) as f64 / count.max(1) as f64;
-                line.push_str(&format!(
-                    "; server RSS {:.1} → {:.1} MiB: {per:.0} bytes per operation",
-                    before as f64 / 1048576.0,
-                    after as f64 / 1048576.0
-                ));
-                if let Some(size) = report.encoded_size {
-                    line.push_str(&format!(
-                        ", {:.0} beyond its {size}-byte encoding",
-                        per - size as f64
-                    ));
-                }
-            }
-            println!("{line}");
-        }
-        BenchCommand::Churn { load, store_file } => {
-            let before = bench::file_size(&store_file);
-            let started = std::time::Instant::now();
-            let report = bench::run(&load.options(), &Workload::CreateComplete, move |done| {
-                println!(
-                    "{:>5.0}s {done:>9} iterations, store file {} bytes",
-                    started.elapsed().as_secs_f64(),
-                    bench::file_size(&store_file)
-                );
-            })
-            .await?;
-            println!("churn: {}; store file was {before} bytes", report.summary());
-        }
-        BenchCommand::List {
-            load,
-            page_size,
-            filter,
-        } => {
-            let workload = Workload::List { page_size, filter };
-            let report = bench::run(&load.options(), &workload, |_| {}).await?;
-            println!(
-                "list pages of {page_size}, {}: {}",
-                mode(&load),
-                report.summary()
-            );
-        }
-        BenchCommand::CancelNotify { load, count } => {
-            let latency = bench::cancel_notify(&load.options(), count).await?;
-            let q = |p: f64| latency.value_at_quantile(p);
-            println!(
-                "cancel → worker, {count} in a row: latency µs p50 {} p99 {} p99.9 {} max {}",
-                q(0.5),
-                q(0.99),
-                q(0.999),
-                latency.max()
-            );
-        }
-        BenchCommand::Waiters {
-            load,
-            waiters,
-            sample,
-        } => {
-            let report = bench::waiters(&load.options(), waiters, sample).await?;
-            let memory = report.bytes_per_waiter.map_or_else(String::new, |b| {
-                format!("; server RSS {b:.0} bytes per parked Wait")
-            });
-            let parked = report
-                .parked
-                .map_or_else(String::new, |p| format!(" ({p} parked per the server)"));
-            let wake = |h: &hdrhistogram::Histogram<u64>| {
-                format!(
-                    "p50 {} p99 {} max {} µs",
-                    h.value_at_quantile(0.5),
-                    h.value_at_quantile(0.99),
-                    h.max()
-                )
-            };
-            println!(
-                "{} parked Waits{parked}{memory}; wake-up, with the others parked: {} completed, {}; {} cancelled, {}",
-                report.waiters,
-                report.wake_by_completion.len(),
-                wake(&report.wake_by_completion),
-                report.wake_by_cancel.len(),
-                wake(&report.wake_by_cancel),
-            );
-        }
-        BenchCommand::Startup { store } => {
-            let elapsed = bench::startup(&store, &[]).await?;
-            println!("serving after {:.0} ms", elapsed.as_secs_f64() * 1000.0);
-        }
-    }
-    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -584,18 +282,10 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match &cli.command {
-        // The server uses every core it is given.
-        Command::Serve(_) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        // The load generator runs on one thread: pinned to one core, a second
-        // thread (the runtime's main thread beside a worker) would take turns
-        // with it and add milliseconds of scheduling delay to the figures.
-        Command::Bench(_) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-    };
+    // The server uses every core it is given.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
     match runtime {
         Ok(runtime) => runtime.block_on(run(cli.command)),
         Err(err) => {
@@ -631,13 +321,6 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Bench(command) => match bench(command).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("opsd bench: {err}");
-                ExitCode::FAILURE
-            }
-        },
     }
 }
 
@@ -666,9 +349,7 @@ mod tests {
             "wait",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("serve parses as serve")
-        };
+        let Command::Serve(args) = cli.command;
         let config = args.into_config().unwrap();
         assert_eq!(config.registry.retention, Duration::from_secs(7200));
         assert_eq!(
@@ -678,9 +359,7 @@ mod tests {
         assert!(Cli::try_parse_from(["opsd", "serve", "--store", "postgres"]).is_err());
         assert!(Cli::try_parse_from(["opsd", "serve", "--store", "redb:"]).is_err());
         let parse = |args: &[&str]| {
-            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
-                panic!("serve parses as serve")
-            };
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command;
             args.into_config().unwrap().store
         };
         assert_eq!(parse(&["opsd", "serve"]), StoreConfig::default());

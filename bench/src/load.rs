@@ -1,4 +1,4 @@
-//! `opsd bench`: a load generator against a running server.
+//! The load generator against a running server.
 //!
 //! [`run`] drives a [`Workload`] closed loop (each client sends its next call
 //! when the last one answered) or open loop (a fixed schedule, latency counted
@@ -11,7 +11,7 @@
 //! to serve), [`cancel_notify`] (cancel → watching worker), [`waiters`]
 //! (memory per parked Wait, wake latency with many parked).
 //!
-//! `benches/ceiling.rs` serves the same APIs with no-op handlers: the
+//! `opsd-ceiling` (src/bin) serves the same APIs with no-op handlers: the
 //! reference every figure is compared with, in the same run and layout.
 
 use std::{
@@ -27,7 +27,7 @@ use std::{
 use hdrhistogram::Histogram;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::pb::{
+use opsd::pb::{
     google::longrunning::operations_client::OperationsClient,
     opsd::v1::{
         complete_operation_request, workers_client::WorkersClient, CompleteOperationRequest,
@@ -179,7 +179,7 @@ impl Clients {
         match workload {
             Workload::Get { name } => self
                 .ops
-                .get_operation(crate::pb::google::longrunning::GetOperationRequest {
+                .get_operation(opsd::pb::google::longrunning::GetOperationRequest {
                     name: name.clone(),
                 })
                 .await
@@ -205,7 +205,7 @@ impl Clients {
                 .map(drop)
                 .map_err(code),
             Workload::List { page_size, filter } => {
-                let request = crate::pb::google::longrunning::ListOperationsRequest {
+                let request = opsd::pb::google::longrunning::ListOperationsRequest {
                     name: parent.to_owned(),
                     filter: filter.clone(),
                     page_size: *page_size,
@@ -574,7 +574,7 @@ pub async fn fill(options: &LoadOptions, count: u64) -> Result<FillReport, Bench
     let encoded_size = match sample {
         Some(name) => {
             let mut ops = OperationsClient::new(connect(&options.target).await?);
-            let request = crate::pb::google::longrunning::GetOperationRequest { name };
+            let request = opsd::pb::google::longrunning::GetOperationRequest { name };
             Some(ops.get_operation(request).await?.into_inner().encoded_len())
         }
         None => None,
@@ -586,15 +586,34 @@ pub async fn fill(options: &LoadOptions, count: u64) -> Result<FillReport, Bench
     })
 }
 
-/// Starts `opsd serve` (this executable) on `store` and returns how long it
-/// took to answer a GetOperation (NOT_FOUND is an answer).
-pub async fn startup(store: &str, extra: &[String]) -> Result<Duration, BenchError> {
+/// The `opsd` binary beside this executable (cargo builds both into the
+/// same target directory).
+pub fn sibling_opsd() -> Result<PathBuf, BenchError> {
+    let exe = std::env::current_exe()?;
+    let opsd = exe.with_file_name(format!("opsd{}", std::env::consts::EXE_SUFFIX));
+    if !opsd.is_file() {
+        return Err(format!(
+            "no opsd binary at {}; build it (cargo build --release -p opsd) or pass --opsd PATH",
+            opsd.display()
+        )
+        .into());
+    }
+    Ok(opsd)
+}
+
+/// Starts `opsd serve` (the binary at `opsd`) on `store` and returns how
+/// long it took to answer a GetOperation (NOT_FOUND is an answer).
+pub async fn startup(
+    opsd: &std::path::Path,
+    store: &str,
+    extra: &[String],
+) -> Result<Duration, BenchError> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let target = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+    let mut child = tokio::process::Command::new(opsd)
         .args([
             "serve",
             "--listen",
@@ -609,7 +628,7 @@ pub async fn startup(store: &str, extra: &[String]) -> Result<Duration, BenchErr
     let elapsed = loop {
         if let Ok(channel) = connect(&target).await {
             let mut ops = OperationsClient::new(channel);
-            let request = crate::pb::google::longrunning::GetOperationRequest {
+            let request = opsd::pb::google::longrunning::GetOperationRequest {
                 name: "operations/startup-probe".into(),
             };
             match ops.get_operation(request).await {
@@ -642,7 +661,7 @@ pub async fn cancel_notify(
     options: &LoadOptions,
     count: u64,
 ) -> Result<Histogram<u64>, BenchError> {
-    use crate::pb::{
+    use opsd::pb::{
         google::longrunning::CancelOperationRequest,
         opsd::v1::{operation_event, WatchOperationsRequest},
     };
@@ -724,7 +743,7 @@ pub async fn waiters(
     waiters: usize,
     sample: usize,
 ) -> Result<WaitersReport, BenchError> {
-    use crate::pb::google::longrunning::{CancelOperationRequest, WaitOperationRequest};
+    use opsd::pb::google::longrunning::{CancelOperationRequest, WaitOperationRequest};
     const PER_CONNECTION: usize = 1000;
     let clients = Clients::new(&options.target).await?;
     let mut workers = clients.workers.clone();
