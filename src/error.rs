@@ -24,7 +24,6 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::{
     json::{any_to_json, JsonOptions},
     pb::google::rpc,
-    registry::NameError,
     store::StoreError,
 };
 
@@ -102,11 +101,6 @@ impl Error {
             field: field.into(),
             description: description.into(),
         }
-    }
-
-    /// An `InvalidArgument` for a name field that failed to parse.
-    pub fn invalid_name(field: &str, err: NameError) -> Self {
-        Self::invalid(field, err.to_string())
     }
 
     pub fn not_found(name: impl Into<String>) -> Self {
@@ -261,12 +255,6 @@ pub fn json_envelope(
         body["details"] = Value::Array(details);
     }
     (http, json!({ "error": body }))
-}
-
-impl From<NameError> for Error {
-    fn from(err: NameError) -> Self {
-        Error::invalid_name("name", err)
-    }
 }
 
 #[cfg(test)]

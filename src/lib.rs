@@ -39,36 +39,10 @@ pub mod config;
 pub mod error;
 pub mod json;
 pub mod metrics;
+pub mod pb;
 pub mod registry;
-pub mod scenario;
 pub mod server;
 pub mod store;
 
 pub use config::Config;
 pub use error::Error;
-
-/// The generated protobuf and gRPC code.
-pub mod pb {
-    /// The encoded descriptor set of every opsd proto and its imports, with
-    /// extension options kept (`google.api.http` among them).
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/opsd_descriptor.bin"));
-
-    pub mod google {
-        pub mod api {
-            tonic::include_proto!("google.api");
-        }
-        pub mod longrunning {
-            tonic::include_proto!("google.longrunning");
-        }
-        pub mod rpc {
-            tonic::include_proto!("google.rpc");
-        }
-    }
-
-    pub mod opsd {
-        pub mod v1 {
-            tonic::include_proto!("opsd.v1");
-        }
-    }
-}

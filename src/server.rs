@@ -59,7 +59,7 @@ pub enum ServerError {
     #[error("cannot open the store: {0}")]
     Store(String),
     #[error("{0}")]
-    Scenario(#[from] crate::scenario::ScenarioError),
+    Scenario(#[from] crate::registry::scenario::ScenarioError),
 }
 
 /// A configured server and its registry.
@@ -70,7 +70,7 @@ pub struct Server {
     /// Shared by the gRPC routes and the REST transcoder.
     operations: OperationsService,
     workers: WorkersService,
-    scenarios: Vec<crate::scenario::LoadedScenario>,
+    scenarios: Vec<crate::registry::scenario::LoadedScenario>,
 }
 
 impl Server {
@@ -116,7 +116,7 @@ impl Server {
         let scenarios = config
             .scenarios
             .iter()
-            .map(|path| crate::scenario::load(path, &types.pool()))
+            .map(|path| crate::registry::scenario::load(path, &types.pool()))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             config,

@@ -16,7 +16,6 @@ use std::time::Duration;
 use tonic::{metadata::MetadataMap, Request};
 
 use crate::{
-    error::Error,
     metrics::Observed,
     pb::{google::longrunning as lro, opsd::v1 as wapi},
 };
@@ -87,21 +86,6 @@ pub(crate) fn transport<T>(request: &Request<T>) -> &'static str {
     }
 }
 
-/// A protobuf `Duration` as a non-negative `std::time::Duration`.
-pub(crate) fn duration(field: &str, value: &prost_types::Duration) -> Result<Duration, Error> {
-    let valid_nanos = (0..1_000_000_000).contains(&value.nanos);
-    if value.seconds < 0 || !valid_nanos || value.seconds > 315_576_000_000 {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "{}s {}ns is not a valid non-negative duration",
-                value.seconds, value.nanos
-            ),
-        ));
-    }
-    Ok(Duration::new(value.seconds as u64, value.nanos as u32))
-}
-
 /// The time left before the client's deadline, from the `grpc-timeout`
 /// header (`<up to 8 digits><H|M|S|m|u|n>`). Absent or malformed → `None`.
 pub(crate) fn rpc_deadline(metadata: &MetadataMap) -> Option<Duration> {
@@ -141,14 +125,5 @@ mod tests {
             md.insert("grpc-timeout", text.parse().unwrap());
             assert_eq!(rpc_deadline(&md), expected, "{text}");
         }
-    }
-
-    #[test]
-    fn durations_must_be_valid() {
-        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
-        assert_eq!(duration("t", &d(1, 5)).unwrap(), Duration::new(1, 5));
-        assert!(duration("t", &d(-1, 0)).is_err());
-        assert!(duration("t", &d(0, -1)).is_err());
-        assert!(duration("t", &d(0, 1_000_000_000)).is_err());
     }
 }

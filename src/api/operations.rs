@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, fmt, str::FromStr, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use super::{duration, observe, rpc_deadline, transport};
+use super::{observe, rpc_deadline, transport};
 use crate::{
     error::Error,
     pb::google::longrunning::{
@@ -12,7 +12,7 @@ use crate::{
         CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
         ListOperationsResponse, Operation, WaitOperationRequest,
     },
-    registry::{operation, wait_budget, ListRequest, Registry},
+    registry::{model::wire_duration, operation, wait_budget, ListRequest, Registry},
 };
 
 /// The Operations methods a server may switch off (`--disable-method`).
@@ -168,7 +168,7 @@ impl OperationsService {
         let timeout = request
             .timeout
             .as_ref()
-            .map(|t| duration("timeout", t))
+            .map(|t| wire_duration("timeout", t))
             .transpose()?;
         let budget = wait_budget(timeout, deadline, self.registry.settings().wait_cap);
         let record = self.registry.wait(&request.name, budget).await?;

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::{duration, observe};
+use super::observe;
 use crate::{
     api::types::TypeRegistry,
     error::Error,
@@ -14,18 +14,17 @@ use crate::{
         google::longrunning::Operation,
         opsd::v1::{
             complete_operation_request::Result as CompleteResult,
-            operation_event, script_outcome,
+            operation_event,
             workers_server::{Workers, WorkersServer},
-            CancelPolicy as PbCancelPolicy, CompleteOperationRequest, CreateOperationRequest,
-            GetOperationReportRequest, OperationEvent, OperationReport, PollingCall,
-            RegisterTypesRequest, RegisterTypesResponse, Script, ScriptOutcome,
-            UpdateOperationRequest, WatchOperationsRequest,
+            CompleteOperationRequest, CreateOperationRequest, GetOperationReportRequest,
+            OperationEvent, OperationReport, PollingCall, RegisterTypesRequest,
+            RegisterTypesResponse, UpdateOperationRequest, WatchOperationsRequest,
         },
     },
     registry::{
-        operation, CreateParams, EventKind, Registry, ScriptSpec, WatchFilter, WorkerEvent,
+        model::wire_duration, operation, CancelPolicy, CreateParams, EventKind, Outcome, Registry,
+        ScriptSpec, WatchFilter, WorkerEvent,
     },
-    store::{CancelPolicy, Outcome},
 };
 
 /// The `opsd.v1.Workers` service. Cloning it is shallow.
@@ -46,72 +45,6 @@ impl WorkersService {
             .max_decoding_message_size(max_message_size)
             .max_encoding_message_size(max_message_size)
     }
-}
-
-fn cancel_policy(value: i32) -> Result<CancelPolicy, Error> {
-    match PbCancelPolicy::try_from(value) {
-        Ok(PbCancelPolicy::Unspecified | PbCancelPolicy::Immediate) => Ok(CancelPolicy::Immediate),
-        Ok(PbCancelPolicy::Cooperative) => Ok(CancelPolicy::Cooperative),
-        Ok(PbCancelPolicy::NotCancellable) => Ok(CancelPolicy::NotCancellable),
-        Err(_) => Err(Error::invalid(
-            "cancel_policy",
-            format!("{value} is not a CancelPolicy"),
-        )),
-    }
-}
-
-fn outcome(field: &str, outcome: &ScriptOutcome) -> Result<(std::time::Duration, Outcome), Error> {
-    let after = outcome
-        .after
-        .as_ref()
-        .map(|d| duration(&format!("{field}.after"), d))
-        .transpose()?
-        .unwrap_or_default();
-    let result = match &outcome.result {
-        Some(script_outcome::Result::Response(any)) => Outcome::Response(any.clone()),
-        Some(script_outcome::Result::Error(status)) => Outcome::Error(status.clone()),
-        None => {
-            return Err(Error::invalid(
-                field,
-                "set exactly one of `response` and `error`",
-            ))
-        }
-    };
-    Ok((after, result))
-}
-
-/// A wire script as the registry takes it.
-pub(crate) fn script_spec(script: &Script) -> Result<ScriptSpec, Error> {
-    let steps = script
-        .steps
-        .iter()
-        .map(|step| {
-            let after = step
-                .after
-                .as_ref()
-                .map(|d| duration("script.steps.after", d))
-                .transpose()?
-                .unwrap_or_default();
-            let metadata = step.metadata.clone().ok_or_else(|| {
-                Error::invalid("script.steps.metadata", "every step sets metadata")
-            })?;
-            Ok((after, metadata))
-        })
-        .collect::<Result<_, Error>>()?;
-    Ok(ScriptSpec {
-        steps,
-        outcome: script
-            .outcome
-            .as_ref()
-            .map(|o| outcome("script.outcome", o))
-            .transpose()?,
-        on_cancel: script
-            .on_cancel
-            .as_ref()
-            .map(|o| outcome("script.on_cancel", o))
-            .transpose()?,
-        disabled_methods: script.disabled_methods.clone(),
-    })
 }
 
 fn event(event: WorkerEvent) -> OperationEvent {
@@ -141,18 +74,22 @@ impl WorkersService {
             operation_id: request.operation_id,
             request_id: request.request_id,
             metadata: request.metadata,
-            cancel_policy: cancel_policy(request.cancel_policy)?,
+            cancel_policy: CancelPolicy::from_wire(request.cancel_policy)?,
             lease: request
                 .lease
                 .as_ref()
-                .map(|d| duration("lease", d))
+                .map(|d| wire_duration("lease", d))
                 .transpose()?,
             cancel_grace_period: request
                 .cancel_grace_period
                 .as_ref()
-                .map(|d| duration("cancel_grace_period", d))
+                .map(|d| wire_duration("cancel_grace_period", d))
                 .transpose()?,
-            script: request.script.as_ref().map(script_spec).transpose()?,
+            script: request
+                .script
+                .as_ref()
+                .map(ScriptSpec::from_wire)
+                .transpose()?,
         };
         let record = self.registry.create(params).await?;
         Ok(Response::new(operation(&record)))
@@ -295,13 +232,6 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-
-    #[test]
-    fn unknown_cancel_policies_are_invalid() {
-        assert_eq!(cancel_policy(0).unwrap(), CancelPolicy::Immediate);
-        assert_eq!(cancel_policy(2).unwrap(), CancelPolicy::Cooperative);
-        assert!(cancel_policy(9).is_err());
-    }
 
     #[test]
     fn events_carry_type_name_and_time() {

@@ -1,6 +1,6 @@
 //! The deadline task: lapsed leases, forced cooperative cancels, retention.
 //!
-//! Deadlines are data in the store ([`Record::next_deadline`]), not only
+//! Deadlines are data in the store ([`StoredRecord::next_deadline`]), not only
 //! timers, so they survive restarts. This task keeps an in-memory index of
 //! them, built by one scan at start-up and kept current from the change feed,
 //! and sleeps until the earliest. When one is due it re-reads the record and
@@ -21,10 +21,10 @@ use std::{
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{expired, finish, lease_expired_status, Registry, Shared};
+use super::{expired, finish, lease_expired_status, Outcome, Record, Registry, Shared};
 use crate::{
     error::Error,
-    store::{Cause, Outcome, StoreError},
+    store::{Cause, StoreError},
 };
 
 /// What fell due on a running operation.
@@ -178,6 +178,8 @@ async fn run(
 }
 
 use crate::store::Change;
+#[cfg(doc)]
+use crate::store::StoredRecord;
 
 impl Registry {
     /// Applies whatever is due on `name`. Returns the record's next deadline
@@ -187,9 +189,12 @@ impl Registry {
     pub(super) async fn on_deadline(&self, name: &str) -> Result<Option<SystemTime>, Error> {
         let retention = self.shared.settings.retention;
         loop {
-            let Some(record) = self.store().get(name).await? else {
+            let Some(stored) = self.store().get(name).await? else {
                 return Ok(None);
             };
+            // When to look again if nothing is due now.
+            let deadline = stored.next_deadline();
+            let record = Record::from_stored(stored)?;
             let now = SystemTime::now();
             let due = |at: Option<SystemTime>| at.filter(|at| *at <= now);
             let script = record.script.as_ref();
@@ -214,7 +219,7 @@ impl Registry {
             .min_by_key(|(at, _)| *at);
             let result = if record.done() {
                 if !expired(&record, now) {
-                    return Ok(record.next_deadline());
+                    return Ok(deadline);
                 }
                 tracing::debug!(name, "operation expired by retention");
                 self.store()
@@ -222,13 +227,13 @@ impl Registry {
                     .await
             } else {
                 match next {
-                    None => return Ok(record.next_deadline()),
+                    None => return Ok(deadline),
                     Some((_, Due::Lease)) => {
                         tracing::warn!(name, "worker lease expired");
                         let outcome = Outcome::Error(lease_expired_status(record.lease));
                         self.store()
                             .update(
-                                finish(&record, outcome, now, retention),
+                                finish(&record, outcome, now, retention).to_stored(),
                                 record.revision,
                                 Cause::LeaseExpired,
                             )
@@ -248,7 +253,7 @@ impl Registry {
                             );
                         self.store()
                             .update(
-                                finish(&record, outcome, now, retention),
+                                finish(&record, outcome, now, retention).to_stored(),
                                 record.revision,
                                 Cause::GraceExpired,
                             )
@@ -266,10 +271,12 @@ impl Registry {
                             .min()
                             .map_or(now, |t| t.min(now));
                         match super::settle_script(record, until, retention) {
-                            (next, Some(cause)) => {
-                                self.store().update(next, revision, cause).await.map(drop)
-                            }
-                            (record, None) => return Ok(record.next_deadline()),
+                            (next, Some(cause)) => self
+                                .store()
+                                .update(next.to_stored(), revision, cause)
+                                .await
+                                .map(drop),
+                            (_, None) => return Ok(deadline),
                         }
                     }
                 }

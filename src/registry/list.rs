@@ -23,10 +23,10 @@ use hmac::{Hmac, Mac};
 use prost::Message;
 use sha2::Sha256;
 
-use super::{expired, filter, name::parse_list_target, operation, OperationName, Registry};
+use super::{expired, filter, name::parse_list_target, operation, OperationName, Record, Registry};
 use crate::{
     error::Error,
-    store::{ListQuery, ParentPattern, Record},
+    store::{ListQuery, ParentPattern},
 };
 
 /// The page size used when the request asks for 0.
@@ -142,8 +142,7 @@ fn binding(parent: &ParentPattern, filter: &str) -> String {
 impl Registry {
     /// Lists the operations under a parent, in name order.
     pub async fn list(&self, request: ListRequest) -> Result<ListPage, Error> {
-        let parent =
-            parse_list_target(&request.name).map_err(|e| Error::invalid_name("name", e))?;
+        let parent = parse_list_target(&request.name).map_err(|e| e.for_field("name"))?;
         let limit = page_size(request.page_size)?;
         let filter = filter::parse(&request.filter)?.map(Arc::new);
         let binding = binding(&parent, &request.filter);
@@ -170,8 +169,9 @@ impl Registry {
         let mut bytes = 0;
         let mut cut_after = None;
         let mut last_examined = String::new();
-        for record in &scan.records {
-            let op = operation(record);
+        for stored in scan.records {
+            let record = Record::from_stored(stored)?;
+            let op = operation(&record);
             // Field tag and length prefix of the repeated entry.
             let len = op.encoded_len() + 8;
             if bytes > 0 && bytes + len > settings.max_page_bytes {
@@ -180,8 +180,8 @@ impl Registry {
             }
             bytes += len;
             last_examined.clone_from(&record.name);
-            if !expired(record, now) {
-                page.records.push(record.clone());
+            if !expired(&record, now) {
+                page.records.push(record);
             }
         }
         if let Some(last) = cut_after.or(scan.resume_after) {

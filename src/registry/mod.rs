@@ -15,8 +15,10 @@
 mod deadlines;
 pub mod filter;
 mod list;
+pub mod model;
 mod name;
 mod report;
+pub(crate) mod scenario;
 mod wait;
 mod watch;
 
@@ -34,11 +36,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::{Error, Precondition, ERROR_DOMAIN},
-    pb::google::{longrunning::Operation, rpc},
-    store::{CancelPolicy, Cause, Outcome, Record, Script, Store, StoreError},
+    pb::google::rpc,
+    store::{Cause, Store, StoreError},
 };
 
 pub use list::{ListPage, ListRequest};
+pub use model::{operation, CancelPolicy, Outcome, Record, Script, ScriptSpec};
 pub use name::{check_id, check_parent_name, parse_list_target, NameError, OperationName};
 pub use report::{Call, PollingReports, Report};
 pub use wait::wait_budget;
@@ -111,16 +114,6 @@ pub struct CreateParams {
     pub cancel_grace_period: Option<Duration>,
     /// Makes opsd play the worker.
     pub script: Option<ScriptSpec>,
-}
-
-/// A script as a worker gives it: times count from creation (and, for
-/// `on_cancel`, from the cancel).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ScriptSpec {
-    pub steps: Vec<(Duration, Any)>,
-    pub outcome: Option<(Duration, Outcome)>,
-    pub on_cancel: Option<(Duration, Outcome)>,
-    pub disabled_methods: Vec<String>,
 }
 
 /// The Operations methods a script may switch off, by their flag names.
@@ -222,22 +215,28 @@ impl Registry {
 
     async fn load(&self, name: &OperationName) -> Result<Record, Error> {
         match self.store().get(name.as_str()).await? {
-            Some(record) if !expired(&record, SystemTime::now()) => Ok(record),
-            _ => Err(Error::not_found(name.as_str())),
+            Some(stored) => {
+                let record = Record::from_stored(stored)?;
+                if expired(&record, SystemTime::now()) {
+                    return Err(Error::not_found(name.as_str()));
+                }
+                Ok(record)
+            }
+            None => Err(Error::not_found(name.as_str())),
         }
     }
 
     /// Creates a running operation (worker API).
     pub async fn create(&self, params: CreateParams) -> Result<Record, Error> {
-        check_parent_name(&params.parent).map_err(|e| Error::invalid_name("parent", e))?;
+        check_parent_name(&params.parent).map_err(|e| e.for_field("parent"))?;
         let id = if params.operation_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {
-            check_id(&params.operation_id).map_err(|e| Error::invalid_name("operation_id", e))?;
+            check_id(&params.operation_id).map_err(|e| e.for_field("operation_id"))?;
             params.operation_id.clone()
         };
-        let name = OperationName::new(&params.parent, &id)
-            .map_err(|e| Error::invalid_name("operation_id", e))?;
+        let name =
+            OperationName::new(&params.parent, &id).map_err(|e| e.for_field("operation_id"))?;
         if params.request_id.len() > 256 {
             return Err(Error::invalid("request_id", "must be at most 256 bytes"));
         }
@@ -280,25 +279,24 @@ impl Registry {
         let (record, _) = settle_script(record, now, self.shared.settings.retention);
         self.check_size(&record, "metadata")?;
         loop {
-            match self.store().insert(record.clone()).await {
-                Ok(record) => {
+            let existing = match self.store().insert(record.to_stored()).await {
+                Ok(revision) => {
                     tracing::debug!(name = %record.name, "operation created");
-                    return Ok(record);
+                    return Ok(Record { revision, ..record });
                 }
-                Err(StoreError::Exists(existing)) if expired(&existing, now) => {
-                    // Retention has not swept it yet; it is gone all the same.
-                    match self
-                        .store()
-                        .delete(&existing.name, existing.revision, Cause::Expired)
-                        .await
-                    {
-                        Ok(()) | Err(StoreError::Conflict) => continue,
-                        Err(other) => return Err(other.into()),
-                    }
-                }
-                Err(StoreError::Exists(existing)) => {
-                    return Self::duplicate(&params, &name, request_id.as_ref(), *existing)
-                }
+                Err(StoreError::Exists(existing)) => Record::from_stored(*existing)?,
+                Err(other) => return Err(other.into()),
+            };
+            if !expired(&existing, now) {
+                return Self::duplicate(&params, &name, request_id.as_ref(), existing);
+            }
+            // Retention has not swept it yet; it is gone all the same.
+            match self
+                .store()
+                .delete(&existing.name, existing.revision, Cause::Expired)
+                .await
+            {
+                Ok(()) | Err(StoreError::Conflict) => {}
                 Err(other) => return Err(other.into()),
             }
         }
@@ -612,8 +610,12 @@ impl Registry {
             let Some((next, cause)) = step(&record, SystemTime::now())? else {
                 return Ok((record, false));
             };
-            match self.store().update(next, record.revision, cause).await {
-                Ok(written) => return Ok((written, true)),
+            match self
+                .store()
+                .update(next.to_stored(), record.revision, cause)
+                .await
+            {
+                Ok(revision) => return Ok((Record { revision, ..next }, true)),
                 Err(StoreError::Conflict) => continue,
                 Err(other) => return Err(other.into()),
             }
@@ -724,20 +726,6 @@ pub fn lease_expired_status(lease: Option<Duration>) -> rpc::Status {
         None => "The worker's lease expired.".to_owned(),
     };
     error_status(ABORTED_CODE, message, "WORKER_LEASE_EXPIRED")
-}
-
-/// The `google.longrunning.Operation` a client sees for a record.
-pub fn operation(record: &Record) -> Operation {
-    use crate::pb::google::longrunning::operation::Result as OpResult;
-    Operation {
-        name: record.name.clone(),
-        metadata: record.metadata.clone(),
-        done: record.done(),
-        result: record.outcome.as_ref().map(|outcome| match outcome {
-            Outcome::Response(any) => OpResult::Response(any.clone()),
-            Outcome::Error(status) => OpResult::Error(status.clone()),
-        }),
-    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use crate::store::ParentPattern;
+use crate::{error::Error, store::ParentPattern};
 
 /// The longest name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 1024;
@@ -25,6 +25,21 @@ pub struct OperationName(String);
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct NameError(String);
+
+impl NameError {
+    /// The INVALID_ARGUMENT (with `BadRequest`) for the request field that
+    /// held the refused name.
+    pub fn for_field(self, field: &str) -> Error {
+        Error::invalid(field, self.0)
+    }
+}
+
+/// A refused `name` field.
+impl From<NameError> for Error {
+    fn from(err: NameError) -> Self {
+        err.for_field("name")
+    }
+}
 
 impl OperationName {
     /// Parses a full name such as `projects/p/operations/123`.

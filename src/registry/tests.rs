@@ -368,7 +368,9 @@ mod listing {
     ) -> Result<(), TestCaseError> {
         let mut records = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
-            records.push(store.insert(record(i, spec)).await.unwrap());
+            let mut stored = record(i, spec).to_stored();
+            stored.revision = store.insert(stored.clone()).await.unwrap();
+            records.push(stored);
         }
         let settings = RegistrySettings {
             list_scan_budget: budget,
@@ -513,7 +515,7 @@ async fn overdue_script_events_and_cancels_apply_in_time_order() {
             disabled_methods: vec![],
         })),
     };
-    record = store.insert(record).await.unwrap();
+    record.revision = store.insert(record.to_stored()).await.unwrap();
     registry.on_deadline(&record.name).await.unwrap();
     let done = registry.get(&record.name).await.unwrap();
     assert_eq!(done.outcome, Some(Outcome::Response(any("done"))));

@@ -17,10 +17,10 @@ use std::{
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{OperationName, Registry};
+use super::{OperationName, Record, Registry};
 use crate::{
     error::Error,
-    store::{Cause, Change, Record},
+    store::{Cause, Change},
 };
 
 /// The least time kept back from the client's deadline so the answer reaches

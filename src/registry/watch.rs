@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::{name::parse_list_target, OperationName, Registry};
 use crate::{
     error::Error,
-    store::{parent_of, Cause, ListQuery, ParentPattern, Record},
+    store::{parent_of, Cause, ListQuery, ParentPattern, StoredRecord},
 };
 
 /// Events buffered per stream before the stream waits for its worker.
@@ -77,14 +77,14 @@ impl WatchFilter {
         let parent = if parent.is_empty() {
             None
         } else {
-            Some(parse_list_target(parent).map_err(|e| Error::invalid_name("parent", e))?)
+            Some(parse_list_target(parent).map_err(|e| e.for_field("parent"))?)
         };
         let names = names
             .iter()
             .map(|n| {
                 OperationName::parse(n)
                     .map(OperationName::into_string)
-                    .map_err(|e| Error::invalid_name("names", e))
+                    .map_err(|e| e.for_field("names"))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { parent, names })
@@ -185,7 +185,7 @@ impl Registry {
                     let event = WorkerEvent {
                         kind,
                         name: change.name.to_string(),
-                        time: change.time,
+                        time: SystemTime::now(),
                     };
                     if !send(&tx, event, &shutdown).await {
                         return;
@@ -206,7 +206,7 @@ impl Registry {
     /// Running operations selected by `filter` whose cooperative cancellation
     /// is pending.
     async fn pending_cancellations(&self, filter: &WatchFilter) -> Result<Vec<String>, Error> {
-        let pending = |r: &Record| !r.done() && r.cancel_deadline.is_some();
+        let pending = |r: &StoredRecord| !r.done() && r.cancel_deadline.is_some();
         let store = self.store();
         let mut found = Vec::new();
         if filter.everything() {

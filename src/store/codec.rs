@@ -1,192 +1,176 @@
-//! The encoded form of a [`Record`], shared by the stores: the redb file
-//! keeps it on disk, the memory store keeps it in memory (a few hundred
-//! bytes per operation instead of the decoded struct and its allocations).
-//! Protobuf, so fields can be added without breaking stored data.
+//! What the stores keep of an operation: [`StoredRecord`], the storage
+//! schema, and its encoding. The redb file keeps the encoding on disk, the
+//! memory store keeps it in memory (a few hundred bytes per operation
+//! instead of a decoded struct and its allocations), PostgreSQL will keep it
+//! beside the columns it indexes. Protobuf, so fields can be added without
+//! breaking stored data.
+//!
+//! The schema is plain data: the registry's domain model
+//! (`registry::model::Record`) converts to and from it, and the stores read
+//! only what they index: the name, the revision, the request id, whether
+//! the operation is done, its next deadline, and the fields a List filter
+//! tests.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use prost::Message;
 
-use super::{CancelPolicy, Outcome, Record, StoreError};
+use super::StoreError;
 use crate::pb::google::rpc;
 
-/// The encoded form of a [`Record`].
+/// An operation record as the stores keep it (the tags are the file format).
 #[derive(Clone, PartialEq, prost::Message)]
-struct StoredRecord {
+pub struct StoredRecord {
+    /// The canonical full name, `{parent}/operations/{id}` (left out of the
+    /// encoding by stores that key records by name).
     #[prost(string, tag = "1")]
-    name: String,
+    pub name: String,
+    /// Set by the store on every write: 1 after the insert.
     #[prost(uint64, tag = "2")]
-    revision: u64,
+    pub revision: u64,
     #[prost(message, optional, tag = "3")]
-    metadata: Option<prost_types::Any>,
+    pub metadata: Option<prost_types::Any>,
+    /// Set exactly when the operation is done.
     #[prost(oneof = "StoredOutcome", tags = "4, 5")]
-    outcome: Option<StoredOutcome>,
+    pub outcome: Option<StoredOutcome>,
+    /// `opsd.v1.CancelPolicy`'s number.
     #[prost(int32, tag = "6")]
-    cancel_policy: i32,
+    pub cancel_policy: i32,
     #[prost(message, optional, tag = "7")]
-    cancel_grace_period: Option<prost_types::Duration>,
+    pub cancel_grace_period: Option<prost_types::Duration>,
     #[prost(message, optional, tag = "8")]
-    cancel_deadline: Option<prost_types::Timestamp>,
+    pub cancel_deadline: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "9")]
-    lease: Option<prost_types::Duration>,
+    pub lease: Option<prost_types::Duration>,
     #[prost(message, optional, tag = "10")]
-    lease_deadline: Option<prost_types::Timestamp>,
+    pub lease_deadline: Option<prost_types::Timestamp>,
+    /// The idempotency key of the create call, unique across the store and
+    /// kept by the store for the record's whole life.
     #[prost(string, optional, tag = "11")]
-    request_id: Option<String>,
+    pub request_id: Option<String>,
     #[prost(message, optional, tag = "12")]
-    create_time: Option<prost_types::Timestamp>,
+    pub create_time: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "13")]
-    update_time: Option<prost_types::Timestamp>,
+    pub update_time: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "14")]
-    done_time: Option<prost_types::Timestamp>,
+    pub done_time: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "15")]
-    expire_time: Option<prost_types::Timestamp>,
+    pub expire_time: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "16")]
-    script: Option<StoredScript>,
+    pub script: Option<StoredScript>,
 }
 
+/// What a scripted operation still has to do, with absolute times.
 #[derive(Clone, PartialEq, prost::Message)]
-struct StoredScript {
+pub struct StoredScript {
     #[prost(message, repeated, tag = "1")]
-    steps: Vec<StoredStep>,
+    pub steps: Vec<StoredStep>,
     #[prost(message, optional, tag = "2")]
-    outcome_time: Option<prost_types::Timestamp>,
+    pub outcome_time: Option<prost_types::Timestamp>,
     #[prost(oneof = "StoredOutcome", tags = "4, 5")]
-    outcome: Option<StoredOutcome>,
+    pub outcome: Option<StoredOutcome>,
     #[prost(message, optional, tag = "6")]
-    on_cancel_after: Option<prost_types::Duration>,
+    pub on_cancel_after: Option<prost_types::Duration>,
     #[prost(message, optional, tag = "7")]
-    on_cancel: Option<StoredResult>,
+    pub on_cancel: Option<StoredResult>,
     #[prost(string, repeated, tag = "8")]
-    disabled_methods: Vec<String>,
+    pub disabled_methods: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct StoredStep {
+pub struct StoredStep {
     #[prost(message, optional, tag = "1")]
-    at: Option<prost_types::Timestamp>,
+    pub at: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "2")]
-    metadata: Option<prost_types::Any>,
+    pub metadata: Option<prost_types::Any>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct StoredResult {
+pub struct StoredResult {
     #[prost(oneof = "StoredOutcome", tags = "4, 5")]
-    outcome: Option<StoredOutcome>,
+    pub outcome: Option<StoredOutcome>,
 }
 
-fn stored_outcome(o: &Outcome) -> StoredOutcome {
-    match o {
-        Outcome::Response(a) => StoredOutcome::Response(a.clone()),
-        Outcome::Error(s) => StoredOutcome::Error(s.clone()),
-    }
-}
-
-fn outcome_of(o: StoredOutcome) -> Outcome {
-    match o {
-        StoredOutcome::Response(a) => Outcome::Response(a),
-        StoredOutcome::Error(s) => Outcome::Error(s),
-    }
-}
-
-fn encode_script(script: &super::Script) -> StoredScript {
-    StoredScript {
-        steps: script
-            .steps
-            .iter()
-            .map(|(at, metadata)| StoredStep {
-                at: Some((*at).into()),
-                metadata: Some(metadata.clone()),
-            })
-            .collect(),
-        outcome_time: script.outcome.as_ref().map(|(at, _)| (*at).into()),
-        outcome: script.outcome.as_ref().map(|(_, o)| stored_outcome(o)),
-        on_cancel_after: script
-            .on_cancel
-            .as_ref()
-            .and_then(|(after, _)| prost_types::Duration::try_from(*after).ok()),
-        on_cancel: script.on_cancel.as_ref().map(|(_, o)| StoredResult {
-            outcome: Some(stored_outcome(o)),
-        }),
-        disabled_methods: script.disabled_methods.clone(),
-    }
-}
-
-fn decode_script(stored: StoredScript) -> Result<super::Script, StoreError> {
-    let corrupt = |what: &str| StoreError::Internal(format!("corrupt script: {what}"));
-    let time = |t: Option<prost_types::Timestamp>| {
-        t.and_then(|t| SystemTime::try_from(t).ok())
-            .ok_or_else(|| corrupt("time"))
-    };
-    let steps = stored
-        .steps
-        .into_iter()
-        .map(|step| Ok((time(step.at)?, step.metadata.unwrap_or_default())))
-        .collect::<Result<_, StoreError>>()?;
-    let outcome = match stored.outcome {
-        Some(o) => Some((time(stored.outcome_time)?, outcome_of(o))),
-        None => None,
-    };
-    let on_cancel = match stored.on_cancel.and_then(|r| r.outcome) {
-        Some(o) => Some((
-            stored
-                .on_cancel_after
-                .and_then(|d| Duration::try_from(d).ok())
-                .unwrap_or_default(),
-            outcome_of(o),
-        )),
-        None => None,
-    };
-    Ok(super::Script {
-        steps,
-        outcome,
-        on_cancel,
-        disabled_methods: stored.disabled_methods,
-    })
-}
-
+/// How a done operation ended.
 #[derive(Clone, PartialEq, prost::Oneof)]
-enum StoredOutcome {
+pub enum StoredOutcome {
     #[prost(message, tag = "4")]
     Response(prost_types::Any),
     #[prost(message, tag = "5")]
     Error(rpc::Status),
 }
 
-/// The encoded record. Without `with_name` the name is left out (a store
-/// that keys records by name keeps it once, in the key).
-pub(super) fn encode(record: &Record, with_name: bool) -> Vec<u8> {
-    let ts = |t: Option<SystemTime>| t.map(prost_types::Timestamp::from);
-    let dur = |d: Option<Duration>| d.and_then(|d| prost_types::Duration::try_from(d).ok());
-    StoredRecord {
-        name: if with_name {
-            record.name.clone()
-        } else {
-            String::new()
-        },
-        revision: record.revision,
-        metadata: record.metadata.clone(),
-        outcome: record.outcome.as_ref().map(|o| match o {
-            Outcome::Response(a) => StoredOutcome::Response(a.clone()),
-            Outcome::Error(s) => StoredOutcome::Error(s.clone()),
-        }),
-        cancel_policy: match record.cancel_policy {
-            CancelPolicy::Immediate => 1,
-            CancelPolicy::Cooperative => 2,
-            CancelPolicy::NotCancellable => 3,
-        },
-        cancel_grace_period: dur(Some(record.cancel_grace_period)),
-        cancel_deadline: ts(record.cancel_deadline),
-        lease: dur(record.lease),
-        lease_deadline: ts(record.lease_deadline),
-        request_id: record.request_id.clone(),
-        create_time: ts(Some(record.create_time)),
-        update_time: ts(Some(record.update_time)),
-        done_time: ts(record.done_time),
-        expire_time: ts(record.expire_time),
-        script: record.script.as_deref().map(encode_script),
+/// A stored time; `None` for an absent or out-of-range one.
+fn time(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+}
+
+impl StoredRecord {
+    /// Whether the operation has finished.
+    pub fn done(&self) -> bool {
+        self.outcome.is_some()
     }
-    .encode_to_vec()
+
+    /// The earliest moment at which the deadline task must look at this
+    /// record: lease expiry, forced cancel or the script's next event while
+    /// running, retention once done.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        let script = self.script.as_ref();
+        next_deadline(
+            self.done(),
+            time(self.expire_time.as_ref()),
+            [
+                time(self.lease_deadline.as_ref()),
+                time(self.cancel_deadline.as_ref()),
+                script.and_then(|s| time(s.steps.first().and_then(|s| s.at.as_ref()))),
+                script.and_then(|s| time(s.outcome_time.as_ref())),
+            ],
+        )
+    }
+
+    /// The part of the name before `/operations/{id}`; empty for bare names.
+    pub fn parent(&self) -> &str {
+        super::parent_of(&self.name)
+    }
+
+    /// The error of a failed operation.
+    pub fn error(&self) -> Option<&rpc::Status> {
+        match &self.outcome {
+            Some(StoredOutcome::Error(status)) => Some(status),
+            _ => None,
+        }
+    }
+
+    /// The response of a successful operation.
+    pub fn response(&self) -> Option<&prost_types::Any> {
+        match &self.outcome {
+            Some(StoredOutcome::Response(any)) => Some(any),
+            _ => None,
+        }
+    }
+}
+
+/// The rule behind [`StoredRecord::next_deadline`], shared with the partial
+/// decoding: retention once done; otherwise the earliest of the lease, the
+/// forced cancel, the script's next step and its outcome.
+fn next_deadline(
+    done: bool,
+    expire_time: Option<SystemTime>,
+    running: [Option<SystemTime>; 4],
+) -> Option<SystemTime> {
+    if done {
+        return expire_time;
+    }
+    running.into_iter().flatten().min()
+}
+
+/// The encoded record, its name left out: a store that keys records by
+/// name keeps it once, in the key.
+pub(super) fn encode_without_name(record: &mut StoredRecord) -> Vec<u8> {
+    let name = std::mem::take(&mut record.name);
+    let bytes = record.encode_to_vec();
+    record.name = name;
+    bytes
 }
 
 /// The fields of a [`StoredRecord`] that decide its next deadline. Decoding
@@ -242,7 +226,7 @@ pub(super) fn deadline_of(bytes: &[u8]) -> Result<(Option<SystemTime>, bool), St
         ),
         None => (None, None),
     };
-    let at = super::next_deadline(
+    let at = next_deadline(
         done,
         time(stored.expire_time)?,
         [
@@ -256,94 +240,87 @@ pub(super) fn deadline_of(bytes: &[u8]) -> Result<(Option<SystemTime>, bool), St
 }
 
 /// Decodes a record; a record encoded without its name gets an empty one.
-pub(super) fn decode(bytes: &[u8]) -> Result<Record, StoreError> {
-    let corrupt = |what: &str| StoreError::Internal(format!("corrupt operation record: {what}"));
-    let stored = StoredRecord::decode(bytes).map_err(|e| corrupt(&e.to_string()))?;
-    let time = |t: Option<prost_types::Timestamp>| -> Result<Option<SystemTime>, StoreError> {
-        t.map(|t| SystemTime::try_from(t).map_err(|_| corrupt("timestamp")))
-            .transpose()
-    };
-    let dur = |d: Option<prost_types::Duration>| -> Result<Option<Duration>, StoreError> {
-        d.map(|d| Duration::try_from(d).map_err(|_| corrupt("duration")))
-            .transpose()
-    };
-    Ok(Record {
-        name: stored.name,
-        revision: stored.revision,
-        metadata: stored.metadata,
-        outcome: stored.outcome.map(|o| match o {
-            StoredOutcome::Response(a) => Outcome::Response(a),
-            StoredOutcome::Error(s) => Outcome::Error(s),
-        }),
-        cancel_policy: match stored.cancel_policy {
-            2 => CancelPolicy::Cooperative,
-            3 => CancelPolicy::NotCancellable,
-            _ => CancelPolicy::Immediate,
-        },
-        cancel_grace_period: dur(stored.cancel_grace_period)?.unwrap_or_default(),
-        cancel_deadline: time(stored.cancel_deadline)?,
-        lease: dur(stored.lease)?,
-        lease_deadline: time(stored.lease_deadline)?,
-        request_id: stored.request_id,
-        create_time: time(stored.create_time)?.ok_or_else(|| corrupt("no create time"))?,
-        update_time: time(stored.update_time)?.ok_or_else(|| corrupt("no update time"))?,
-        done_time: time(stored.done_time)?,
-        expire_time: time(stored.expire_time)?,
-        script: stored.script.map(decode_script).transpose()?.map(Box::new),
-    })
+pub(super) fn decode(bytes: &[u8]) -> Result<StoredRecord, StoreError> {
+    StoredRecord::decode(bytes)
+        .map_err(|e| StoreError::Internal(format!("corrupt operation record: {e}")))
 }
 
 #[cfg(test)]
 pub(super) mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+        Some(t.into())
+    }
 
     /// A running record with every optional field set: the stores' tests
     /// use it too.
-    pub(in crate::store) fn record(name: &str) -> Record {
+    pub(in crate::store) fn record(name: &str) -> StoredRecord {
         let now = SystemTime::now();
-        Record {
+        StoredRecord {
             name: name.to_owned(),
             revision: 3,
             metadata: Some(prost_types::Any::from_msg(&"m".to_owned()).unwrap()),
             outcome: None,
-            cancel_policy: CancelPolicy::Cooperative,
-            cancel_grace_period: Duration::from_secs(30),
-            cancel_deadline: Some(now + Duration::from_secs(5)),
-            lease: Some(Duration::from_millis(1500)),
-            lease_deadline: Some(now + Duration::from_secs(9)),
+            cancel_policy: 2,
+            cancel_grace_period: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            cancel_deadline: ts(now + Duration::from_secs(5)),
+            lease: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000,
+            }),
+            lease_deadline: ts(now + Duration::from_secs(9)),
             request_id: Some(format!("req-{name}")),
-            create_time: now,
-            update_time: now,
+            create_time: ts(now),
+            update_time: ts(now),
             done_time: None,
             expire_time: None,
             script: None,
         }
     }
 
+    /// A done record (an error), with its retention expiry.
+    pub(in crate::store) fn done(mut record: StoredRecord) -> StoredRecord {
+        record.outcome = Some(StoredOutcome::Error(rpc::Status {
+            code: 1,
+            message: "Operation was cancelled.".into(),
+            details: vec![],
+        }));
+        record.lease_deadline = None;
+        record.cancel_deadline = None;
+        record.done_time = record.update_time;
+        record.expire_time = ts(SystemTime::now() + Duration::from_secs(3600));
+        record
+    }
+
     #[test]
     fn records_round_trip_through_their_encoding() {
         let mut r = record("operations/a");
-        assert_eq!(decode(&encode(&r, true)).unwrap(), r);
-        r.script = Some(Box::new(crate::store::Script {
-            steps: vec![(
-                SystemTime::now(),
-                prost_types::Any::from_msg(&"s".to_owned()).unwrap(),
-            )],
-            outcome: Some((
-                SystemTime::now(),
-                Outcome::Response(prost_types::Any::default()),
-            )),
-            on_cancel: Some((
-                Duration::from_millis(250),
-                Outcome::Error(crate::registry::cancelled_status()),
-            )),
+        assert_eq!(decode(&r.encode_to_vec()).unwrap(), r);
+        r.script = Some(StoredScript {
+            steps: vec![StoredStep {
+                at: ts(SystemTime::now()),
+                metadata: Some(prost_types::Any::from_msg(&"s".to_owned()).unwrap()),
+            }],
+            outcome_time: ts(SystemTime::now()),
+            outcome: Some(StoredOutcome::Response(prost_types::Any::default())),
+            on_cancel_after: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 250_000_000,
+            }),
+            on_cancel: Some(StoredResult {
+                outcome: Some(StoredOutcome::Response(Default::default())),
+            }),
             disabled_methods: vec!["cancel".into()],
-        }));
-        assert_eq!(decode(&encode(&r, true)).unwrap(), r);
-        r.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
-        r.done_time = Some(SystemTime::now());
-        r.expire_time = Some(SystemTime::now());
-        assert_eq!(decode(&encode(&r, true)).unwrap(), r);
+        });
+        assert_eq!(decode(&r.encode_to_vec()).unwrap(), r);
+        let r = done(r);
+        assert_eq!(decode(&r.encode_to_vec()).unwrap(), r);
         assert!(decode(b"\xff\x01").is_err());
     }
 
@@ -352,9 +329,10 @@ pub(super) mod tests {
         let now = SystemTime::now();
         let s = Duration::from_secs;
         let mut r = record("operations/a");
-        let check = |r: &Record| {
+        let check = |r: &StoredRecord| {
+            let mut r = r.clone();
             assert_eq!(
-                deadline_of(&encode(r, false)).unwrap(),
+                deadline_of(&encode_without_name(&mut r)).unwrap(),
                 (r.next_deadline(), r.done()),
                 "{r:?}"
             );
@@ -364,40 +342,48 @@ pub(super) mod tests {
         check(&r);
         r.cancel_deadline = None;
         check(&r);
-        r.script = Some(Box::new(crate::store::Script {
+        r.script = Some(StoredScript {
             steps: vec![
-                (
-                    now + s(2),
-                    prost_types::Any::from_msg(&"a".to_owned()).unwrap(),
-                ),
-                (
-                    now + s(4),
-                    prost_types::Any::from_msg(&"b".to_owned()).unwrap(),
-                ),
+                StoredStep {
+                    at: ts(now + s(2)),
+                    metadata: Some(prost_types::Any::from_msg(&"a".to_owned()).unwrap()),
+                },
+                StoredStep {
+                    at: ts(now + s(4)),
+                    metadata: Some(prost_types::Any::from_msg(&"b".to_owned()).unwrap()),
+                },
             ],
-            outcome: Some((now + s(1), Outcome::Response(Default::default()))),
-            on_cancel: None,
-            disabled_methods: vec![],
-        }));
+            outcome_time: ts(now + s(1)),
+            outcome: Some(StoredOutcome::Response(Default::default())),
+            ..Default::default()
+        });
         check(&r);
-        r.script.as_mut().unwrap().outcome = None;
+        assert_eq!(r.next_deadline(), Some(now + s(1)));
+        let script = r.script.as_mut().unwrap();
+        script.outcome = None;
+        script.outcome_time = None;
         check(&r);
-        r.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
+        assert_eq!(r.next_deadline(), Some(now + s(2)));
+        r.outcome = Some(StoredOutcome::Error(Default::default()));
         check(&r);
-        r.expire_time = Some(now + s(60));
+        assert_eq!(r.next_deadline(), None);
+        r.expire_time = ts(now + s(60));
         check(&r);
-        r.outcome = Some(Outcome::Response(Default::default()));
+        r.outcome = Some(StoredOutcome::Response(Default::default()));
         check(&r);
+        assert_eq!(r.next_deadline(), Some(now + s(60)));
         assert!(deadline_of(b"\xff\x01").is_err());
     }
 
     #[test]
     fn a_record_without_its_name_decodes_with_an_empty_one() {
-        let r = record("projects/p/operations/a");
-        let mut decoded = decode(&encode(&r, false)).unwrap();
+        let mut r = record("projects/p/operations/a");
+        let without = encode_without_name(&mut r);
+        assert_eq!(r.name, "projects/p/operations/a");
+        let mut decoded = decode(&without).unwrap();
         assert!(decoded.name.is_empty());
         decoded.name = r.name.clone();
         assert_eq!(decoded, r);
-        assert!(encode(&r, false).len() + r.name.len() < encode(&r, true).len() + 4);
+        assert!(without.len() + r.name.len() < r.encode_to_vec().len() + 4);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::time::SystemTime;
 
-use super::{Outcome, Record};
+use super::StoredRecord;
 
 /// A filter expression.
 #[derive(Clone, Debug, PartialEq)]
@@ -121,7 +121,7 @@ pub enum Restriction {
 
 impl Filter {
     /// The reference evaluator.
-    pub fn matches(&self, record: &Record) -> bool {
+    pub fn matches(&self, record: &StoredRecord) -> bool {
         match self {
             Filter::And(all) => all.iter().all(|f| f.matches(record)),
             Filter::Or(any) => any.iter().any(|f| f.matches(record)),
@@ -132,15 +132,9 @@ impl Filter {
 }
 
 impl Restriction {
-    fn matches(&self, record: &Record) -> bool {
-        let error = match &record.outcome {
-            Some(Outcome::Error(status)) => Some(status),
-            _ => None,
-        };
-        let response = match &record.outcome {
-            Some(Outcome::Response(any)) => Some(any),
-            _ => None,
-        };
+    fn matches(&self, record: &StoredRecord) -> bool {
+        let error = record.error();
+        let response = record.response();
         match self {
             Restriction::Done(op, value) => op.holds(&record.done(), value),
             Restriction::Name(op, pattern) => {
@@ -173,10 +167,14 @@ impl Restriction {
             }
             Restriction::Time(field, op, at) => {
                 let value = match field {
-                    TimeField::CreateTime => record.create_time,
-                    TimeField::UpdateTime => record.update_time,
+                    TimeField::CreateTime => &record.create_time,
+                    TimeField::UpdateTime => &record.update_time,
                 };
-                op.holds(&value, at)
+                // Every stored record has both times; an unreadable one
+                // matches nothing.
+                value
+                    .and_then(|t| SystemTime::try_from(t).ok())
+                    .is_some_and(|value| op.holds(&value, at))
             }
         }
     }

@@ -21,9 +21,9 @@ use std::{
 use tokio::sync::broadcast;
 
 use super::{
-    codec::{deadline_of, decode, encode},
-    scan, scan_start, Cause, Change, Counts, Deadline, ListQuery, Record, Revision, Scan, Store,
-    StoreError,
+    codec::{deadline_of, decode, encode_without_name},
+    scan, scan_start, Cause, Change, Counts, Deadline, ListQuery, Revision, Scan, Store,
+    StoreError, StoredRecord,
 };
 
 /// How many changes a slow subscriber may fall behind before it is told it
@@ -51,7 +51,7 @@ struct State {
 }
 
 impl State {
-    fn load(&self, name: &str) -> Result<Option<Record>, StoreError> {
+    fn load(&self, name: &str) -> Result<Option<StoredRecord>, StoreError> {
         match self.records.get_key_value(name) {
             Some((key, bytes)) => Ok(Some(with_name(key, bytes)?)),
             None => Ok(None),
@@ -60,7 +60,7 @@ impl State {
 }
 
 /// Decodes a stored record and gives it its name back.
-fn with_name(name: &str, bytes: &[u8]) -> Result<Record, StoreError> {
+fn with_name(name: &str, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
     let mut record = decode(bytes)?;
     record.name = name.to_owned();
     Ok(record)
@@ -109,18 +109,20 @@ impl MemoryStore {
             cause,
             previous_deadline,
             deadline,
-            time: SystemTime::now(),
         });
     }
 }
 
 #[async_trait::async_trait]
 impl Store for MemoryStore {
-    async fn get(&self, name: &str) -> Result<Option<Record>, StoreError> {
+    async fn get(&self, name: &str) -> Result<Option<StoredRecord>, StoreError> {
         self.state().load(name)
     }
 
-    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<Record>, StoreError> {
+    async fn find_by_request_id(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<StoredRecord>, StoreError> {
         let state = self.state();
         match state.request_ids.get(request_id) {
             Some(name) => state.load(name),
@@ -138,7 +140,7 @@ impl Store for MemoryStore {
         scan(query, entries, with_name)
     }
 
-    async fn insert(&self, mut record: Record) -> Result<Record, StoreError> {
+    async fn insert(&self, mut record: StoredRecord) -> Result<Revision, StoreError> {
         let mut state = self.state();
         if let Some(existing) = state.load(&record.name)? {
             return Err(StoreError::Exists(Box::new(existing)));
@@ -155,20 +157,21 @@ impl Store for MemoryStore {
         if let Some(request_id) = &record.request_id {
             state.request_ids.insert(request_id.clone(), name.clone());
         }
-        state
-            .records
-            .insert(name.clone(), encode(&record, false).into_boxed_slice());
+        state.records.insert(
+            name.clone(),
+            encode_without_name(&mut record).into_boxed_slice(),
+        );
         state.counts.add(&record, 1);
         self.publish(name, Cause::Created, None, record.next_deadline());
-        Ok(record)
+        Ok(record.revision)
     }
 
     async fn update(
         &self,
-        mut record: Record,
+        mut record: StoredRecord,
         expected: Revision,
         cause: Cause,
-    ) -> Result<Record, StoreError> {
+    ) -> Result<Revision, StoreError> {
         let mut state = self.state();
         let Some((name, bytes)) = state.records.get_key_value(record.name.as_str()) else {
             return Err(StoreError::Conflict);
@@ -182,13 +185,14 @@ impl Store for MemoryStore {
         record.revision = expected + 1;
         // The idempotency key belongs to the record for its whole life.
         record.request_id = stored.request_id.clone();
-        state
-            .records
-            .insert(name.clone(), encode(&record, false).into_boxed_slice());
+        state.records.insert(
+            name.clone(),
+            encode_without_name(&mut record).into_boxed_slice(),
+        );
         state.counts.add(&stored, -1);
         state.counts.add(&record, 1);
         self.publish(name, cause, stored.next_deadline(), record.next_deadline());
-        Ok(record)
+        Ok(record.revision)
     }
 
     async fn delete(&self, name: &str, expected: Revision, cause: Cause) -> Result<(), StoreError> {
@@ -263,26 +267,15 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{CancelPolicy, Counts, ParentPattern};
+    use crate::store::{codec::tests, Counts, ParentPattern};
 
-    fn record(name: &str) -> Record {
-        let now = SystemTime::now();
-        Record {
-            name: name.to_owned(),
-            revision: 0,
-            metadata: None,
-            outcome: None,
-            cancel_policy: CancelPolicy::Immediate,
-            cancel_grace_period: Duration::from_secs(30),
+    /// A running record without deadlines or a request id.
+    fn record(name: &str) -> StoredRecord {
+        StoredRecord {
             cancel_deadline: None,
-            lease: None,
             lease_deadline: None,
             request_id: None,
-            create_time: now,
-            update_time: now,
-            done_time: None,
-            expire_time: None,
-            script: None,
+            ..tests::record(name)
         }
     }
 
@@ -297,13 +290,17 @@ mod tests {
     #[tokio::test]
     async fn update_with_a_stale_revision_conflicts() {
         let store = MemoryStore::new();
-        let created = store.insert(record("operations/a")).await.unwrap();
-        assert_eq!(created.revision, 1);
+        let created = record("operations/a");
+        assert_eq!(store.insert(created.clone()).await.unwrap(), 1);
         let updated = store
             .update(created.clone(), 1, Cause::Updated)
             .await
             .unwrap();
-        assert_eq!(updated.revision, 2);
+        assert_eq!(updated, 2);
+        assert_eq!(
+            store.get("operations/a").await.unwrap().unwrap().revision,
+            2
+        );
         assert!(matches!(
             store.update(created, 1, Cause::Updated).await,
             Err(StoreError::Conflict)
@@ -376,8 +373,9 @@ mod tests {
         let store = MemoryStore::new();
         let mut feed = store.subscribe();
         let mut leased = record("operations/a");
-        leased.lease_deadline = Some(SystemTime::now() + Duration::from_secs(60));
-        let a = store.insert(leased.clone()).await.unwrap();
+        let lease_deadline = SystemTime::now() + Duration::from_secs(60);
+        leased.lease_deadline = Some(lease_deadline.into());
+        store.insert(leased.clone()).await.unwrap();
         store.insert(record("operations/b")).await.unwrap();
         assert_eq!(
             store.counts().await.unwrap(),
@@ -386,10 +384,7 @@ mod tests {
                 done: 0
             }
         );
-        let mut done = a.clone();
-        done.outcome = Some(crate::store::Outcome::Error(Default::default()));
-        done.lease_deadline = None;
-        done.expire_time = Some(SystemTime::now() + Duration::from_secs(3600));
+        let done = tests::done(leased.clone());
         store
             .update(done.clone(), 1, Cause::Completed)
             .await
@@ -413,16 +408,17 @@ mod tests {
         let created = feed.try_recv().unwrap();
         assert_eq!(
             (created.previous_deadline, created.deadline),
-            (None, leased.lease_deadline)
+            (None, Some(lease_deadline))
         );
         feed.try_recv().unwrap();
         let completed = feed.try_recv().unwrap();
-        assert_eq!(completed.previous_deadline, leased.lease_deadline);
-        assert_eq!(completed.deadline, done.expire_time);
+        assert_eq!(completed.previous_deadline, Some(lease_deadline));
+        assert_eq!(completed.deadline, done.next_deadline());
+        assert!(completed.deadline.is_some());
         let deleted = feed.try_recv().unwrap();
         assert_eq!(
             (deleted.previous_deadline, deleted.deadline),
-            (done.expire_time, None)
+            (done.next_deadline(), None)
         );
         // The feed hands out the store's own key.
         assert_eq!(&*deleted.name, "operations/a");
@@ -432,7 +428,8 @@ mod tests {
     async fn every_commit_is_published_in_order() {
         let store = MemoryStore::new();
         let mut feed = store.subscribe();
-        let a = store.insert(record("operations/a")).await.unwrap();
+        let a = record("operations/a");
+        store.insert(a.clone()).await.unwrap();
         store.update(a, 1, Cause::Completed).await.unwrap();
         store
             .delete("operations/a", 2, Cause::Deleted)

@@ -1,6 +1,7 @@
 //! Durable records of operations and the change feed that follows them.
 //!
-//! The store knows nothing of the Operations semantics: it keeps [`Record`]s
+//! The store knows nothing of the Operations semantics: it keeps
+//! [`StoredRecord`]s (the storage schema the registry's model converts to)
 //! ordered by name, writes them only when the caller's expected revision still
 //! holds (so a cancel and a completion cannot both win), and reports every
 //! commit on a broadcast change feed. Waiters, worker streams and the deadline
@@ -12,132 +13,16 @@ pub mod filter;
 mod memory;
 mod redb;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::SystemTime};
 
-use prost_types::Any;
 use tokio::sync::broadcast;
 
-use crate::pb::google::rpc;
-
 pub use self::redb::RedbStore;
+pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep};
 pub use memory::MemoryStore;
 
 /// A monotonically increasing version of one record; 1 after creation.
 pub type Revision = u64;
-
-/// What a cancellation does to an operation (chosen by the worker at creation).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum CancelPolicy {
-    /// Cancel finishes the operation at once with CANCELLED.
-    #[default]
-    Immediate,
-    /// Cancel asks the worker; after a grace period opsd finishes it.
-    Cooperative,
-    /// Cancel is refused with FAILED_PRECONDITION.
-    NotCancellable,
-}
-
-/// The result of a done operation.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// Success, with the worker's response.
-    Response(Any),
-    /// Failure (including cancellation and lapsed leases).
-    Error(rpc::Status),
-}
-
-/// Everything the store keeps about one operation.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Record {
-    /// The canonical full name, `{parent}/operations/{id}`.
-    pub name: String,
-    /// Set by the store on every write.
-    pub revision: Revision,
-    /// The latest metadata (progress) the worker reported.
-    pub metadata: Option<Any>,
-    /// `Some` exactly when the operation is done.
-    pub outcome: Option<Outcome>,
-    pub cancel_policy: CancelPolicy,
-    /// For cooperative cancellation: how long the worker has to finish.
-    pub cancel_grace_period: Duration,
-    /// When a requested cooperative cancellation is forced (cancel pending).
-    pub cancel_deadline: Option<SystemTime>,
-    /// The lease the worker holds; renewed by every update.
-    pub lease: Option<Duration>,
-    /// When the lease lapses unless renewed.
-    pub lease_deadline: Option<SystemTime>,
-    /// The idempotency key of the create call, unique across the store.
-    pub request_id: Option<String>,
-    pub create_time: SystemTime,
-    pub update_time: SystemTime,
-    /// When the operation became done.
-    pub done_time: Option<SystemTime>,
-    /// When a done operation is deleted by retention.
-    pub expire_time: Option<SystemTime>,
-    /// For scripted operations: what opsd still has to do to it (boxed:
-    /// most operations have none, and the record stays small).
-    pub script: Option<Box<Script>>,
-}
-
-/// The rest of a scripted operation's script, with absolute times.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Script {
-    /// Metadata steps not applied yet, in time order.
-    pub steps: Vec<(SystemTime, Any)>,
-    /// How and when it ends; `None`: never by itself.
-    pub outcome: Option<(SystemTime, Outcome)>,
-    /// For cooperative cancels: after how long, with which result; `None`:
-    /// at once, with CANCELLED.
-    pub on_cancel: Option<(Duration, Outcome)>,
-    /// Operations methods switched off for this operation (`cancel`,
-    /// `delete`, `wait`).
-    pub disabled_methods: Vec<String>,
-}
-
-impl Record {
-    /// Whether the operation has finished.
-    pub fn done(&self) -> bool {
-        self.outcome.is_some()
-    }
-
-    /// The earliest moment at which the deadline task must look at this
-    /// record: lease expiry or forced cancel while running, retention once done.
-    pub fn next_deadline(&self) -> Option<SystemTime> {
-        let script = self.script.as_ref();
-        next_deadline(
-            self.done(),
-            self.expire_time,
-            [
-                self.lease_deadline,
-                self.cancel_deadline,
-                script.and_then(|s| s.steps.first().map(|(at, _)| *at)),
-                script.and_then(|s| s.outcome.as_ref().map(|(at, _)| *at)),
-            ],
-        )
-    }
-
-    /// The part of the name before `/operations/{id}`; empty for bare names.
-    pub fn parent(&self) -> &str {
-        parent_of(&self.name)
-    }
-}
-
-/// The rule behind [`Record::next_deadline`], shared with the codec's
-/// partial decoding: retention once done; otherwise the earliest of the lease,
-/// the forced cancel, the script's next step and its outcome.
-fn next_deadline(
-    done: bool,
-    expire_time: Option<SystemTime>,
-    running: [Option<SystemTime>; 4],
-) -> Option<SystemTime> {
-    if done {
-        return expire_time;
-    }
-    running.into_iter().flatten().min()
-}
 
 /// The parent part of a canonical operation name.
 pub fn parent_of(name: &str) -> &str {
@@ -236,7 +121,7 @@ impl ListQuery {
 #[derive(Clone, Debug, Default)]
 pub struct Scan {
     /// At most `limit` records, in name order.
-    pub records: Vec<Record>,
+    pub records: Vec<StoredRecord>,
     /// Where the next page starts (exclusive) when the scan stopped before
     /// the end of the range: another match exists, or the budget ran out.
     pub resume_after: Option<String>,
@@ -246,11 +131,11 @@ pub struct Scan {
 /// the one loop both in-process stores share. An entry is a name and its
 /// stored value, which `decode` turns into the record only once the name has
 /// passed the prefix and parent checks.
-pub fn scan<I, K, V, D>(query: &ListQuery, entries: I, decode: D) -> Result<Scan, StoreError>
+fn scan<I, K, V, D>(query: &ListQuery, entries: I, decode: D) -> Result<Scan, StoreError>
 where
     I: IntoIterator<Item = Result<(K, V), StoreError>>,
     K: AsRef<str>,
-    D: Fn(&str, V) -> Result<Record, StoreError>,
+    D: Fn(&str, V) -> Result<StoredRecord, StoreError>,
 {
     let prefix = query.parent.key_prefix();
     let mut out = Scan::default();
@@ -284,7 +169,7 @@ where
 }
 
 /// The first key a [`ListQuery`] looks at.
-pub fn scan_start(query: &ListQuery) -> String {
+fn scan_start(query: &ListQuery) -> String {
     let prefix = query.parent.key_prefix();
     match &query.after {
         Some(after) if after.as_str() >= prefix.as_str() => after.clone(),
@@ -331,7 +216,8 @@ impl Cause {
     }
 }
 
-/// A record's next deadline, as [`Store::deadlines`] lists them.
+/// A record's next deadline ([`StoredRecord::next_deadline`]), as
+/// [`Store::deadlines`] lists them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Deadline {
     pub at: SystemTime,
@@ -354,8 +240,6 @@ pub struct Change {
     pub previous_deadline: Option<SystemTime>,
     /// The record's next deadline after the change (`None` once deleted).
     pub deadline: Option<SystemTime>,
-    /// When the change was committed.
-    pub time: SystemTime,
 }
 
 /// How many operations a store holds, by state. Done operations that
@@ -372,7 +256,7 @@ impl Counts {
     }
 
     /// Counts `record` in (`sign` 1) or out (`sign` -1).
-    fn add(&mut self, record: &Record, sign: i64) {
+    fn add(&mut self, record: &StoredRecord, sign: i64) {
         self.add_state(record.done(), sign);
     }
 
@@ -395,7 +279,7 @@ pub enum StoreError {
     Conflict,
     /// A record with this name or request id already exists.
     #[error("operation {} already exists", .0.name)]
-    Exists(Box<Record>),
+    Exists(Box<StoredRecord>),
     /// The store cannot take writes now (disk full, I/O error); reads may work.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -404,32 +288,50 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// What a store tells of its group commits (the server turns it into
+/// metrics); `()` listens to nothing.
+pub trait CommitObserver: Send + Sync + 'static {
+    /// A commit of `batch` mutations took `elapsed`; `ok` is false when it
+    /// failed (nothing of the batch was acknowledged).
+    fn committed(&self, batch: usize, elapsed: std::time::Duration, ok: bool);
+}
+
+impl CommitObserver for () {
+    fn committed(&self, _: usize, _: std::time::Duration, _: bool) {}
+}
+
 /// Durable records. Writes return once committed; [`Store::subscribe`]
 /// reports every commit.
 #[async_trait::async_trait] // object-safe: the registry holds Arc<dyn Store>
 pub trait Store: Send + Sync + 'static {
     /// The record with this name, if any.
-    async fn get(&self, name: &str) -> Result<Option<Record>, StoreError>;
+    async fn get(&self, name: &str) -> Result<Option<StoredRecord>, StoreError>;
 
     /// The record created with this request id, if any.
-    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<Record>, StoreError>;
+    async fn find_by_request_id(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<StoredRecord>, StoreError>;
 
     /// One page of records in name order (keyset pagination), filtered in
     /// the store before the page is cut.
     async fn list(&self, query: &ListQuery) -> Result<Scan, StoreError>;
 
-    /// Inserts a new record at revision 1. A record with the same name or the
-    /// same request id → [`StoreError::Exists`] with that record.
-    async fn insert(&self, record: Record) -> Result<Record, StoreError>;
+    /// Inserts a new record at revision 1 and returns that revision. A
+    /// record with the same name or the same request id →
+    /// [`StoreError::Exists`] with that record.
+    async fn insert(&self, record: StoredRecord) -> Result<Revision, StoreError>;
 
-    /// Replaces the record if its stored revision is still `expected`;
-    /// otherwise (or if it is gone) → [`StoreError::Conflict`].
+    /// Replaces the record if its stored revision is still `expected`, and
+    /// returns the new revision; otherwise (or if it is gone) →
+    /// [`StoreError::Conflict`]. The stored request id is kept whatever
+    /// `record` says.
     async fn update(
         &self,
-        record: Record,
+        record: StoredRecord,
         expected: Revision,
         cause: Cause,
-    ) -> Result<Record, StoreError>;
+    ) -> Result<Revision, StoreError>;
 
     /// Removes the record if its stored revision is still `expected`;
     /// otherwise (or if it is gone) → [`StoreError::Conflict`].

@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
 };
 
+use prost::Message;
 use redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition, TableHandle,
@@ -30,9 +30,9 @@ use redb::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
-    codec::{deadline_of, decode, encode},
-    scan, scan_start, Cause, Change, Counts, Deadline, ListQuery, Record, Revision, Scan, Store,
-    StoreError,
+    codec::{deadline_of, decode},
+    scan, scan_start, Cause, Change, CommitObserver, Counts, Deadline, ListQuery, Revision, Scan,
+    Store, StoreError, StoredRecord,
 };
 
 /// name → the encoded record (`codec`).
@@ -86,12 +86,12 @@ pub struct Failpoints {
 
 struct Mutation {
     op: Op,
-    reply: oneshot::Sender<Result<Option<Record>, StoreError>>,
+    reply: oneshot::Sender<Result<Option<Revision>, StoreError>>,
 }
 
 enum Op {
-    Insert(Record),
-    Update(Record, Revision, Cause),
+    Insert(StoredRecord),
+    Update(StoredRecord, Revision, Cause),
     Delete(String, Revision, Cause),
 }
 
@@ -100,6 +100,14 @@ impl RedbStore {
     /// A file that another process holds, or that is not an opsd store,
     /// is refused with a message that says so.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_observed(path, Arc::new(()))
+    }
+
+    /// [`RedbStore::open`], telling `observer` of every group commit.
+    pub fn open_observed(
+        path: &Path,
+        observer: Arc<dyn CommitObserver>,
+    ) -> Result<Self, StoreError> {
         let shown = path.display();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -137,7 +145,9 @@ impl RedbStore {
             db: db.clone(),
             feed: feed.clone(),
             counts: counts.clone(),
+            observer,
             failed: false,
+            probes: 0,
             #[cfg(any(test, feature = "failpoints"))]
             failpoints: failpoints.clone(),
         };
@@ -168,7 +178,7 @@ impl RedbStore {
         &self.failpoints
     }
 
-    async fn submit(&self, op: Op) -> Result<Option<Record>, StoreError> {
+    async fn submit(&self, op: Op) -> Result<Option<Revision>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Mutation { op, reply })
@@ -340,8 +350,11 @@ struct Writer {
     db: Arc<Database>,
     feed: broadcast::Sender<Change>,
     counts: Arc<Mutex<Counts>>,
+    observer: Arc<dyn CommitObserver>,
     /// A commit failed; the next batch must first prove the file healthy.
     failed: bool,
+    /// Health probes written so far: each writes a new value.
+    probes: u64,
     #[cfg(any(test, feature = "failpoints"))]
     failpoints: Arc<Failpoints>,
 }
@@ -401,7 +414,6 @@ impl Writer {
                 }
             }
         }
-        let now = SystemTime::now();
         let started = std::time::Instant::now();
         let size = batch.len();
         let mut results = Vec::with_capacity(batch.len());
@@ -422,8 +434,8 @@ impl Writer {
                             if let Some(after) = &written.after {
                                 counts.add(after, 1);
                             }
-                            changes.push(change_of(&mutation.op, &written, now));
-                            Ok(written.after)
+                            changes.push(change_of(&mutation.op, &written));
+                            Ok(written.after.map(|after| after.revision))
                         }
                         Err(refused) => Err(refused),
                     };
@@ -442,7 +454,8 @@ impl Writer {
             txn.commit()
                 .map_err(|e| StoreError::Unavailable(e.to_string()))
         })();
-        crate::metrics::store_commit(size, started.elapsed(), outcome.is_ok());
+        self.observer
+            .committed(size, started.elapsed(), outcome.is_ok());
         match outcome {
             Ok(()) => {
                 *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
@@ -466,7 +479,7 @@ impl Writer {
     }
 
     /// A durable write that proves the file takes commits again.
-    fn probe(&self) -> Result<(), StoreError> {
+    fn probe(&mut self) -> Result<(), StoreError> {
         if self.injected_failure() {
             return Err(StoreError::Unavailable("injected commit failure".into()));
         }
@@ -475,12 +488,9 @@ impl Writer {
             .map_err(internal)?;
         {
             let mut meta = txn.open_table(META).map_err(internal)?;
-            let stamp = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-                .as_nanos()
-                .to_le_bytes();
-            meta.insert("probe", stamp.as_slice()).map_err(internal)?;
+            self.probes += 1;
+            meta.insert("probe", self.probes.to_le_bytes().as_slice())
+                .map_err(internal)?;
         }
         txn.commit()
             .map_err(|e| StoreError::Unavailable(e.to_string()))
@@ -495,8 +505,8 @@ type Meta<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 /// What one mutation wrote: the record before (`None` for an insert) and
 /// after (`None` for a delete).
 struct Written {
-    before: Option<Record>,
-    after: Option<Record>,
+    before: Option<StoredRecord>,
+    after: Option<StoredRecord>,
 }
 
 /// Applies one mutation inside the batch's transaction. The outer error is a
@@ -507,7 +517,7 @@ fn apply(
     ids: &mut Ids<'_>,
     op: &Op,
 ) -> Result<Result<Written, StoreError>, StoreError> {
-    let load = |ops: &Ops<'_>, name: &str| -> Result<Option<Record>, StoreError> {
+    let load = |ops: &Ops<'_>, name: &str| -> Result<Option<StoredRecord>, StoreError> {
         ops.get(name)
             .map_err(internal)?
             .map(|v| decode(v.value()))
@@ -533,7 +543,7 @@ fn apply(
             }
             let mut record = record.clone();
             record.revision = 1;
-            ops.insert(record.name.as_str(), encode(&record, true).as_slice())
+            ops.insert(record.name.as_str(), record.encode_to_vec().as_slice())
                 .map_err(internal)?;
             Ok(Ok(Written {
                 before: None,
@@ -550,7 +560,7 @@ fn apply(
             let mut record = record.clone();
             record.revision = expected + 1;
             record.request_id = stored.request_id.clone();
-            ops.insert(record.name.as_str(), encode(&record, true).as_slice())
+            ops.insert(record.name.as_str(), record.encode_to_vec().as_slice())
                 .map_err(internal)?;
             Ok(Ok(Written {
                 before: Some(stored),
@@ -576,7 +586,7 @@ fn apply(
     }
 }
 
-fn change_of(op: &Op, written: &Written, time: SystemTime) -> Change {
+fn change_of(op: &Op, written: &Written) -> Change {
     let (name, cause) = match op {
         Op::Insert(r) => (r.name.as_str(), Cause::Created),
         Op::Update(r, _, cause) => (r.name.as_str(), *cause),
@@ -585,15 +595,17 @@ fn change_of(op: &Op, written: &Written, time: SystemTime) -> Change {
     Change {
         name: Arc::from(name),
         cause,
-        previous_deadline: written.before.as_ref().and_then(Record::next_deadline),
-        deadline: written.after.as_ref().and_then(Record::next_deadline),
-        time,
+        previous_deadline: written
+            .before
+            .as_ref()
+            .and_then(StoredRecord::next_deadline),
+        deadline: written.after.as_ref().and_then(StoredRecord::next_deadline),
     }
 }
 
 #[async_trait::async_trait]
 impl Store for RedbStore {
-    async fn get(&self, name: &str) -> Result<Option<Record>, StoreError> {
+    async fn get(&self, name: &str) -> Result<Option<StoredRecord>, StoreError> {
         self.read(|txn| {
             let ops = txn.open_table(OPERATIONS).map_err(internal)?;
             ops.get(name)
@@ -603,7 +615,10 @@ impl Store for RedbStore {
         })
     }
 
-    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<Record>, StoreError> {
+    async fn find_by_request_id(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<StoredRecord>, StoreError> {
         self.read(|txn| {
             let ids = txn.open_table(REQUEST_IDS).map_err(internal)?;
             let Some(name) = ids
@@ -638,7 +653,7 @@ impl Store for RedbStore {
         .map_err(internal)?
     }
 
-    async fn insert(&self, record: Record) -> Result<Record, StoreError> {
+    async fn insert(&self, record: StoredRecord) -> Result<Revision, StoreError> {
         self.submit(Op::Insert(record))
             .await?
             .ok_or_else(|| internal("insert wrote nothing"))
@@ -646,10 +661,10 @@ impl Store for RedbStore {
 
     async fn update(
         &self,
-        record: Record,
+        record: StoredRecord,
         expected: Revision,
         cause: Cause,
-    ) -> Result<Record, StoreError> {
+    ) -> Result<Revision, StoreError> {
         self.submit(Op::Update(record, expected, cause))
             .await?
             .ok_or_else(|| internal("update wrote nothing"))
@@ -698,8 +713,13 @@ impl Store for RedbStore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::store::{codec::tests::record, Outcome, ParentPattern};
+    use crate::store::{
+        codec::tests::{done, record},
+        ParentPattern,
+    };
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("opsd-redb-{}-{name}", std::process::id()));
@@ -712,10 +732,8 @@ mod tests {
         let path = temp("reopen");
         {
             let store = RedbStore::open(&path).unwrap();
-            let a = store
-                .insert(record("projects/p/operations/a"))
-                .await
-                .unwrap();
+            let a = record("projects/p/operations/a");
+            assert_eq!(store.insert(a.clone()).await.unwrap(), 1);
             store
                 .insert(record("projects/p/operations/b"))
                 .await
@@ -725,7 +743,7 @@ mod tests {
                 Err(StoreError::Exists(_))
             ));
             let updated = store.update(a.clone(), 1, Cause::Updated).await.unwrap();
-            assert_eq!(updated.revision, 2);
+            assert_eq!(updated, 2);
             assert!(matches!(
                 store.update(a, 1, Cause::Updated).await,
                 Err(StoreError::Conflict)
@@ -791,12 +809,11 @@ mod tests {
         let path = temp("counts");
         {
             let store = RedbStore::open(&path).unwrap();
-            let a = store.insert(record("operations/a")).await.unwrap();
+            let a = record("operations/a");
+            store.insert(a.clone()).await.unwrap();
             store.insert(record("operations/b")).await.unwrap();
             store.insert(record("operations/c")).await.unwrap();
-            let mut done = a.clone();
-            done.outcome = Some(Outcome::Error(crate::registry::cancelled_status()));
-            store.update(done, 1, Cause::Cancelled).await.unwrap();
+            store.update(done(a), 1, Cause::Cancelled).await.unwrap();
             store
                 .delete("operations/c", 1, Cause::Deleted)
                 .await
@@ -903,7 +920,8 @@ mod tests {
     async fn failed_commits_are_not_acknowledged_and_reads_keep_working() {
         let path = temp("failing");
         let store = RedbStore::open(&path).unwrap();
-        let a = store.insert(record("operations/a")).await.unwrap();
+        let a = record("operations/a");
+        store.insert(a.clone()).await.unwrap();
         // The commit fails, then the health probe fails once more.
         store.failpoints().fail_commits.store(2, Ordering::Relaxed);
         let err = store.insert(record("operations/b")).await.unwrap_err();
