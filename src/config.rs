@@ -1,8 +1,16 @@
-//! One validated configuration: every address, limit and tunable.
+//! One configuration for `server::run`, assembled from the settings each
+//! layer owns ([`RegistrySettings`], [`OperationsSettings`],
+//! [`RestSettings`]) plus what only the server reads (the store to open,
+//! the transport [`Limits`], the files to load at start-up), and checked in
+//! one place, [`Config::validate`], so the binary and library users get the
+//! same errors.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::Path, path::PathBuf, time::Duration};
 
-use crate::{api::operations::Method, registry::RegistrySettings};
+use crate::{
+    api::{operations::OperationsSettings, rest::RestSettings},
+    registry::RegistrySettings,
+};
 
 /// Where operations are kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +32,22 @@ impl Default for StoreConfig {
     }
 }
 
+impl std::str::FromStr for StoreConfig {
+    type Err = ConfigError;
+
+    /// `memory`, `redb` (the default path) or `redb:PATH`.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.split_once(':') {
+            None if value == "memory" => Ok(StoreConfig::Memory),
+            None if value == "redb" => Ok(StoreConfig::default()),
+            Some(("redb", path)) if !path.is_empty() => Ok(StoreConfig::Redb(PathBuf::from(path))),
+            _ => Err(ConfigError(format!(
+                "unknown store {value:?}: use `redb:PATH`, `redb` or `memory`"
+            ))),
+        }
+    }
+}
+
 /// Transport limits; none is left unlimited.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -37,11 +61,10 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// How long shutdown waits for in-flight calls before closing connections.
     pub drain_timeout: Duration,
-    /// The largest REST request body, in bytes (larger → 413).
-    pub max_body_bytes: usize,
     /// How long an HTTP/1 client may take to send its request headers.
     pub header_read_timeout: Duration,
-    /// Open connections at most; further clients wait in the accept queue.
+    /// Open connections at most. A client that connects beyond it is
+    /// closed at once (it never waits in the listen queue).
     pub max_connections: usize,
 }
 
@@ -53,10 +76,23 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(30),
-            max_body_bytes: 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
         }
+    }
+}
+
+/// Room kept in a message for the envelope around an operation or a page.
+const ENVELOPE_ROOM: usize = 64 * 1024;
+
+/// The smallest operation or page a message must still hold.
+const MIN_ROOM: usize = 1024;
+
+impl Limits {
+    /// The largest operation (and List page) that fits in a message of
+    /// `max_message_size` bytes with its envelope: max(1,024, size − 65,536).
+    pub fn message_room(max_message_size: usize) -> usize {
+        max_message_size.saturating_sub(ENVELOPE_ROOM).max(MIN_ROOM)
     }
 }
 
@@ -67,16 +103,12 @@ pub struct Config {
     pub listen: SocketAddr,
     pub store: StoreConfig,
     pub registry: RegistrySettings,
-    /// Operations methods that answer UNIMPLEMENTED.
-    pub disabled_methods: BTreeSet<Method>,
-    /// Google service-config YAML files whose Operations HTTP rules REST serves.
-    pub http_rules: Vec<PathBuf>,
+    pub operations: OperationsSettings,
+    pub rest: RestSettings,
     /// Encoded FileDescriptorSets whose types REST renders inside `Any`.
     pub descriptor_sets: Vec<PathBuf>,
     /// Scenario files whose operations are created at start-up.
     pub scenarios: Vec<PathBuf>,
-    /// REST refuses calls without a generated client's `x-goog-api-client`.
-    pub strict_rest_clients: bool,
     /// Serve `/metrics` (Prometheus) and record into it.
     pub metrics: bool,
     pub limits: Limits,
@@ -88,16 +120,20 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             store: StoreConfig::default(),
             registry: RegistrySettings::default(),
-            disabled_methods: BTreeSet::new(),
-            http_rules: Vec::new(),
+            operations: OperationsSettings::default(),
+            rest: RestSettings::default(),
             descriptor_sets: Vec::new(),
             scenarios: Vec::new(),
-            strict_rest_clients: false,
             metrics: true,
             limits: Limits::default(),
         }
     }
 }
+
+/// A configuration that cannot run, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
 
 impl Config {
     /// The configuration integration tests start servers with: the memory
@@ -109,5 +145,145 @@ impl Config {
         };
         config.limits.drain_timeout = Duration::from_secs(5);
         config
+    }
+
+    /// Sets the largest gRPC message, and with it the largest operation
+    /// and List page the registry accepts ([`Limits::message_room`]).
+    pub fn set_max_message_size(&mut self, bytes: usize) {
+        self.limits.max_message_size = bytes;
+        let room = Limits::message_room(bytes);
+        self.registry.max_page_bytes = room;
+        self.registry.max_operation_bytes = room;
+    }
+
+    /// Every check a configuration must pass before a server starts with
+    /// it (`Server::new` runs it).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: String| Err(ConfigError(message));
+        let registry = &self.registry;
+        let limits = &self.limits;
+        for (flag, value) in [
+            ("--retention", registry.retention),
+            ("--wait-cap", registry.wait_cap),
+            ("--cancel-grace-period", registry.cancel_grace_period),
+            ("--page-token-ttl", registry.page_token_ttl),
+            ("--keepalive-interval", limits.keepalive_interval),
+            ("--keepalive-timeout", limits.keepalive_timeout),
+            ("--header-read-timeout", limits.header_read_timeout),
+            ("--body-read-timeout", self.rest.body_read_timeout),
+        ] {
+            if value.is_zero() {
+                return fail(format!("{flag} must be greater than zero"));
+            }
+        }
+        if registry.cancel_grace_period > registry.max_lease {
+            return fail(format!(
+                "--cancel-grace-period must be at most {}",
+                humantime::format_duration(registry.max_lease)
+            ));
+        }
+        if limits.max_connections == 0 {
+            return fail("--max-connections must be at least 1".into());
+        }
+        if limits.max_concurrent_streams == 0 {
+            return fail("--max-concurrent-streams must be at least 1".into());
+        }
+        if limits.max_message_size < MIN_ROOM {
+            return fail(format!(
+                "--max-message-size must be at least {MIN_ROOM} bytes"
+            ));
+        }
+        let room = Limits::message_room(limits.max_message_size);
+        if registry.max_operation_bytes > room || registry.max_page_bytes > room {
+            return fail(format!(
+                "operations and List pages must fit in a message: at most {room} bytes \
+                 with --max-message-size {} (see Config::set_max_message_size)",
+                limits.max_message_size
+            ));
+        }
+        if self.rest.max_body_bytes == 0 {
+            return fail("--max-body-bytes must be at least 1".into());
+        }
+        if registry.list_scan_budget == 0 || registry.max_waiters == 0 {
+            return fail("the List scan budget and --max-waiters must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads a page token key file: at least 32 bytes, of which the first 32
+/// are the key.
+pub fn read_page_token_key(path: &Path) -> Result<[u8; 32], ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    bytes
+        .get(..32)
+        .and_then(|key| key.try_into().ok())
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{} holds {} bytes; a page token key needs at least 32",
+                path.display(),
+                bytes.len()
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_and_the_test_configuration_are_valid() {
+        Config::default().validate().unwrap();
+        Config::for_tests().validate().unwrap();
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_with_their_flag() {
+        let refused = |change: &dyn Fn(&mut Config)| {
+            let mut config = Config::default();
+            change(&mut config);
+            config.validate().unwrap_err().to_string()
+        };
+        assert!(refused(&|c| c.registry.retention = Duration::ZERO).contains("--retention"));
+        assert!(refused(&|c| c.limits.max_connections = 0).contains("--max-connections"));
+        assert!(refused(&|c| c.limits.max_message_size = 10).contains("--max-message-size"));
+        // A smaller message without smaller operations cannot work.
+        assert!(refused(&|c| c.limits.max_message_size = 100_000).contains("fit in a message"));
+        let mut config = Config::default();
+        config.set_max_message_size(100_000);
+        config.validate().unwrap();
+        assert_eq!(config.registry.max_operation_bytes, 100_000 - 65_536);
+        config.set_max_message_size(2000);
+        assert_eq!(config.registry.max_page_bytes, 1024);
+    }
+
+    #[test]
+    fn stores_parse_from_their_flag() {
+        assert_eq!("memory".parse::<StoreConfig>(), Ok(StoreConfig::Memory));
+        assert_eq!("redb".parse::<StoreConfig>(), Ok(StoreConfig::default()));
+        assert_eq!(
+            "redb:/tmp/x.redb".parse::<StoreConfig>(),
+            Ok(StoreConfig::Redb("/tmp/x.redb".into()))
+        );
+        assert!("redb:".parse::<StoreConfig>().is_err());
+        assert!("postgres".parse::<StoreConfig>().is_err());
+    }
+
+    #[test]
+    fn page_token_keys_need_32_bytes() {
+        let dir = std::env::temp_dir().join(format!("opsd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, [1u8; 31]).unwrap();
+        assert!(read_page_token_key(&short)
+            .unwrap_err()
+            .to_string()
+            .contains("31 bytes"));
+        let long = dir.join("long");
+        std::fs::write(&long, [7u8; 40]).unwrap();
+        assert_eq!(read_page_token_key(&long).unwrap(), [7u8; 32]);
+        assert!(read_page_token_key(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

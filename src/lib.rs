@@ -38,7 +38,6 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod json;
-pub mod metrics;
 pub mod pb;
 pub mod registry;
 pub mod server;

@@ -5,7 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use opsd::{
     api::operations::Method,
-    config::{Config, StoreConfig},
+    config::{read_page_token_key, Config, StoreConfig},
+    registry::PollingReports,
 };
 use tokio::net::TcpListener;
 
@@ -43,12 +44,12 @@ struct ServeArgs {
     /// Where operations are kept. `redb:PATH` (the default): a durable file,
     /// its directory created if needed; `redb` alone uses the default path.
     /// `memory`: in process, lost on exit (tests, ephemeral use).
-    #[arg(long, default_value = "redb:./opsd-data/opsd.redb", value_parser = parse_store)]
+    #[arg(long, default_value = "redb:./opsd-data/opsd.redb")]
     store: StoreConfig,
 
     /// How long done operations are kept before they are deleted (AIP-151),
     /// e.g. `30d`, `12h`, `90s`.
-    #[arg(long, default_value = "30d", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
     retention: Duration,
 
     /// Switch an Operations method off: it answers UNIMPLEMENTED. Repeatable.
@@ -91,7 +92,7 @@ struct ServeArgs {
     log_format: LogFormat,
 
     /// The longest a single WaitOperation call blocks.
-    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     wait_cap: Duration,
 
     /// How many WaitOperation calls may be open at once; more answer
@@ -101,7 +102,7 @@ struct ServeArgs {
 
     /// How long a COOPERATIVE operation's worker has to finish after a cancel
     /// before opsd finishes it as CANCELLED (unless the worker chose its own).
-    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     cancel_grace_period: Duration,
 
     /// The largest gRPC message accepted or sent, in bytes.
@@ -113,11 +114,11 @@ struct ServeArgs {
     max_concurrent_streams: u32,
 
     /// How often idle HTTP/2 connections are pinged.
-    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     keepalive_interval: Duration,
 
     /// How long a keepalive ping may go unanswered.
-    #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     keepalive_timeout: Duration,
 
     /// A file holding the secret (at least 32 bytes; its first 32 are used)
@@ -127,7 +128,7 @@ struct ServeArgs {
     page_token_key_file: Option<PathBuf>,
 
     /// How long a List page token stays valid.
-    #[arg(long, default_value = "3d", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "3d", value_parser = humantime::parse_duration)]
     page_token_ttl: Duration,
 
     /// The largest REST request body, in bytes; larger answers 413.
@@ -135,10 +136,15 @@ struct ServeArgs {
     max_body_bytes: usize,
 
     /// How long an HTTP/1 client may take to send its request headers.
-    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
 
-    /// Open connections at most; more wait in the listen queue.
+    /// How long a REST client may take to send its request body (400 after).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    body_read_timeout: Duration,
+
+    /// Open connections at most; a client that connects beyond it is closed
+    /// at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
 
@@ -161,52 +167,24 @@ enum LogFormat {
     Json,
 }
 
-fn parse_store(value: &str) -> Result<StoreConfig, String> {
-    match value.split_once(':') {
-        None if value == "memory" => Ok(StoreConfig::Memory),
-        None if value == "redb" => Ok(StoreConfig::default()),
-        Some(("redb", path)) if !path.is_empty() => Ok(StoreConfig::Redb(PathBuf::from(path))),
-        _ => Err(format!(
-            "unknown store {value:?}: use `redb:PATH`, `redb` or `memory`"
-        )),
-    }
-}
-
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(value).map_err(|e| e.to_string())?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".to_owned());
-    }
-    Ok(duration)
-}
-
-fn read_key(path: &std::path::Path) -> Result<[u8; 32], String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    bytes
-        .get(..32)
-        .and_then(|key| key.try_into().ok())
-        .ok_or_else(|| {
-            format!(
-                "{} holds {} bytes; a page token key needs at least 32",
-                path.display(),
-                bytes.len()
-            )
-        })
-}
-
 impl ServeArgs {
+    /// The configuration these flags ask for, checked as every
+    /// configuration is ([`Config::validate`]).
     fn into_config(self) -> Result<Config, String> {
         let mut config = Config {
             listen: self.listen,
             store: self.store,
-            disabled_methods: self.disable_methods.into_iter().collect(),
-            http_rules: self.http_rules,
             descriptor_sets: self.descriptor_sets,
             scenarios: self.scenarios,
-            strict_rest_clients: self.strict_rest_clients,
             metrics: !self.no_metrics,
             ..Config::default()
         };
+        config.operations.disabled_methods = self.disable_methods.into_iter().collect();
+        let rest = &mut config.rest;
+        rest.http_rules = self.http_rules;
+        rest.strict_clients = self.strict_rest_clients;
+        rest.max_body_bytes = self.max_body_bytes;
+        rest.body_read_timeout = self.body_read_timeout;
         let registry = &mut config.registry;
         registry.retention = self.retention;
         registry.wait_cap = self.wait_cap;
@@ -214,28 +192,25 @@ impl ServeArgs {
         registry.cancel_grace_period = self.cancel_grace_period;
         registry.page_token_ttl = self.page_token_ttl;
         registry.polling_reports = match self.polling_reports {
-            ReportsArg::Scripted => opsd::registry::PollingReports::Scripted,
-            ReportsArg::All => opsd::registry::PollingReports::All,
-            ReportsArg::Off => opsd::registry::PollingReports::Off,
+            ReportsArg::Scripted => PollingReports::Scripted,
+            ReportsArg::All => PollingReports::All,
+            ReportsArg::Off => PollingReports::Off,
         };
         registry.page_token_key = self
             .page_token_key_file
             .as_deref()
-            .map(read_key)
-            .transpose()?;
-        // Leave room for the envelope around an operation or a page.
-        let room = self.max_message_size.saturating_sub(64 * 1024).max(1024);
-        registry.max_page_bytes = room;
-        registry.max_operation_bytes = room;
+            .map(read_page_token_key)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        config.set_max_message_size(self.max_message_size);
         let limits = &mut config.limits;
-        limits.max_message_size = self.max_message_size;
         limits.max_concurrent_streams = self.max_concurrent_streams;
         limits.keepalive_interval = self.keepalive_interval;
         limits.keepalive_timeout = self.keepalive_timeout;
         limits.drain_timeout = self.drain_timeout;
-        limits.max_body_bytes = self.max_body_bytes;
         limits.header_read_timeout = self.header_read_timeout;
-        limits.max_connections = self.max_connections.max(1);
+        limits.max_connections = self.max_connections;
+        config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
 }
@@ -353,7 +328,11 @@ mod tests {
         let config = args.into_config().unwrap();
         assert_eq!(config.registry.retention, Duration::from_secs(7200));
         assert_eq!(
-            config.disabled_methods.into_iter().collect::<Vec<_>>(),
+            config
+                .operations
+                .disabled_methods
+                .into_iter()
+                .collect::<Vec<_>>(),
             [Method::Cancel, Method::Wait]
         );
         assert!(Cli::try_parse_from(["opsd", "serve", "--store", "postgres"]).is_err());
@@ -371,7 +350,14 @@ mod tests {
             parse(&["opsd", "serve", "--store", "memory"]),
             StoreConfig::Memory
         );
-        assert!(Cli::try_parse_from(["opsd", "serve", "--retention", "0s"]).is_err());
+        let Command::Serve(zero) = Cli::try_parse_from(["opsd", "serve", "--retention", "0s"])
+            .unwrap()
+            .command;
+        assert!(zero.into_config().unwrap_err().contains("--retention"));
+        let Command::Serve(none) = Cli::try_parse_from(["opsd", "serve", "--max-connections", "0"])
+            .unwrap()
+            .command;
+        assert!(none.into_config().is_err());
         assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
     }
 }

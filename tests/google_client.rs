@@ -84,7 +84,7 @@ async fn google_api_core_lists_gets_cancels_and_deletes() {
         return;
     };
     let mut config = Config::for_tests();
-    config.http_rules = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    config.rest.http_rules = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/service-configs/beyondcorp_v1.yaml")];
     let server = TestServer::start_with(config).await;
     let mut workers = server.workers().await;

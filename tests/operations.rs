@@ -371,7 +371,7 @@ async fn done_operations_expire_after_retention() {
 #[tokio::test]
 async fn disabled_methods_answer_unimplemented() {
     let mut config = Config::for_tests();
-    config.disabled_methods = Method::ALL.into_iter().collect();
+    config.operations.disabled_methods = Method::ALL.into_iter().collect();
     let server = TestServer::start_with(config).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let name = create(&mut workers, op("", "x")).await.name;

@@ -26,14 +26,14 @@ fn service_config(name: &str) -> PathBuf {
 
 fn config() -> Config {
     let mut config = Config::for_tests();
-    config.http_rules = [
+    config.rest.http_rules = [
         "beyondcorp_v1.yaml",
         "securitycenter_v1beta1.yaml",
         "run_v2.yaml",
     ]
     .map(service_config)
     .to_vec();
-    config.limits.max_body_bytes = 4096;
+    config.rest.max_body_bytes = 4096;
     config
 }
 
@@ -391,7 +391,7 @@ async fn cancel_bodies_follow_google_rules() {
 #[tokio::test]
 async fn errors_use_the_code_proto_http_mapping() {
     let mut config = config();
-    config.disabled_methods = [opsd::api::operations::Method::Delete]
+    config.operations.disabled_methods = [opsd::api::operations::Method::Delete]
         .into_iter()
         .collect();
     let rest = Rest::start_with(config).await;
@@ -597,7 +597,7 @@ async fn an_unparsable_rule_stops_start_up_naming_file_and_rule() {
     )
     .unwrap();
     let mut config = Config::for_tests();
-    config.http_rules = vec![file];
+    config.rest.http_rules = vec![file];
     let err = opsd::server::Server::new(config)
         .err()
         .expect("start-up fails")

@@ -341,7 +341,7 @@ async fn polling_reports_over_grpc_and_rest() {
 #[tokio::test]
 async fn strict_mode_wants_generated_rest_clients() {
     let mut config = with_scenarios(&["basic.yaml"]);
-    config.strict_rest_clients = true;
+    config.rest.strict_clients = true;
     let server = TestServer::start_with(config).await;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/operations/running", server.url);

@@ -2,9 +2,13 @@
 //!
 //! Each service here only converts: it validates the wire shapes that the
 //! registry does not see (durations, oneofs, the RPC deadline), calls one
-//! [`Registry`](crate::registry::Registry) method and converts the result.
-//! Errors are [`crate::error::Error`]s, turned into `tonic::Status` in one
-//! place, `src/error.rs`.
+//! [`Registry`] method and converts the result. Errors are
+//! [`crate::error::Error`]s, turned into `tonic::Status` in one place,
+//! `src/error.rs`. What every call shares (timing, metrics, spans, polling
+//! reports) is not here: the server wraps these services once
+//! (`server::observe`), for gRPC and REST alike, and reads what a handler
+//! leaves for it in the response ([`Polled`]) and the request ([`ViaRest`],
+//! [`Resource`]).
 
 pub mod operations;
 pub mod rest;
@@ -13,16 +17,16 @@ pub mod workers;
 
 use std::time::Duration;
 
-use tonic::{metadata::MetadataMap, Request};
+use tonic::{metadata::MetadataMap, Request, Response};
 
 use crate::{
-    metrics::Observed,
     pb::{google::longrunning as lro, opsd::v1 as wapi},
+    registry::{Record, Registry},
 };
 
 /// What a request is about, for its span: the operation's name, or the
 /// parent it works under.
-pub(crate) trait Resource {
+pub trait Resource {
     fn resource(&self) -> &str;
 }
 
@@ -55,30 +59,36 @@ impl Resource for wapi::RegisterTypesRequest {
     }
 }
 
-/// Runs `handler` on `request` inside a debug-level `rpc` span (method,
-/// transport, resource) and records the call's metrics when it ends: the
-/// one wrapper of every Operations and Workers method.
-pub(crate) fn observe<T, F>(
-    method: &'static str,
-    request: Request<T>,
-    handler: impl FnOnce(Request<T>) -> F,
-) -> Observed<F>
-where
-    T: Resource,
-{
-    let via = transport(&request);
-    let resource: Box<str> = request.get_ref().resource().into();
-    let span = tracing::debug_span!("rpc", method, transport = via, resource = &*resource);
-    Observed::new(method, via, resource, span, handler(request))
+/// The operations of a response whose polling reports record the call (a
+/// response extension, set only when there are some): the server's
+/// observing wrapper records the call there once it succeeded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Polled(pub Vec<String>);
+
+/// `response`, marked with those of `records` that keep polling reports.
+pub(crate) fn polled<'r, T>(
+    mut response: Response<T>,
+    registry: &Registry,
+    records: impl IntoIterator<Item = &'r Record>,
+) -> Response<T> {
+    let names: Vec<String> = records
+        .into_iter()
+        .filter(|record| registry.keeps_report(record))
+        .map(|record| record.name.clone())
+        .collect();
+    if !names.is_empty() {
+        response.extensions_mut().insert(Polled(names));
+    }
+    response
 }
 
 /// Marks a gRPC request that the REST surface made (a request extension),
-/// so polling reports can tell the transports apart.
+/// so metrics and polling reports can tell the transports apart.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct ViaRest;
+pub struct ViaRest;
 
 /// `rest` or `grpc`.
-pub(crate) fn transport<T>(request: &Request<T>) -> &'static str {
+pub fn transport<T>(request: &Request<T>) -> &'static str {
     if request.extensions().get::<ViaRest>().is_some() {
         "rest"
     } else {

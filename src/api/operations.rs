@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, fmt, str::FromStr, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use super::{observe, rpc_deadline, transport};
+use super::{polled, rpc_deadline};
 use crate::{
     error::Error,
     pb::google::longrunning::{
@@ -63,6 +63,13 @@ impl FromStr for Method {
     }
 }
 
+/// What the Operations service is told; `Config` carries it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OperationsSettings {
+    /// Methods that answer UNIMPLEMENTED (`--disable-method`).
+    pub disabled_methods: BTreeSet<Method>,
+}
+
 /// The `google.longrunning.Operations` service. Cloning it is shallow.
 #[derive(Clone)]
 pub struct OperationsService {
@@ -71,10 +78,10 @@ pub struct OperationsService {
 }
 
 impl OperationsService {
-    pub fn new(registry: Registry, disabled: BTreeSet<Method>) -> Self {
+    pub fn new(registry: Registry, settings: OperationsSettings) -> Self {
         Self {
             registry,
-            disabled: Arc::new(disabled),
+            disabled: Arc::new(settings.disabled_methods),
         }
     }
 
@@ -96,14 +103,13 @@ impl OperationsService {
     }
 }
 
-/// The handlers; the trait impl below wraps each with metrics.
-impl OperationsService {
-    async fn list(
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
         self.enabled(Method::List)?;
-        let via = transport(&request);
         let request = request.into_inner();
         // `return_partial_success` is accepted: one store answers for every
         // parent, so nothing is ever unreachable.
@@ -116,27 +122,24 @@ impl OperationsService {
                 page_token: request.page_token,
             })
             .await?;
-        for record in &page.records {
-            self.registry.report_call(record, "ListOperations", via);
-        }
-        Ok(Response::new(ListOperationsResponse {
+        let response = Response::new(ListOperationsResponse {
             operations: page.records.iter().map(operation).collect(),
             next_page_token: page.next_page_token,
             unreachable: Vec::new(),
-        }))
+        });
+        Ok(polled(response, &self.registry, &page.records))
     }
 
-    async fn get(
+    async fn get_operation(
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let record = self.registry.get(&request.get_ref().name).await?;
-        self.registry
-            .report_call(&record, "GetOperation", transport(&request));
-        Ok(Response::new(operation(&record)))
+        let response = Response::new(operation(&record));
+        Ok(polled(response, &self.registry, [&record]))
     }
 
-    async fn delete(
+    async fn delete_operation(
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
@@ -146,24 +149,21 @@ impl OperationsService {
         Ok(Response::new(()))
     }
 
-    async fn cancel(
+    async fn cancel_operation(
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
         self.enabled(Method::Cancel)?;
         let record = self.registry.cancel(&request.get_ref().name).await?;
-        self.registry
-            .report_call(&record, "CancelOperation", transport(&request));
-        Ok(Response::new(()))
+        Ok(polled(Response::new(()), &self.registry, [&record]))
     }
 
-    async fn wait(
+    async fn wait_operation(
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         self.enabled(Method::Wait)?;
         let deadline = rpc_deadline(request.metadata());
-        let via = transport(&request);
         let request = request.into_inner();
         let timeout = request
             .timeout
@@ -172,46 +172,8 @@ impl OperationsService {
             .transpose()?;
         let budget = wait_budget(timeout, deadline, self.registry.settings().wait_cap);
         let record = self.registry.wait(&request.name, budget).await?;
-        self.registry.report_call(&record, "WaitOperation", via);
-        Ok(Response::new(operation(&record)))
-    }
-}
-
-#[tonic::async_trait]
-impl Operations for OperationsService {
-    async fn list_operations(
-        &self,
-        request: Request<ListOperationsRequest>,
-    ) -> Result<Response<ListOperationsResponse>, Status> {
-        observe("ListOperations", request, |request| self.list(request)).await
-    }
-
-    async fn get_operation(
-        &self,
-        request: Request<GetOperationRequest>,
-    ) -> Result<Response<Operation>, Status> {
-        observe("GetOperation", request, |request| self.get(request)).await
-    }
-
-    async fn delete_operation(
-        &self,
-        request: Request<DeleteOperationRequest>,
-    ) -> Result<Response<()>, Status> {
-        observe("DeleteOperation", request, |request| self.delete(request)).await
-    }
-
-    async fn cancel_operation(
-        &self,
-        request: Request<CancelOperationRequest>,
-    ) -> Result<Response<()>, Status> {
-        observe("CancelOperation", request, |request| self.cancel(request)).await
-    }
-
-    async fn wait_operation(
-        &self,
-        request: Request<WaitOperationRequest>,
-    ) -> Result<Response<Operation>, Status> {
-        observe("WaitOperation", request, |request| self.wait(request)).await
+        let response = Response::new(operation(&record));
+        Ok(polled(response, &self.registry, [&record]))
     }
 }
 

@@ -6,7 +6,6 @@ use std::pin::Pin;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::observe;
 use crate::{
     api::types::TypeRegistry,
     error::Error,
@@ -62,9 +61,9 @@ fn event(event: WorkerEvent) -> OperationEvent {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<OperationEvent, Status>> + Send>>;
 
-/// The handlers; the trait impl below wraps each with metrics.
-impl WorkersService {
-    async fn create(
+#[tonic::async_trait]
+impl Workers for WorkersService {
+    async fn create_operation(
         &self,
         request: Request<CreateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -95,7 +94,7 @@ impl WorkersService {
         Ok(Response::new(operation(&record)))
     }
 
-    async fn update(
+    async fn update_operation(
         &self,
         request: Request<UpdateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -107,7 +106,7 @@ impl WorkersService {
         Ok(Response::new(operation(&record)))
     }
 
-    async fn complete(
+    async fn complete_operation(
         &self,
         request: Request<CompleteOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
@@ -128,7 +127,9 @@ impl WorkersService {
         Ok(Response::new(operation(&record)))
     }
 
-    async fn watch(
+    type WatchOperationsStream = EventStream;
+
+    async fn watch_operations(
         &self,
         request: Request<WatchOperationsRequest>,
     ) -> Result<Response<EventStream>, Status> {
@@ -139,7 +140,7 @@ impl WorkersService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn register(
+    async fn register_types(
         &self,
         request: Request<RegisterTypesRequest>,
     ) -> Result<Response<RegisterTypesResponse>, Status> {
@@ -149,7 +150,7 @@ impl WorkersService {
         Ok(Response::new(RegisterTypesResponse { message_types }))
     }
 
-    async fn report(
+    async fn get_operation_report(
         &self,
         request: Request<GetOperationReportRequest>,
     ) -> Result<Response<OperationReport>, Status> {
@@ -171,59 +172,6 @@ impl WorkersService {
                 .map(|(method, count)| (method.to_owned(), count))
                 .collect(),
         }))
-    }
-}
-
-#[tonic::async_trait]
-impl Workers for WorkersService {
-    async fn create_operation(
-        &self,
-        request: Request<CreateOperationRequest>,
-    ) -> Result<Response<Operation>, Status> {
-        observe("CreateOperation", request, |request| self.create(request)).await
-    }
-
-    async fn update_operation(
-        &self,
-        request: Request<UpdateOperationRequest>,
-    ) -> Result<Response<Operation>, Status> {
-        observe("UpdateOperation", request, |request| self.update(request)).await
-    }
-
-    async fn complete_operation(
-        &self,
-        request: Request<CompleteOperationRequest>,
-    ) -> Result<Response<Operation>, Status> {
-        observe("CompleteOperation", request, |request| {
-            self.complete(request)
-        })
-        .await
-    }
-
-    type WatchOperationsStream = EventStream;
-
-    async fn watch_operations(
-        &self,
-        request: Request<WatchOperationsRequest>,
-    ) -> Result<Response<Self::WatchOperationsStream>, Status> {
-        observe("WatchOperations", request, |request| self.watch(request)).await
-    }
-
-    async fn register_types(
-        &self,
-        request: Request<RegisterTypesRequest>,
-    ) -> Result<Response<RegisterTypesResponse>, Status> {
-        observe("RegisterTypes", request, |request| self.register(request)).await
-    }
-
-    async fn get_operation_report(
-        &self,
-        request: Request<GetOperationReportRequest>,
-    ) -> Result<Response<OperationReport>, Status> {
-        observe("GetOperationReport", request, |request| {
-            self.report(request)
-        })
-        .await
     }
 }
 

@@ -198,6 +198,11 @@ impl Registry {
         self.shared.shutdown.cancel();
     }
 
+    /// Cancelled when the registry shuts down, for tasks that follow it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
     /// Whether [`Registry::shutdown`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.shared.shutdown.is_cancelled()
@@ -420,23 +425,27 @@ impl Registry {
         }
     }
 
-    /// Records a call on an operation in its polling report.
-    pub fn report_call(&self, record: &Record, method: &'static str, transport: &'static str) {
-        let wanted = match self.shared.settings.polling_reports {
+    /// Whether calls on this operation are recorded in a polling report
+    /// (`--polling-reports`: scripted operations, all, or none).
+    pub fn keeps_report(&self, record: &Record) -> bool {
+        match self.shared.settings.polling_reports {
             PollingReports::Off => false,
             PollingReports::Scripted => record.script.is_some(),
             PollingReports::All => true,
-        };
-        if wanted {
-            self.shared.reports.record(
-                &record.name,
-                Call {
-                    method,
-                    time: SystemTime::now(),
-                    transport,
-                },
-            );
         }
+    }
+
+    /// Records a call on an operation in its polling report (for an
+    /// operation that [`Registry::keeps_report`]).
+    pub fn report_call(&self, name: &str, method: &'static str, transport: &'static str) {
+        self.shared.reports.record(
+            name,
+            Call {
+                method,
+                time: SystemTime::now(),
+                transport,
+            },
+        );
     }
 
     /// The polling report of an existing operation.

@@ -161,7 +161,6 @@ pub(super) fn spawn_dispatcher(
             };
             match change {
                 Ok(change) => {
-                    crate::metrics::transition(change.cause.as_str());
                     waiters.notify(&change.name);
                     // A deleted name's report goes; a re-created name starts afresh.
                     if matches!(

@@ -7,15 +7,17 @@
 //! - `DELETE /v1/{name=operations/**}`: DeleteOperation → `{}`
 //! - `POST   /v1/{name=operations/**}:cancel`: CancelOperation → `{}`
 //! - `GET    /v1/{name=**}:report`: the polling report (`Workers.GetOperationReport`)
-//! - `GET    /healthz`: `{"status": "SERVING"}` (503 `NOT_SERVING` while draining)
 //!
 //! plus the `google.longrunning.Operations` rules of every `--http-rules`
 //! service-config file (e.g. `POST /v1/{name=projects/*/locations/*/operations/*}:cancel`).
 //!
 //! REST is a transcoding of the gRPC calls: a request becomes the same
-//! request message and goes to the same [`OperationsService`] method, so
-//! every semantic (and every error) is the gRPC one. Errors become Google's
-//! JSON envelope in one place, [`crate::error::json_envelope`].
+//! request message and goes to the same `Operations` (or `Workers`) method
+//! of the same service the gRPC routes serve (the server hands over the
+//! services it observes), so every semantic, every error and every metric
+//! is the gRPC one. Errors become Google's JSON envelope in one place,
+//! [`crate::error::json_envelope`]. `/healthz` and `/metrics` are the
+//! server's, not routes of this surface.
 
 mod request;
 pub mod rules;
@@ -35,7 +37,7 @@ use self::{
     rules::{RestMethod, Route, RuleError},
     template::SplitPath,
 };
-use super::{operations::OperationsService, types::TypeRegistry, workers::WorkersService, ViaRest};
+use super::{types::TypeRegistry, ViaRest};
 use crate::{
     error::{json_envelope, Error},
     json::{any_to_json, message_to_json, render_message, status_to_json, write_json, JsonOptions},
@@ -46,54 +48,76 @@ use crate::{
         },
         opsd::v1::workers_server::Workers,
     },
-    registry::Registry,
 };
 
 /// The values a path template bound: (field path, value).
 type PathValues = Vec<(String, String)>;
 
-/// How long a client may take to send a request body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The content type of every response.
 const JSON: &str = "application/json; charset=utf-8";
 
-/// The REST service. Cloning it is shallow.
-#[derive(Clone)]
-pub struct RestService {
-    inner: Arc<Inner>,
+/// How the REST surface behaves; `Config` carries it.
+#[derive(Clone, Debug)]
+pub struct RestSettings {
+    /// Google service-config YAML files whose Operations HTTP rules are
+    /// served besides the defaults.
+    pub http_rules: Vec<PathBuf>,
+    /// Refuse calls without a generated client's `x-goog-api-client`
+    /// (`--strict-rest-clients`).
+    pub strict_clients: bool,
+    /// The largest request body, in bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// How long a client may take to send a request body.
+    pub body_read_timeout: Duration,
 }
 
-struct Inner {
+impl Default for RestSettings {
+    fn default() -> Self {
+        Self {
+            http_rules: Vec::new(),
+            strict_clients: false,
+            max_body_bytes: 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The REST service over the `Operations` service `O` and the `Workers`
+/// service `W`. Cloning it is shallow.
+pub struct RestService<O, W> {
+    inner: Arc<Inner<O, W>>,
+}
+
+impl<O, W> Clone for RestService<O, W> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<O, W> {
     /// Most specific first: templates with a verb first, those ending in
     /// `**` last, then by literal count.
     routes: Vec<Route>,
-    operations: OperationsService,
-    workers: WorkersService,
-    /// Refuse calls without Google client headers (`--strict-rest-clients`).
-    strict: bool,
-    /// The Prometheus recorder's handle, when `/metrics` is served.
-    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    registry: Registry,
+    operations: O,
+    workers: W,
     types: TypeRegistry,
-    max_body_bytes: usize,
+    settings: RestSettings,
 }
 
-impl RestService {
-    /// The default routes plus those of each service-config file.
-    #[allow(clippy::too_many_arguments)]
+impl<O: Operations, W: Workers> RestService<O, W> {
+    /// The default routes plus those of each service-config file of
+    /// `settings`; `types` renders the `Any`s of responses.
     pub fn new(
-        operations: OperationsService,
-        workers: WorkersService,
-        strict: bool,
-        registry: Registry,
+        operations: O,
+        workers: W,
         types: TypeRegistry,
-        rule_files: &[PathBuf],
-        max_body_bytes: usize,
+        settings: RestSettings,
     ) -> Result<Self, RuleError> {
         let pool = types.pool();
         let mut routes = rules::default_routes(&pool)?;
-        for file in rule_files {
+        for file in &settings.http_rules {
             routes.extend(rules::routes_from_yaml(file, &pool)?);
         }
         routes.sort_by_key(|r| {
@@ -111,21 +135,10 @@ impl RestService {
                 routes,
                 operations,
                 workers,
-                strict,
-                metrics: None,
-                registry,
                 types,
-                max_body_bytes,
+                settings,
             }),
         })
-    }
-
-    /// Serves `/metrics` from this recorder.
-    pub fn with_metrics(mut self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.metrics = Some(handle);
-        }
-        self
     }
 
     /// The routes served, most specific first.
@@ -145,14 +158,6 @@ impl RestService {
             Ok(split) => split,
             Err(err) => return error_response(&Status::from(err), &pool, Presentation::default()),
         };
-        if parts.uri.path() == "/healthz" && parts.method == Method::GET {
-            return self.health(presentation);
-        }
-        if parts.uri.path() == "/metrics" && parts.method == Method::GET {
-            if let Some(handle) = &self.inner.metrics {
-                return self.metrics(handle).await;
-            }
-        }
         match self
             .call(
                 &parts.method,
@@ -167,36 +172,6 @@ impl RestService {
         {
             Ok(body) => body_response(StatusCode::OK, body),
             Err(status) => error_response(&status, &pool, presentation),
-        }
-    }
-
-    async fn metrics(
-        &self,
-        handle: &metrics_exporter_prometheus::PrometheusHandle,
-    ) -> Response<Full<Bytes>> {
-        let registry = &self.inner.registry;
-        crate::metrics::gauges(
-            registry.waiter_count(),
-            registry.watcher_count(),
-            registry.operation_counts().await.ok(),
-        );
-        let mut response = Response::new(Full::new(Bytes::from(handle.render())));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        response
-    }
-
-    fn health(&self, presentation: Presentation) -> Response<Full<Bytes>> {
-        if self.inner.registry.is_shutting_down() {
-            json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "NOT_SERVING"}),
-                presentation,
-            )
-        } else {
-            json_response(StatusCode::OK, &json!({"status": "SERVING"}), presentation)
         }
     }
 
@@ -217,14 +192,15 @@ impl RestService {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (route, values) = self.find(method, uri.path())?;
-        if self.inner.strict {
+        let settings = &self.inner.settings;
+        if settings.strict_clients {
             check_client_header(headers)?;
         }
         // A bodiless request (every GET) skips the read and its timer.
         let body = if body.is_end_stream() {
             Bytes::new()
         } else {
-            read_body(headers, body, self.inner.max_body_bytes).await?
+            read_body(headers, body, settings).await?
         };
         let message = request::build(route.input.clone(), &route.body, &body, values, query)?;
         let ops = &self.inner.operations;
@@ -346,11 +322,13 @@ fn check_client_header(headers: &HeaderMap) -> Result<(), Error> {
     ))
 }
 
-async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, Error>
+async fn read_body<B>(headers: &HeaderMap, body: B, settings: &RestSettings) -> Result<Bytes, Error>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let limit = settings.max_body_bytes;
+    let timeout = settings.body_read_timeout;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -358,11 +336,11 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Error::PayloadTooLarge { limit });
     }
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect());
+    let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect());
     let Ok(read) = read.await else {
         return Err(Error::invalid(
             "body",
-            format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+            format!("the request body did not arrive within {timeout:?}"),
         ));
     };
     match read {

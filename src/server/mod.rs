@@ -1,9 +1,18 @@
 //! The server: one port for gRPC, REST, health and reflection; limits; drain.
 //!
+//! - `mod.rs` (this file): builds the services from a [`Config`], the accept
+//!   loop, routing by request, drain.
+//! - [`observe`]: the one wrapper of the Operations and Workers services:
+//!   timing, metrics, spans and polling reports, for gRPC and REST alike.
+//! - `metrics`: `/metrics` (Prometheus), the store's commit observer and
+//!   the transition counter.
+//!
 //! Connections are accepted here and served by hyper (HTTP/1.1 and HTTP/2,
 //! detected per connection). Each request goes to gRPC when its content type
-//! is `application/grpc*` and to the REST transcoder otherwise. A semaphore
-//! caps open connections; each permit moves into its connection's task.
+//! is `application/grpc*`; `GET /healthz` and `GET /metrics` are answered
+//! here; everything else goes to the REST transcoder. A semaphore caps open
+//! connections; each permit moves into its connection's task, and a client
+//! beyond the cap is closed at once.
 //!
 //! [`Server::serve`] takes an already bound listener (tests bind port 0) and
 //! a shutdown future. When the future resolves, the listener closes, health
@@ -30,19 +39,35 @@ use tonic::{body::Body, service::Routes};
 use tonic_health::ServingStatus;
 use tower::ServiceExt;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use self::observe::Observed;
 use crate::{
     api::{
         operations::OperationsService, rest::RestService, types::TypeRegistry,
         workers::WorkersService,
     },
-    config::{Config, StoreConfig},
+    config::{Config, ConfigError, StoreConfig},
     pb::{
         google::longrunning::operations_server::OperationsServer,
         opsd::v1::workers_server::WorkersServer, FILE_DESCRIPTOR_SET,
     },
-    registry::Registry,
+    registry::{
+        scenario::{self, LoadedScenario, ScenarioError},
+        Registry,
+    },
     store::{MemoryStore, RedbStore, Store},
 };
+
+mod metrics;
+pub mod observe;
+
+/// The Operations service as the server mounts it (gRPC and REST).
+type Operations = Observed<OperationsService>;
+/// The Workers service as the server mounts it (gRPC and REST).
+type Workers = Observed<WorkersService>;
 
 /// The longest pause between failed accepts (EMFILE and the like).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -50,6 +75,8 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("cannot load HTTP rules: {0}")]
@@ -59,33 +86,42 @@ pub enum ServerError {
     #[error("cannot open the store: {0}")]
     Store(String),
     #[error("{0}")]
-    Scenario(#[from] crate::registry::scenario::ScenarioError),
+    Scenario(#[from] ScenarioError),
 }
 
 /// A configured server and its registry.
 pub struct Server {
     config: Config,
     registry: Registry,
-    rest: RestService,
-    /// Shared by the gRPC routes and the REST transcoder.
-    operations: OperationsService,
-    workers: WorkersService,
-    scenarios: Vec<crate::registry::scenario::LoadedScenario>,
+    /// The same services as the gRPC routes, observed once.
+    rest: RestService<Operations, Workers>,
+    operations: Operations,
+    workers: Workers,
+    scenarios: Vec<LoadedScenario>,
+    /// The Prometheus recorder's handle, when `/metrics` is served.
+    metrics: Option<PrometheusHandle>,
 }
 
 impl Server {
-    /// Opens the store, starts the registry (needs a Tokio runtime), loads
-    /// descriptor sets and HTTP rules.
+    /// Checks the configuration, opens the store, starts the registry
+    /// (needs a Tokio runtime), loads descriptor sets, HTTP rules and
+    /// scenarios.
     pub fn new(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let metrics = config.metrics.then(metrics::install).flatten();
         let store: Arc<dyn Store> = match &config.store {
             StoreConfig::Memory => Arc::new(MemoryStore::new()),
             StoreConfig::Redb(path) => {
-                let store = RedbStore::open(path).map_err(|e| ServerError::Store(e.to_string()))?;
+                let store = RedbStore::open_observed(path, Arc::new(metrics::StoreCommits))
+                    .map_err(|e| ServerError::Store(e.to_string()))?;
                 tracing::info!(path = %path.display(), "durable store opened");
                 Arc::new(store)
             }
         };
-        let registry = Registry::new(store, config.registry.clone());
+        let registry = Registry::new(store.clone(), config.registry.clone());
+        if metrics.is_some() {
+            metrics::count_transitions(store.subscribe(), registry.shutdown_token());
+        }
         let types = TypeRegistry::new();
         for path in &config.descriptor_sets {
             let fail = |reason: String| ServerError::DescriptorSet {
@@ -98,25 +134,24 @@ impl Server {
                 .map_err(|e| fail(e.to_string()))?;
             tracing::info!(path = %path.display(), types = added.len(), "descriptor set loaded");
         }
-        let operations = OperationsService::new(registry.clone(), config.disabled_methods.clone());
-        let workers = WorkersService::new(registry.clone(), types.clone());
+        let operations = Observed::new(
+            OperationsService::new(registry.clone(), config.operations.clone()),
+            registry.clone(),
+        );
+        let workers = Observed::new(
+            WorkersService::new(registry.clone(), types.clone()),
+            registry.clone(),
+        );
         let rest = RestService::new(
             operations.clone(),
             workers.clone(),
-            config.strict_rest_clients,
-            registry.clone(),
             types.clone(),
-            &config.http_rules,
-            config.limits.max_body_bytes,
+            config.rest.clone(),
         )?;
-        let rest = match config.metrics.then(crate::metrics::install).flatten() {
-            Some(handle) => rest.with_metrics(handle),
-            None => rest,
-        };
         let scenarios = config
             .scenarios
             .iter()
-            .map(|path| crate::registry::scenario::load(path, &types.pool()))
+            .map(|path| scenario::load(path, &types.pool()))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
@@ -125,6 +160,7 @@ impl Server {
             operations,
             workers,
             scenarios,
+            metrics,
         })
     }
 
@@ -146,6 +182,7 @@ impl Server {
             operations,
             workers,
             scenarios,
+            metrics,
         } = self;
         let limits = &config.limits;
         for scenario in &scenarios {
@@ -153,10 +190,8 @@ impl Server {
         }
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<OperationsServer<OperationsService>>()
-            .await;
-        health.set_serving::<WorkersServer<WorkersService>>().await;
+        health.set_serving::<OperationsServer<Operations>>().await;
+        health.set_serving::<WorkersServer<Workers>>().await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -170,11 +205,24 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(operations.into_server(limits.max_message_size))
-            .add_service(workers.into_server(limits.max_message_size))
+            .add_service(
+                OperationsServer::new(operations)
+                    .max_decoding_message_size(limits.max_message_size)
+                    .max_encoding_message_size(limits.max_message_size),
+            )
+            .add_service(
+                WorkersServer::new(workers)
+                    .max_decoding_message_size(limits.max_message_size)
+                    .max_encoding_message_size(limits.max_message_size),
+            )
             .clone()
             .routes();
-        let app = App { grpc, rest };
+        let app = App {
+            grpc,
+            rest,
+            registry: registry.clone(),
+            metrics,
+        };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -272,11 +320,15 @@ impl Server {
 const OPERATIONS_SERVICE: &str = "google.longrunning.Operations";
 const WORKERS_SERVICE: &str = "opsd.v1.Workers";
 
-/// Routes each request to gRPC or REST. Cloning it is shallow.
+/// Routes each request to gRPC, the server's own endpoints or REST.
+/// Cloning it is shallow.
 #[derive(Clone)]
 struct App {
     grpc: Routes,
-    rest: RestService,
+    rest: RestService<Operations, Workers>,
+    /// For `/healthz` and the gauges of `/metrics`.
+    registry: Registry,
+    metrics: Option<PrometheusHandle>,
 }
 
 /// The future of one request. A gRPC call holds only the router's future;
@@ -294,12 +346,48 @@ impl App {
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         if grpc {
-            Either::Left(self.grpc.oneshot(request))
-        } else {
-            Either::Right(Box::pin(async move {
-                Ok(self.rest.handle(request).await.map(Body::new))
-            }))
+            return Either::Left(self.grpc.oneshot(request));
         }
+        Either::Right(Box::pin(async move {
+            let get = request.method() == http::Method::GET;
+            let response = match request.uri().path() {
+                "/healthz" if get => self.health(),
+                "/metrics" if get && self.metrics.is_some() => self.metrics().await,
+                _ => self.rest.handle(request).await,
+            };
+            Ok(response.map(Body::new))
+        }))
+    }
+
+    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining.
+    fn health(&self) -> Response<Full<Bytes>> {
+        let (status, text) = if self.registry.is_shutting_down() {
+            (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
+        } else {
+            (http::StatusCode::OK, "SERVING")
+        };
+        let body = format!("{{\n  \"status\": \"{text}\"\n}}\n");
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        response
+    }
+
+    /// The Prometheus text, with the gauges read now.
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        let text = match &self.metrics {
+            Some(handle) => metrics::render(handle, &self.registry).await,
+            None => String::new(),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
     }
 }
 

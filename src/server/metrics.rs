@@ -1,6 +1,8 @@
 //! `/metrics`: Prometheus text through the `metrics` crate.
 //!
-//! Handlers record into the global `metrics` recorder; without one (metrics
+//! The server's observing wrapper (`observe.rs`), the store's commit
+//! observer and a follower of the change feed record into the global
+//! `metrics` recorder; without one (metrics
 //! switched off, or a library user who installed none) every record is a
 //! no-op costing an atomic load. The recorder is process-wide, so it is
 //! installed once and shared by every server in the process.
@@ -20,21 +22,27 @@
 //! - `opsd_waiters`, `opsd_watchers`, `opsd_operations{state}` (`running`,
 //!   `done`): gauges, read at scrape.
 //! - `opsd_store_commit_duration_seconds`, `opsd_store_commit_batch_size`
-//!   (histograms) and `opsd_store_commit_failures_total`: the redb writer.
-//! - `opsd_operation_transitions_total{cause}`: committed changes by cause.
+//!   (histograms) and `opsd_store_commit_failures_total`: the redb writer,
+//!   through [`StoreCommits`].
+//! - `opsd_operation_transitions_total{cause}`: committed changes by cause,
+//!   counted by [`count_transitions`].
 
 use std::{
     collections::HashMap,
-    future::Future,
-    pin::Pin,
     sync::{OnceLock, RwLock},
-    task::{ready, Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tonic::{Code, Status};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::{
+    registry::Registry,
+    store::{Change, CommitObserver},
+};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -53,7 +61,7 @@ fn installed() -> bool {
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
-pub fn install() -> Option<PrometheusHandle> {
+pub(super) fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
@@ -87,7 +95,8 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-fn code_name(code: Code) -> &'static str {
+/// The `google.rpc.Code` name of a status code.
+pub(super) fn code_name(code: Code) -> &'static str {
     crate::pb::google::rpc::Code::try_from(code as i32)
         .map(|c| c.as_str_name())
         .unwrap_or("UNKNOWN")
@@ -101,7 +110,7 @@ fn rpc_series(method: &'static str, transport: &'static str, code: Code) -> (Cou
 }
 
 /// Records one call.
-pub fn rpc(method: &'static str, transport: &'static str, code: Code, elapsed: Duration) {
+pub(super) fn rpc(method: &'static str, transport: &'static str, code: Code, elapsed: Duration) {
     let seconds = elapsed.as_secs_f64();
     if !installed() {
         // Another recorder (or none): plain lookups.
@@ -125,98 +134,51 @@ pub fn rpc(method: &'static str, transport: &'static str, code: Code, elapsed: D
     duration.record(seconds);
 }
 
-pin_project_lite::pin_project! {
-    /// A handler's future, run inside its debug-level `rpc` span and recorded
-    /// when it finishes. A plain wrapper rather than an `async fn`, so a
-    /// parked call (a Wait) does not hold a second copy of the handler's
-    /// state. A server-side failure is logged with the method and resource,
-    /// which the span (off at the default level) would otherwise carry.
-    pub struct Observed<F> {
-        #[pin]
-        call: F,
-        method: &'static str,
-        transport: &'static str,
-        resource: Box<str>,
-        started: Instant,
-        span: tracing::Span,
+/// The store's group commits, as the store reports them.
+pub(super) struct StoreCommits;
+
+impl CommitObserver for StoreCommits {
+    fn committed(&self, batch: usize, elapsed: Duration, ok: bool) {
+        metrics::histogram!("opsd_store_commit_duration_seconds").record(elapsed.as_secs_f64());
+        metrics::histogram!("opsd_store_commit_batch_size").record(batch as f64);
+        if !ok {
+            metrics::counter!("opsd_store_commit_failures_total").increment(1);
+        }
     }
 }
 
-impl<F, T> Future for Observed<F>
-where
-    F: Future<Output = Result<T, Status>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let _entered = this.span.enter();
-        let result = ready!(this.call.poll(cx));
-        let code = match &result {
-            Ok(_) => Code::Ok,
-            Err(status) => status.code(),
-        };
-        rpc(this.method, this.transport, code, this.started.elapsed());
-        if let Err(status) = &result {
-            if matches!(
-                code,
-                Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
-            ) {
-                tracing::warn!(
-                    method = *this.method,
-                    transport = *this.transport,
-                    resource = &**this.resource,
-                    code = code_name(code),
-                    message = status.message(),
-                    "call failed"
-                );
+/// Counts the committed changes of `feed` by cause until `stop`.
+pub(super) fn count_transitions(mut feed: broadcast::Receiver<Change>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                change = feed.recv() => change,
+                () = stop.cancelled() => return,
+            };
+            match change {
+                Ok(change) => metrics::counter!(
+                    "opsd_operation_transitions_total",
+                    "cause" => change.cause.as_str()
+                )
+                .increment(1),
+                // Missed changes are not counted: a counter cannot be
+                // re-read from the store.
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "transition counter fell behind the change feed")
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
-        Poll::Ready(result)
-    }
+    });
 }
 
-impl<F> Observed<F> {
-    /// Wraps the future of a `method` call on `resource` (the operation's
-    /// name, or the parent the call works under) that came over `transport`.
-    pub fn new(
-        method: &'static str,
-        transport: &'static str,
-        resource: Box<str>,
-        span: tracing::Span,
-        call: F,
-    ) -> Self {
-        Self {
-            call,
-            method,
-            transport,
-            resource,
-            started: Instant::now(),
-            span,
-        }
-    }
-}
-
-/// One redb group commit.
-pub fn store_commit(batch: usize, elapsed: Duration, ok: bool) {
-    metrics::histogram!("opsd_store_commit_duration_seconds").record(elapsed.as_secs_f64());
-    metrics::histogram!("opsd_store_commit_batch_size").record(batch as f64);
-    if !ok {
-        metrics::counter!("opsd_store_commit_failures_total").increment(1);
-    }
-}
-
-/// A committed change, by cause.
-pub fn transition(cause: &'static str) {
-    metrics::counter!("opsd_operation_transitions_total", "cause" => cause).increment(1);
-}
-
-/// The scrape-time gauges.
-pub fn gauges(waiters: usize, watchers: usize, operations: Option<crate::store::Counts>) {
-    metrics::gauge!("opsd_waiters").set(waiters as f64);
-    metrics::gauge!("opsd_watchers").set(watchers as f64);
-    if let Some(counts) = operations {
+/// The Prometheus text of `/metrics`, with the gauges read now.
+pub(super) async fn render(handle: &PrometheusHandle, registry: &Registry) -> String {
+    metrics::gauge!("opsd_waiters").set(registry.waiter_count() as f64);
+    metrics::gauge!("opsd_watchers").set(registry.watcher_count() as f64);
+    if let Ok(counts) = registry.operation_counts().await {
         metrics::gauge!("opsd_operations", "state" => "running").set(counts.running as f64);
         metrics::gauge!("opsd_operations", "state" => "done").set(counts.done as f64);
     }
+    handle.render()
 }

@@ -1,0 +1,188 @@
+//! What every call shares, in one wrapper: timing, metrics, spans and
+//! polling reports.
+//!
+//! [`Observed`] wraps a service of the `Operations` or `Workers` trait and
+//! is itself one, so the server mounts the wrapped services for gRPC and
+//! hands the same wrapped services to the REST transcoder: a call is
+//! observed once, whichever transport it came by. Around each call it
+//!
+//! - runs the handler inside a debug-level `rpc` span (method, transport,
+//!   resource);
+//! - records `opsd_rpc_total` and `opsd_rpc_duration_seconds` when the
+//!   handler answers (for a stream, when the stream is handed out);
+//! - logs a call that failed on the server's side (INTERNAL, UNAVAILABLE,
+//!   UNKNOWN, DATA_LOSS) at warn with its method and resource, which the
+//!   span (off at the default level) would otherwise carry;
+//! - records a successful call in the polling reports of the operations
+//!   the handler marked ([`Polled`]).
+//!
+//! The per-call work is a plain future wrapper rather than an `async fn`,
+//! so a parked call (a Wait) does not hold a second copy of its state.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+    time::Instant,
+};
+
+use tonic::{Code, Request, Response, Status};
+
+use super::metrics;
+use crate::{
+    api::{transport, Polled, Resource},
+    pb::{
+        google::longrunning::{
+            operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
+            GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation,
+            WaitOperationRequest,
+        },
+        opsd::v1::{
+            workers_server::Workers, CompleteOperationRequest, CreateOperationRequest,
+            GetOperationReportRequest, OperationReport, RegisterTypesRequest,
+            RegisterTypesResponse, UpdateOperationRequest, WatchOperationsRequest,
+        },
+    },
+    registry::Registry,
+};
+
+/// A service with every call observed. Cloning it is as cheap as cloning
+/// the service (a registry handle besides).
+#[derive(Clone)]
+pub struct Observed<S> {
+    inner: S,
+    registry: Registry,
+}
+
+impl<S> Observed<S> {
+    /// Observes `inner`; polling reports go to `registry`.
+    pub fn new(inner: S, registry: Registry) -> Self {
+        Self { inner, registry }
+    }
+
+    /// Runs `call` (the inner service's answer to `request`) as `method`.
+    fn call<'a, T, R, F>(
+        &'a self,
+        method: &'static str,
+        request: Request<T>,
+        call: impl FnOnce(Request<T>) -> F,
+    ) -> Call<'a, F>
+    where
+        T: Resource,
+        F: Future<Output = Result<Response<R>, Status>>,
+    {
+        let via = transport(&request);
+        let resource: Box<str> = request.get_ref().resource().into();
+        let span = tracing::debug_span!("rpc", method, transport = via, resource = &*resource);
+        let call = {
+            let _entered = span.enter();
+            call(request)
+        };
+        Call {
+            call,
+            method,
+            transport: via,
+            resource,
+            started: Instant::now(),
+            span,
+            registry: &self.registry,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One observed call: the handler's future and what is recorded when
+    /// it answers.
+    pub struct Call<'a, F> {
+        #[pin]
+        call: F,
+        method: &'static str,
+        transport: &'static str,
+        resource: Box<str>,
+        started: Instant,
+        span: tracing::Span,
+        registry: &'a Registry,
+    }
+}
+
+impl<F, R> Future for Call<'_, F>
+where
+    F: Future<Output = Result<Response<R>, Status>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let mut result = ready!(this.call.poll(cx));
+        let code = match &mut result {
+            Ok(response) => {
+                if let Some(Polled(names)) = response.extensions_mut().remove::<Polled>() {
+                    for name in &names {
+                        this.registry.report_call(name, this.method, this.transport);
+                    }
+                }
+                Code::Ok
+            }
+            Err(status) => status.code(),
+        };
+        metrics::rpc(this.method, this.transport, code, this.started.elapsed());
+        if let Err(status) = &result {
+            if matches!(
+                code,
+                Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
+            ) {
+                tracing::warn!(
+                    method = *this.method,
+                    transport = *this.transport,
+                    resource = &**this.resource,
+                    code = metrics::code_name(code),
+                    message = status.message(),
+                    "call failed"
+                );
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// Delegates each method to the inner service through [`Observed::call`].
+macro_rules! observed {
+    ($($method:ident($request:ty) -> $response:ty as $name:literal;)*) => {
+        $(
+            fn $method<'a, 'async_trait>(
+                &'a self,
+                request: Request<$request>,
+            ) -> Pin<Box<dyn Future<Output = Result<Response<$response>, Status>> + Send + 'async_trait>>
+            where
+                'a: 'async_trait,
+                Self: 'async_trait,
+            {
+                Box::pin(self.call($name, request, |request| self.inner.$method(request)))
+            }
+        )*
+    };
+}
+
+impl<S: Operations> Operations for Observed<S> {
+    observed! {
+        list_operations(ListOperationsRequest) -> ListOperationsResponse as "ListOperations";
+        get_operation(GetOperationRequest) -> Operation as "GetOperation";
+        delete_operation(DeleteOperationRequest) -> () as "DeleteOperation";
+        cancel_operation(CancelOperationRequest) -> () as "CancelOperation";
+        wait_operation(WaitOperationRequest) -> Operation as "WaitOperation";
+    }
+}
+
+impl<S: Workers> Workers for Observed<S> {
+    type WatchOperationsStream = S::WatchOperationsStream;
+
+    observed! {
+        create_operation(CreateOperationRequest) -> Operation as "CreateOperation";
+        update_operation(UpdateOperationRequest) -> Operation as "UpdateOperation";
+        complete_operation(CompleteOperationRequest) -> Operation as "CompleteOperation";
+        watch_operations(WatchOperationsRequest) -> S::WatchOperationsStream as "WatchOperations";
+        register_types(RegisterTypesRequest) -> RegisterTypesResponse as "RegisterTypes";
+        get_operation_report(GetOperationReportRequest) -> OperationReport as "GetOperationReport";
+    }
+}
