@@ -216,8 +216,27 @@ fn sigterm_drains_open_waits_and_exits_zero() {
         })
         .await
     });
-    // Give the Wait time to park on the server (the binary exposes no waiter count).
-    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(300)).await });
+    // The Wait is parked once the server's gauge counts it.
+    let metrics = format!("http://{}/metrics", opsd.address);
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let give_up = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = http
+                .get(&metrics)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if text.contains("\nopsd_waiters 1\n") {
+                break;
+            }
+            assert!(Instant::now() < give_up, "the Wait never parked");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     let started = Instant::now();
     let status = opsd.terminate();
     assert!(status.success(), "opsd exited with {status}");

@@ -4,7 +4,7 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::{any_string, create, op, status, TestServer};
+use common::{any_string, create, manual_clock, op, status, TestServer};
 use opsd::{
     config::StoreConfig,
     pb::{
@@ -42,7 +42,8 @@ async fn names(server: &TestServer, filter: &str, page_size: i32) -> Vec<String>
     }
 }
 
-async fn exercise(config: Config) {
+async fn exercise(mut config: Config) {
+    let clock = manual_clock(&mut config);
     let server = TestServer::start_with(config).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let with_metadata = CreateOperationRequest {
@@ -50,8 +51,9 @@ async fn exercise(config: Config) {
         ..op("projects/f", "running")
     };
     create(&mut workers, with_metadata).await;
-    let before = prost_types::Timestamp::from(std::time::SystemTime::now());
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    clock.advance(Duration::from_millis(10));
+    let before = prost_types::Timestamp::from(clock.now());
+    clock.advance(Duration::from_millis(10));
     for id in ["ok", "failed", "cancelled"] {
         create(&mut workers, op("projects/f", id)).await;
     }

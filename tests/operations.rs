@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{any_string, create, op, reason, status, TestServer};
+use common::{any_string, create, eventually, manual_clock, op, reason, status, TestServer};
 use opsd::{
     api::operations::Method,
     pb::{
@@ -234,7 +234,9 @@ async fn cancel_of_a_not_cancellable_operation_fails_and_keeps_it_running() {
 
 #[tokio::test]
 async fn cooperative_cancel_lets_the_worker_finish_then_forces_cancelled() {
-    let server = TestServer::start().await;
+    let mut config = Config::for_tests();
+    let clock = manual_clock(&mut config);
+    let server = TestServer::start_with(config).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
 
     // The worker finishes it itself: its own result stands.
@@ -276,6 +278,10 @@ async fn cooperative_cancel_lets_the_worker_finish_then_forces_cancelled() {
     };
     let name = create(&mut workers, slow).await.name;
     ops.cancel_operation(cancel(&name)).await.unwrap();
+    clock.advance(Duration::from_millis(199));
+    let running = ops.get_operation(get(&name)).await.unwrap().into_inner();
+    assert!(!running.done, "the grace period is not over");
+    clock.advance(Duration::from_millis(1));
     let waited = ops
         .wait_operation(opsd::pb::google::longrunning::WaitOperationRequest {
             name: name.clone(),
@@ -342,6 +348,7 @@ async fn delete_removes_a_running_operation_without_cancelling_it() {
 async fn done_operations_expire_after_retention() {
     let mut config = Config::for_tests();
     config.registry.retention = Duration::from_millis(300);
+    let clock = manual_clock(&mut config);
     let server = TestServer::start_with(config).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let done = create(&mut workers, op("", "short-lived")).await.name;
@@ -350,20 +357,17 @@ async fn done_operations_expire_after_retention() {
         .complete_operation(respond(&done, "r"))
         .await
         .unwrap();
+    clock.advance(Duration::from_millis(299));
     assert!(ops.get_operation(get(&done)).await.is_ok());
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match ops.get_operation(get(&done)).await {
-            Err(err) if err.code() == Code::NotFound => break,
-            Ok(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            other => panic!("not expired: {other:?}"),
-        }
-    }
+    clock.advance(Duration::from_millis(1));
+    let err = ops.get_operation(get(&done)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "expired at once");
     // Retention deletes the record itself, and only done operations.
-    assert_eq!(server.registry.operation_counts().await.unwrap().total(), 1);
+    eventually("retention deletes the record", || async {
+        server.registry.operation_counts().await.unwrap().total() == 1
+    })
+    .await;
     assert!(ops.get_operation(get(&running)).await.is_ok());
     server.stop().await;
 }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{any_string, create, op, TestServer};
+use common::{any_string, create, eventually, manual_clock, op, TestServer};
 use opsd::{
     config::StoreConfig,
     pb::{
@@ -59,7 +59,10 @@ fn secs(s: f64) -> prost_types::Duration {
 async fn everything_acknowledged_survives_a_restart() {
     let dir = store_dir("restart");
     let path = dir.join("nested/opsd.redb");
-    let server = start(config(&path)).await;
+    let mut config = config(&path);
+    // Both servers read the same clock, as two runs read the wall clock.
+    let clock = manual_clock(&mut config);
+    let server = start(config.clone()).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let idempotent = CreateOperationRequest {
         request_id: "r-1".into(),
@@ -103,7 +106,7 @@ async fn everything_acknowledged_survives_a_restart() {
     server.stop().await;
     assert!(path.exists(), "the store directory is created");
 
-    let server = start(config(&path)).await;
+    let server = start(config).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     // The request id is stored: a retry after the restart returns the same operation.
     assert_eq!(create(&mut workers, idempotent).await.name, first.name);
@@ -120,7 +123,16 @@ async fn everything_acknowledged_survives_a_restart() {
         .into_inner();
     assert!(matches!(got.result, Some(OpResult::Error(ref e)) if e.code == 1));
     // The lease and the grace period were stored, not only timed: they fire
-    // after the restart without any worker call.
+    // after the restart without any worker call, when their time comes.
+    for name in [&leased, &coop] {
+        let got = ops
+            .get_operation(GetOperationRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!got.done, "{name} ended early");
+    }
+    clock.advance(Duration::from_secs(1));
     for (name, code) in [(leased, 10), (coop, 1)] {
         let waited = ops
             .wait_operation(WaitOperationRequest {
@@ -144,6 +156,7 @@ async fn retention_deletes_done_operations_from_the_file() {
     let dir = store_dir("retention");
     let mut config = config(&dir.join("opsd.redb"));
     config.registry.retention = Duration::from_millis(200);
+    let clock = manual_clock(&mut config);
     let server = start(config).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     for i in 0..50 {
@@ -153,11 +166,11 @@ async fn retention_deletes_done_operations_from_the_file() {
             .unwrap();
     }
     let running = create(&mut workers, op("", "stays")).await.name;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.registry.operation_counts().await.unwrap().total() > 1 {
-        assert!(Instant::now() < deadline, "retention did not run");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    clock.advance(Duration::from_millis(200));
+    eventually("retention deletes the done operations", || async {
+        server.registry.operation_counts().await.unwrap().total() == 1
+    })
+    .await;
     let err = ops
         .get_operation(GetOperationRequest {
             name: "operations/e0".into(),

@@ -3,12 +3,9 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
-use common::{any_string, create, op, reason, status, TestServer};
+use common::{any_string, create, eventually, manual_clock, op, reason, status, TestServer};
 use opsd::{
     config::StoreConfig,
     pb::{
@@ -73,8 +70,9 @@ fn empty() -> prost_types::Any {
 
 #[tokio::test]
 async fn the_basic_scenario_serves_every_state() {
-    let server = TestServer::start_with(with_scenarios(&["basic.yaml"])).await;
-    let started = Instant::now();
+    let mut config = with_scenarios(&["basic.yaml"]);
+    let clock = manual_clock(&mut config);
+    let server = TestServer::start_with(config).await;
 
     let running = get(&server, "operations/running").await.unwrap();
     assert!(!running.done);
@@ -84,28 +82,23 @@ async fn the_basic_scenario_serves_every_state() {
     let failed = get(&server, "operations/failed").await.unwrap();
     assert!(matches!(failed.result, Some(OpResult::Error(ref e)) if e.code == 13));
 
-    // slow: progress on the way, done with Empty about 2 s after start.
-    let mut progress = Vec::new();
-    let done = loop {
-        let op = get(&server, "operations/slow").await.unwrap();
-        let value = op.metadata.as_ref().unwrap().to_msg::<String>().unwrap();
-        if progress.last() != Some(&value) {
-            progress.push(value);
-        }
-        if op.done {
-            break op;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // slow: each step when its time comes, done with Empty 2 s after start.
+    let progress = |op: &Operation| op.metadata.as_ref().unwrap().to_msg::<String>().unwrap();
+    let slow = get(&server, "operations/slow").await.unwrap();
+    assert_eq!(progress(&slow), "0%");
+    for expected in ["25%", "50%", "75%"] {
+        clock.advance(Duration::from_millis(499));
+        assert!(!get(&server, "operations/slow").await.unwrap().done);
+        clock.advance(Duration::from_millis(1));
+        eventually(expected, || async {
+            progress(&get(&server, "operations/slow").await.unwrap()) == expected
+        })
+        .await;
+    }
+    clock.advance(Duration::from_millis(500));
+    let done = wait(&server, "operations/slow", 5.0).await;
     assert_eq!(done.result, Some(OpResult::Response(empty())));
-    assert!(progress.len() >= 3, "{progress:?}");
-    assert_eq!(progress.last().unwrap(), "75%");
-    assert!(
-        started.elapsed() >= Duration::from_millis(1500),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_eq!(progress(&done), "75%");
 
     let mut ops = server.operations().await;
     let err = ops
@@ -128,7 +121,9 @@ async fn the_basic_scenario_serves_every_state() {
 
 #[tokio::test]
 async fn cancellation_scenarios_react_as_scripted() {
-    let server = TestServer::start_with(with_scenarios(&["cancellation.yaml"])).await;
+    let mut config = with_scenarios(&["cancellation.yaml"]);
+    let clock = manual_clock(&mut config);
+    let server = TestServer::start_with(config).await;
     let mut ops = server.operations().await;
     for name in ["cancel-immediately", "cancel-slowly", "ignore-cancel"] {
         ops.cancel_operation(CancelOperationRequest {
@@ -141,22 +136,27 @@ async fn cancellation_scenarios_react_as_scripted() {
     assert!(matches!(immediately.result, Some(OpResult::Error(ref e)) if e.code == 1));
     // The cooperative ones are still running right after the cancel...
     assert!(!get(&server, "operations/cancel-slowly").await.unwrap().done);
-    // ...then react as their scripts say.
-    let slowly = wait(&server, "operations/cancel-slowly", 5.0).await;
-    assert!(
-        matches!(slowly.result, Some(OpResult::Error(ref e)) if e.code == 1 && e.message == "Stopped at the client's request.")
-    );
+    // ...then react as their scripts say, when their scripts say.
+    clock.advance(Duration::from_millis(500));
     let ignored = wait(&server, "operations/ignore-cancel", 5.0).await;
     assert_eq!(
         ignored.result,
         Some(OpResult::Response(any_string("finished anyway")))
+    );
+    assert!(!get(&server, "operations/cancel-slowly").await.unwrap().done);
+    clock.advance(Duration::from_millis(500));
+    let slowly = wait(&server, "operations/cancel-slowly", 5.0).await;
+    assert!(
+        matches!(slowly.result, Some(OpResult::Error(ref e)) if e.code == 1 && e.message == "Stopped at the client's request.")
     );
     server.stop().await;
 }
 
 #[tokio::test]
 async fn scenario_methods_can_be_switched_off() {
-    let server = TestServer::start_with(with_scenarios(&["unimplemented.yaml"])).await;
+    let mut config = with_scenarios(&["unimplemented.yaml"]);
+    let clock = manual_clock(&mut config);
+    let server = TestServer::start_with(config).await;
     let mut ops = server.operations().await;
     let name = "operations/poll-only".to_owned();
     let errors = [
@@ -181,18 +181,21 @@ async fn scenario_methods_can_be_switched_off() {
             err.message()
         );
     }
-    // Polling Get still works, and the outcome arrives.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !get(&server, &name).await.unwrap().done {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Polling Get still works, and the outcome arrives on time.
+    assert!(!get(&server, &name).await.unwrap().done);
+    clock.advance(Duration::from_secs(1));
+    eventually("the outcome", || async {
+        get(&server, &name).await.unwrap().done
+    })
+    .await;
     server.stop().await;
 }
 
 #[tokio::test]
 async fn scripts_through_the_worker_api() {
-    let server = TestServer::start().await;
+    let mut config = Config::for_tests();
+    let clock = manual_clock(&mut config);
+    let server = TestServer::start_with(config).await;
     let mut workers = server.workers().await;
     let script = Script {
         steps: vec![
@@ -216,6 +219,12 @@ async fn scripts_through_the_worker_api() {
         ..op("projects/s", "failing")
     };
     let name = create(&mut workers, request).await.name;
+    clock.advance(Duration::from_millis(100));
+    eventually("step a", || async {
+        get(&server, &name).await.unwrap().metadata == Some(any_string("a"))
+    })
+    .await;
+    clock.advance(Duration::from_millis(200));
     let done = wait(&server, &name, 5.0).await;
     assert_eq!(done.metadata, Some(any_string("b")));
     assert!(matches!(done.result, Some(OpResult::Error(ref e)) if e.code == 8));
@@ -232,9 +241,13 @@ async fn scripts_through_the_worker_api() {
         ..op("projects/s", "forever")
     };
     let name = create(&mut workers, forever).await.name;
-    let waited = wait(&server, &name, 0.4).await;
+    clock.advance(Duration::from_secs(3600));
+    eventually("step x", || async {
+        get(&server, &name).await.unwrap().metadata == Some(any_string("x"))
+    })
+    .await;
+    let waited = wait(&server, &name, 0.05).await;
     assert!(!waited.done);
-    assert_eq!(waited.metadata, Some(any_string("x")));
 
     // Invalid scripts are refused with the field named.
     let bad = CreateOperationRequest {
@@ -282,13 +295,15 @@ async fn scripts_through_the_worker_api() {
 
 #[tokio::test]
 async fn polling_reports_over_grpc_and_rest() {
-    let server = TestServer::start_with(with_scenarios(&["basic.yaml"])).await;
+    let mut config = with_scenarios(&["basic.yaml"]);
+    let clock = manual_clock(&mut config);
+    let server = TestServer::start_with(config).await;
     let mut workers = server.workers().await;
     let http = reqwest::Client::new();
     let name = "operations/running";
     for _ in 0..3 {
         get(&server, name).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        clock.advance(Duration::from_millis(30));
     }
     let url = format!("{}/v1/{name}", server.url);
     assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
@@ -302,10 +317,15 @@ async fn polling_reports_over_grpc_and_rest() {
     assert_eq!(report.counts["GetOperation"], 4);
     let transports: Vec<&str> = report.calls.iter().map(|c| c.transport.as_str()).collect();
     assert_eq!(transports, ["grpc", "grpc", "grpc", "rest"]);
-    let times: Vec<_> = report.calls.iter().map(|c| c.time.unwrap()).collect();
+    // Each call at the time it was made: 30 ms apart.
+    let times: Vec<_> = report
+        .calls
+        .iter()
+        .map(|c| std::time::SystemTime::try_from(c.time.unwrap()).unwrap())
+        .collect();
     assert!(times
         .windows(2)
-        .all(|w| (w[0].seconds, w[0].nanos) <= (w[1].seconds, w[1].nanos)));
+        .all(|w| w[1].duration_since(w[0]).unwrap() == Duration::from_millis(30)));
 
     let body: Value = http
         .get(format!("{url}:report"))
@@ -370,8 +390,9 @@ async fn scripts_survive_a_restart_and_scenarios_reapply_idempotently() {
     let _ = std::fs::remove_dir_all(&dir);
     let mut config = with_scenarios(&["basic.yaml"]);
     config.store = StoreConfig::Redb(dir.join("opsd.redb"));
+    // Both servers read the same clock, as two runs read the wall clock.
+    let clock = manual_clock(&mut config);
 
-    let started = Instant::now();
     let server = TestServer::start_with(config.clone()).await;
     let mut ops = server.operations().await;
     ops.cancel_operation(CancelOperationRequest {
@@ -379,8 +400,11 @@ async fn scripts_survive_a_restart_and_scenarios_reapply_idempotently() {
     })
     .await
     .unwrap();
-    let before = get(&server, "operations/slow").await.unwrap();
-    assert!(!before.done);
+    clock.advance(Duration::from_secs(1));
+    eventually("half of slow", || async {
+        get(&server, "operations/slow").await.unwrap().metadata == Some(any_string("50%"))
+    })
+    .await;
     drop(ops);
     server.stop().await;
 
@@ -398,13 +422,13 @@ async fn scripts_survive_a_restart_and_scenarios_reapply_idempotently() {
     assert_eq!(server.registry.operation_counts().await.unwrap().total(), 5);
     let running = get(&server, "operations/running").await.unwrap();
     assert!(running.done, "the cancel before the restart stands");
+    let slow = get(&server, "operations/slow").await.unwrap();
+    assert!(!slow.done, "not reset, not hurried: {slow:?}");
+    assert_eq!(slow.metadata, Some(any_string("50%")));
+    // The rest of the original schedule: done 2 s after the first start.
+    clock.advance(Duration::from_secs(1));
     let slow = wait(&server, "operations/slow", 10.0).await;
     assert!(slow.done);
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed < Duration::from_secs(6),
-        "finished after {elapsed:?}"
-    );
     server.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

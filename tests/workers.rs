@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{any_string, create, op, reason, status, TestServer};
+use common::{any_string, create, manual_clock, op, reason, status, TestServer};
 use opsd::pb::{
     google::longrunning::{
         operation::Result as OpResult, CancelOperationRequest, DeleteOperationRequest,
@@ -17,6 +17,7 @@ use opsd::pb::{
         WatchOperationsRequest,
     },
 };
+use opsd::Config;
 use tonic::{Code, Streaming};
 use tonic_types::StatusExt;
 
@@ -317,7 +318,9 @@ async fn watchers_learn_of_deletions_and_pending_cancellations() {
 
 #[tokio::test]
 async fn a_lapsed_lease_aborts_the_operation_and_tells_the_worker() {
-    let server = TestServer::start().await;
+    let mut config = Config::for_tests();
+    let clock = manual_clock(&mut config);
+    let server = TestServer::start_with(config).await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
     let mut events = workers
         .watch_operations(WatchOperationsRequest::default())
@@ -331,7 +334,7 @@ async fn a_lapsed_lease_aborts_the_operation_and_tells_the_worker() {
     let name = create(&mut workers, leased).await.name;
     // Renewals keep it alive past its first deadline.
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        clock.advance(Duration::from_millis(300));
         workers
             .update_operation(UpdateOperationRequest {
                 name: name.clone(),
@@ -346,6 +349,7 @@ async fn a_lapsed_lease_aborts_the_operation_and_tells_the_worker() {
         .unwrap()
         .into_inner();
     assert!(!running.done, "renewed leases must not lapse");
+    clock.advance(Duration::from_millis(400));
 
     let event = next_event(&mut events).await;
     assert_eq!(

@@ -21,7 +21,7 @@ use std::{
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{expired, finish, lease_expired_status, Outcome, Record, Registry, Shared};
+use super::{expired, finish, lease_expired_status, Clock, Outcome, Record, Registry, Shared};
 use crate::{
     error::Error,
     store::{Cause, StoreError},
@@ -89,25 +89,20 @@ impl Timers {
     }
 }
 
-fn instant_of(at: SystemTime) -> tokio::time::Instant {
-    let wait = at
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    tokio::time::Instant::now() + wait
-}
-
 pub(super) fn spawn(shared: Weak<Shared>, shutdown: CancellationToken) {
     let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
         return;
     };
     let feed = registry.shared.store.subscribe();
+    let clock = registry.shared.settings.clock.clone();
     drop(registry);
-    tokio::spawn(run(shared, feed, shutdown));
+    tokio::spawn(run(shared, feed, clock, shutdown));
 }
 
 async fn run(
     shared: Weak<Shared>,
     mut feed: broadcast::Receiver<Change>,
+    clock: Clock,
     shutdown: CancellationToken,
 ) {
     let mut timers = Timers::default();
@@ -129,9 +124,15 @@ async fn run(
             }
         }
         let next = if rescan {
-            Some(SystemTime::now() + RETRY_AFTER)
+            Some(clock.now() + RETRY_AFTER)
         } else {
             timers.next()
+        };
+        let due = async {
+            match next {
+                Some(at) => clock.sleep_until(at).await,
+                None => std::future::pending().await,
+            }
         };
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -143,11 +144,11 @@ async fn run(
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            () = tokio::time::sleep_until(instant_of(next.unwrap_or(SystemTime::now()))), if next.is_some() => {
+            () = due => {
                 let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
                     return;
                 };
-                let due = timers.take_due(SystemTime::now());
+                let due = timers.take_due(clock.now());
                 // Bounded batches run concurrently, so a durable store commits
                 // each batch's expiries together (group commit).
                 for batch in due.chunks(FIRE_BATCH) {
@@ -167,7 +168,7 @@ async fn run(
                             Ok(None) => {}
                             Err(err) => {
                                 tracing::error!(name = %name, cause = %err, "deadline action failed; retrying");
-                                timers.add(name, SystemTime::now() + RETRY_AFTER);
+                                timers.add(name, clock.now() + RETRY_AFTER);
                             }
                         }
                     }
@@ -195,7 +196,7 @@ impl Registry {
             // When to look again if nothing is due now.
             let deadline = stored.next_deadline();
             let record = Record::from_stored(stored)?;
-            let now = SystemTime::now();
+            let now = self.now();
             let due = |at: Option<SystemTime>| at.filter(|at| *at <= now);
             let script = record.script.as_ref();
             let script_at = script.and_then(|s| {

@@ -146,7 +146,7 @@ impl Registry {
         let limit = page_size(request.page_size)?;
         let filter = filter::parse(&request.filter)?.map(Arc::new);
         let binding = binding(&parent, &request.filter);
-        let now = SystemTime::now();
+        let now = self.now();
         let tokens = &self.shared.page_tokens;
         let after = if request.page_token.is_empty() {
             None

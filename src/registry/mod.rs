@@ -12,6 +12,7 @@
 //! cancel-grace and retention deadlines. They stop when the last handle is
 //! dropped or [`Registry::shutdown`] is called.
 
+pub mod clock;
 mod deadlines;
 pub mod filter;
 mod list;
@@ -40,6 +41,7 @@ use crate::{
     store::{Cause, Store, StoreError},
 };
 
+pub use clock::{Clock, ManualClock};
 pub use list::{ListPage, ListRequest};
 pub use model::{operation, CancelPolicy, Outcome, Record, Script, ScriptSpec};
 pub use name::{check_id, check_parent_name, parse_list_target, NameError, OperationName};
@@ -79,6 +81,8 @@ pub struct RegistrySettings {
     pub list_scan_budget: usize,
     /// Which operations get polling reports.
     pub polling_reports: PollingReports,
+    /// Where every time of the semantics comes from.
+    pub clock: Clock,
 }
 
 impl Default for RegistrySettings {
@@ -95,6 +99,7 @@ impl Default for RegistrySettings {
             page_token_key: None,
             list_scan_budget: 10_000,
             polling_reports: PollingReports::default(),
+            clock: Clock::default(),
         }
     }
 }
@@ -208,6 +213,11 @@ impl Registry {
         self.shared.shutdown.is_cancelled()
     }
 
+    /// The registry's clock's time.
+    fn now(&self) -> SystemTime {
+        self.shared.settings.clock.now()
+    }
+
     fn store(&self) -> &dyn Store {
         self.shared.store.as_ref()
     }
@@ -222,7 +232,7 @@ impl Registry {
         match self.store().get(name.as_str()).await? {
             Some(stored) => {
                 let record = Record::from_stored(stored)?;
-                if expired(&record, SystemTime::now()) {
+                if expired(&record, self.now()) {
                     return Err(Error::not_found(name.as_str()));
                 }
                 Ok(record)
@@ -250,7 +260,7 @@ impl Registry {
             .check_duration("cancel_grace_period", params.cancel_grace_period)?
             .unwrap_or(self.shared.settings.cancel_grace_period);
         let request_id = (!params.request_id.is_empty()).then(|| params.request_id.clone());
-        let now = SystemTime::now();
+        let now = self.now();
         let script = params
             .script
             .as_ref()
@@ -442,7 +452,7 @@ impl Registry {
             name,
             Call {
                 method,
-                time: SystemTime::now(),
+                time: self.now(),
                 transport,
             },
         );
@@ -616,7 +626,7 @@ impl Registry {
     {
         loop {
             let record = self.load(name).await?;
-            let Some((next, cause)) = step(&record, SystemTime::now())? else {
+            let Some((next, cause)) = step(&record, self.now())? else {
                 return Ok((record, false));
             };
             match self

@@ -159,7 +159,7 @@ impl Registry {
                             let event = WorkerEvent {
                                 kind: EventKind::CancelRequested,
                                 name,
-                                time: SystemTime::now(),
+                                time: self.now(),
                             };
                             if !send(&tx, event, &shutdown).await {
                                 return;
@@ -185,7 +185,7 @@ impl Registry {
                     let event = WorkerEvent {
                         kind,
                         name: change.name.to_string(),
-                        time: SystemTime::now(),
+                        time: self.now(),
                     };
                     if !send(&tx, event, &shutdown).await {
                         return;

@@ -8,7 +8,7 @@ use opsd::{
         google::longrunning::{operations_client::OperationsClient, Operation},
         opsd::v1::{workers_client::WorkersClient, CreateOperationRequest},
     },
-    registry::Registry,
+    registry::{ManualClock, Registry},
     server::{Server, ServerError},
     Config,
 };
@@ -135,4 +135,30 @@ pub fn reason(status: &tonic::Status) -> String {
         .error_info()
         .map(|i| i.reason.clone())
         .unwrap_or_default()
+}
+
+/// Puts `config` on a clock that moves only when the test advances it.
+pub fn manual_clock(config: &mut Config) -> ManualClock {
+    let clock = ManualClock::new();
+    config.registry.clock = clock.clone().into();
+    clock
+}
+
+/// Polls `check` until it holds: for the effect of something that already
+/// happened (a call, the clock advanced past a deadline) that the server
+/// applies in the background. Never a wait for time to pass: it gives up
+/// after 10 s of real time.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
