@@ -10,7 +10,7 @@
 //! client without their cause.
 //!
 //! The REST surface turns that same `Status` into Google's JSON error
-//! envelope in exactly one place too, [`json_envelope`], with the HTTP status
+//! envelope in exactly one place too, `json_envelope`, with the HTTP status
 //! of google/rpc/code.proto's mapping.
 
 use std::collections::HashMap;
@@ -225,7 +225,7 @@ pub fn http_status(code: Code, reason: &str) -> http::StatusCode {
 /// Google's JSON error envelope for a status:
 /// `{"error": {"code": <HTTP>, "message", "status": "NOT_FOUND", "details": [...]}}`,
 /// with the details of the status's `grpc-status-details-bin` trailer.
-pub fn json_envelope(
+pub(crate) fn json_envelope(
     status: &Status,
     pool: &DescriptorPool,
     options: JsonOptions,

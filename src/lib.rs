@@ -2,18 +2,31 @@
 //!
 //! # Layout
 //!
-//! Dependencies point down only:
+//! Dependencies point down only (store → registry → api → server → the
+//! `opsd` binary); no module imports one above it:
 //!
-//! - [`server`]: one port for gRPC, health and reflection; limits; drain.
+//! - `main.rs` (the binary): flags → [`Config`] → [`server::run`].
+//! - [`server`]: one port for gRPC, REST, health, reflection and
+//!   `/metrics`; limits; drain; [`server::observe`], the one wrapper that
+//!   times, counts, traces and reports every call.
+//! - [`config`]: one [`Config`] assembled from the layers' settings, checked
+//!   by [`Config::validate`].
 //! - [`api`]: the protocol faces. [`api::operations`] serves
 //!   `google.longrunning.Operations`, [`api::workers`] the `opsd.v1.Workers`
 //!   API through which services create, update and finish operations and
-//!   learn of cancellations. They only convert requests into [`registry`]
-//!   calls.
-//! - [`registry`]: the semantics: names, the state machine, cancel policies,
-//!   waiters, leases, retention, List.
-//! - [`store`]: durable records with conditional writes and a change feed.
-//! - [`error`]: the one error type and its mapping to `tonic::Status`.
+//!   learn of cancellations, [`api::rest`] transcodes HTTP/JSON into the
+//!   same calls. They only convert requests into [`registry`] calls.
+//! - [`registry`]: the semantics: the domain model ([`registry::model`]),
+//!   names, the state machine, cancel policies, waiters, leases, retention,
+//!   List, scripted operations and scenario files, the clock.
+//! - [`error`]: the one error type and its mappings to `tonic::Status` and
+//!   to Google's JSON error envelope.
+//! - [`store`]: durable records ([`store::StoredRecord`]) with conditional
+//!   writes and a change feed: memory and redb.
+//! - [`pb`]: the generated protobuf and gRPC code.
+//!
+//! The load generator and the reference servers are a crate of their own,
+//! `opsd-bench` (`bench/`); the library never depends on it.
 //!
 //! # Embedding
 //!
@@ -34,14 +47,20 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod config;
 pub mod error;
-pub mod json;
+mod json;
 pub mod pb;
 pub mod registry;
 pub mod server;
 pub mod store;
 
-pub use config::Config;
+pub use api::{operations::OperationsService, rest::RestService, workers::WorkersService};
+pub use config::{Config, ConfigError};
 pub use error::Error;
+pub use registry::{Clock, ManualClock, Registry, RegistrySettings};
+pub use server::{run, Server, ServerError};
+pub use store::{MemoryStore, RedbStore, Store, StoreError};

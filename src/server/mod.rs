@@ -80,7 +80,7 @@ pub enum ServerError {
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("cannot load HTTP rules: {0}")]
-    HttpRules(#[from] crate::api::rest::rules::RuleError),
+    HttpRules(#[from] crate::api::rest::RuleError),
     #[error("cannot load the descriptor set {path}: {reason}")]
     DescriptorSet { path: PathBuf, reason: String },
     #[error("cannot open the store: {0}")]

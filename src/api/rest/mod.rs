@@ -16,12 +16,14 @@
 //! of the same service the gRPC routes serve (the server hands over the
 //! services it observes), so every semantic, every error and every metric
 //! is the gRPC one. Errors become Google's JSON envelope in one place,
-//! [`crate::error::json_envelope`]. `/healthz` and `/metrics` are the
+//! `error::json_envelope`. `/healthz` and `/metrics` are the
 //! server's, not routes of this surface.
 
 mod request;
-pub mod rules;
-pub mod template;
+mod rules;
+mod template;
+
+pub use rules::RuleError;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -34,7 +36,7 @@ use tonic::Status;
 
 use self::{
     request::Presentation,
-    rules::{RestMethod, Route, RuleError},
+    rules::{RestMethod, Route},
     template::SplitPath,
 };
 use super::{types::TypeRegistry, ViaRest};
@@ -139,11 +141,6 @@ impl<O: Operations, W: Workers> RestService<O, W> {
                 settings,
             }),
         })
-    }
-
-    /// The routes served, most specific first.
-    pub fn routes(&self) -> &[Route] {
-        &self.inner.routes
     }
 
     /// Answers one HTTP request. Never fails: errors are JSON responses.

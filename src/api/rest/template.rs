@@ -201,11 +201,14 @@ impl Template {
 
     /// Matches a raw (still percent-encoded) request path. `None`: no match;
     /// `Some(Err)`: a match whose values do not decode.
+    #[cfg(test)]
     pub fn matches(&self, path: &str) -> Option<Result<Vec<(String, String)>, DecodeError>> {
         self.matches_split(&SplitPath::new(path)?)
     }
 
-    /// [`Template::matches`] on a path already split (once for all routes).
+    /// Matches a raw (still percent-encoded) request path, already split
+    /// (once for all routes). `None`: no match; `Some(Err)`: a match whose
+    /// values do not decode.
     pub fn matches_split(
         &self,
         path: &SplitPath<'_>,
