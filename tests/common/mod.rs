@@ -1,6 +1,10 @@
 //! A real opsd server on port 0 and clients for it.
 #![allow(dead_code)] // each test binary uses part of this
 
+pub mod calls;
+pub mod rest;
+pub mod scripted;
+
 use std::time::Duration;
 
 use opsd::{
