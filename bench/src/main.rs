@@ -128,7 +128,7 @@ struct LoadArgs {
 /// and --target, and the ratios are reported.
 #[derive(clap::Args, Debug)]
 struct CeilingArgs {
-    /// The reference server (e.g. benches/ceiling.rs), loaded the same way.
+    /// The reference server (e.g. opsd-ceiling), loaded the same way.
     #[arg(long)]
     ceiling: Option<String>,
     /// The reference server's pid, for its CPU per call.

@@ -1,4 +1,4 @@
-//! Reference ceilings for `opsd bench`: the same APIs served by servers that
+//! Reference ceilings for `opsd-bench`: the same APIs served by servers that
 //! do nothing, so opsd's figures can be given as ratios measured in the same
 //! run and layout.
 //!
@@ -7,7 +7,7 @@
 //! - REST: an axum server whose `GET /v1/{*name}` answers `{"name": ...}`.
 //!
 //! ```sh
-//! cargo bench --bench ceiling -- --grpc 127.0.0.1:50101 --rest 127.0.0.1:50102
+//! cargo run --release -p opsd-bench --bin opsd-ceiling -- --grpc 127.0.0.1:50101 --rest 127.0.0.1:50102
 //! ```
 //!
 //! It serves until interrupted.
