@@ -85,7 +85,8 @@ impl Default for Limits {
 /// Room kept in a message for the envelope around an operation or a page.
 const ENVELOPE_ROOM: usize = 64 * 1024;
 
-/// The smallest operation or page a message must still hold.
+/// The smallest operation or List page the registry accepts, whatever the
+/// message size.
 const MIN_ROOM: usize = 1024;
 
 impl Limits {
@@ -176,22 +177,8 @@ impl Config {
                 return fail(format!("{flag} must be greater than zero"));
             }
         }
-        if registry.cancel_grace_period > registry.max_lease {
-            return fail(format!(
-                "--cancel-grace-period must be at most {}",
-                humantime::format_duration(registry.max_lease)
-            ));
-        }
         if limits.max_connections == 0 {
             return fail("--max-connections must be at least 1".into());
-        }
-        if limits.max_concurrent_streams == 0 {
-            return fail("--max-concurrent-streams must be at least 1".into());
-        }
-        if limits.max_message_size < MIN_ROOM {
-            return fail(format!(
-                "--max-message-size must be at least {MIN_ROOM} bytes"
-            ));
         }
         let room = Limits::message_room(limits.max_message_size);
         if registry.max_operation_bytes > room || registry.max_page_bytes > room {
@@ -200,12 +187,6 @@ impl Config {
                  with --max-message-size {} (see Config::set_max_message_size)",
                 limits.max_message_size
             ));
-        }
-        if self.rest.max_body_bytes == 0 {
-            return fail("--max-body-bytes must be at least 1".into());
-        }
-        if registry.list_scan_budget == 0 || registry.max_waiters == 0 {
-            return fail("the List scan budget and --max-waiters must be at least 1".into());
         }
         Ok(())
     }
@@ -247,7 +228,6 @@ mod tests {
         };
         assert!(refused(&|c| c.registry.retention = Duration::ZERO).contains("--retention"));
         assert!(refused(&|c| c.limits.max_connections = 0).contains("--max-connections"));
-        assert!(refused(&|c| c.limits.max_message_size = 10).contains("--max-message-size"));
         // A smaller message without smaller operations cannot work.
         assert!(refused(&|c| c.limits.max_message_size = 100_000).contains("fit in a message"));
         let mut config = Config::default();

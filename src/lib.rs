@@ -18,11 +18,13 @@
 //!   same calls. They only convert requests into [`registry`] calls.
 //! - [`registry`]: the semantics: the domain model ([`registry::model`]),
 //!   names, the state machine, cancel policies, waiters, leases, retention,
-//!   List, scripted operations and scenario files, the clock.
+//!   List, scripted operations and scenario files.
 //! - [`error`]: the one error type and its mappings to `tonic::Status` and
 //!   to Google's JSON error envelope.
 //! - [`store`]: durable records ([`store::StoredRecord`]) with conditional
 //!   writes and a change feed: memory and redb.
+//! - [`clock`]: the one clock of the registry and the stores, and the
+//!   manual clock tests advance.
 //! - [`pb`]: the generated protobuf and gRPC code.
 //!
 //! The load generator and the reference servers are a crate of their own,
@@ -31,17 +33,22 @@
 //! # Embedding
 //!
 //! A tonic server can serve the Operations API over its own registry,
-//! without a sidecar:
+//! without a sidecar. [`server::observe::Observed`] adds what the opsd
+//! server adds to every call (metrics, spans, polling reports); without it
+//! the service only answers:
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use opsd::{api::operations::OperationsService, registry::{Registry, RegistrySettings}, store::MemoryStore};
+//! use opsd::{
+//!     pb::google::longrunning::operations_server::OperationsServer,
+//!     server::observe::Observed, MemoryStore, OperationsService, Registry, RegistrySettings,
+//! };
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let registry = Registry::new(Arc::new(MemoryStore::new()), RegistrySettings::default());
 //! let operations = OperationsService::new(registry.clone(), Default::default());
 //! tonic::transport::Server::builder()
-//!     .add_service(operations.into_server(4 << 20))
+//!     .add_service(OperationsServer::new(Observed::new(operations, registry)))
 //!     .serve("127.0.0.1:50051".parse()?)
 //!     .await?;
 //! # Ok(()) }
@@ -50,6 +57,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod error;
 mod json;
@@ -59,8 +67,9 @@ pub mod server;
 pub mod store;
 
 pub use api::{operations::OperationsService, rest::RestService, workers::WorkersService};
+pub use clock::{Clock, ManualClock};
 pub use config::{Config, ConfigError};
 pub use error::Error;
-pub use registry::{Clock, ManualClock, Registry, RegistrySettings};
+pub use registry::{Registry, RegistrySettings};
 pub use server::{run, Server, ServerError};
 pub use store::{MemoryStore, RedbStore, Store, StoreError};

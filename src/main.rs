@@ -49,7 +49,7 @@ struct ServeArgs {
 
     /// How long done operations are kept before they are deleted (AIP-151),
     /// e.g. `30d`, `12h`, `90s`.
-    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30d", value_parser = parse_positive_duration)]
     retention: Duration,
 
     /// Switch an Operations method off: it answers UNIMPLEMENTED. Repeatable.
@@ -92,7 +92,7 @@ struct ServeArgs {
     log_format: LogFormat,
 
     /// The longest a single WaitOperation call blocks.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     wait_cap: Duration,
 
     /// How many WaitOperation calls may be open at once; more answer
@@ -102,7 +102,7 @@ struct ServeArgs {
 
     /// How long a COOPERATIVE operation's worker has to finish after a cancel
     /// before opsd finishes it as CANCELLED (unless the worker chose its own).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     cancel_grace_period: Duration,
 
     /// The largest gRPC message accepted or sent, in bytes.
@@ -114,11 +114,11 @@ struct ServeArgs {
     max_concurrent_streams: u32,
 
     /// How often idle HTTP/2 connections are pinged.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     keepalive_interval: Duration,
 
     /// How long a keepalive ping may go unanswered.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
     keepalive_timeout: Duration,
 
     /// A file holding the secret (at least 32 bytes; its first 32 are used)
@@ -128,7 +128,7 @@ struct ServeArgs {
     page_token_key_file: Option<PathBuf>,
 
     /// How long a List page token stays valid.
-    #[arg(long, default_value = "3d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3d", value_parser = parse_positive_duration)]
     page_token_ttl: Duration,
 
     /// The largest REST request body, in bytes; larger answers 413.
@@ -136,11 +136,11 @@ struct ServeArgs {
     max_body_bytes: usize,
 
     /// How long an HTTP/1 client may take to send its request headers.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     header_read_timeout: Duration,
 
     /// How long a REST client may take to send its request body (400 after).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     body_read_timeout: Duration,
 
     /// Open connections at most; a client that connects beyond it is closed
@@ -209,10 +209,20 @@ impl ServeArgs {
         limits.keepalive_timeout = self.keepalive_timeout;
         limits.drain_timeout = self.drain_timeout;
         limits.header_read_timeout = self.header_read_timeout;
-        limits.max_connections = self.max_connections;
+        limits.max_connections = self.max_connections.max(1);
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
+}
+
+/// A duration flag that must be positive (clap reports a bad one with the
+/// usage, before anything starts).
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
 }
 
 fn init_logging(format: LogFormat) {
@@ -350,14 +360,13 @@ mod tests {
             parse(&["opsd", "serve", "--store", "memory"]),
             StoreConfig::Memory
         );
-        let Command::Serve(zero) = Cli::try_parse_from(["opsd", "serve", "--retention", "0s"])
+        assert!(Cli::try_parse_from(["opsd", "serve", "--retention", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["opsd", "serve", "--body-read-timeout", "0s"]).is_err());
+        // Zero connections means one, as it always did.
+        let Command::Serve(one) = Cli::try_parse_from(["opsd", "serve", "--max-connections", "0"])
             .unwrap()
             .command;
-        assert!(zero.into_config().unwrap_err().contains("--retention"));
-        let Command::Serve(none) = Cli::try_parse_from(["opsd", "serve", "--max-connections", "0"])
-            .unwrap()
-            .command;
-        assert!(none.into_config().is_err());
+        assert_eq!(one.into_config().unwrap().limits.max_connections, 1);
         assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
     }
 }

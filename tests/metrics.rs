@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{complete, create, op, TestServer};
+use common::{complete, create, eventually, op, TestServer};
 use opsd::pb::google::longrunning::{GetOperationRequest, WaitOperationRequest};
 
 #[tokio::test]
@@ -82,6 +82,13 @@ async fn metrics_count_calls_by_method_transport_and_code() {
     }
     complete(&mut workers, &name, "done").await;
     assert!(wait.await.unwrap().unwrap().into_inner().done);
+    // Transitions are counted by a follower of the change feed, which may
+    // run just after the waiter woke.
+    let transition = r#"opsd_operation_transitions_total{cause="completed"} 1"#;
+    eventually("the completion is counted", || async {
+        scrape().await.contains(transition)
+    })
+    .await;
     let text = scrape().await;
     for series in [
         "\nopsd_waiters 0\n",

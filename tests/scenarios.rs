@@ -46,7 +46,9 @@ async fn the_basic_scenario_serves_every_state() {
         })
         .await;
     }
-    clock.advance(Duration::from_millis(500));
+    clock.advance(Duration::from_millis(499));
+    assert!(!get(&server, "operations/slow").await.unwrap().done);
+    clock.advance(Duration::from_millis(1));
     let done = wait(&server, "operations/slow", 5.0).await;
     assert_eq!(done.result, Some(OpResult::Response(empty())));
     assert_eq!(progress(&done), "75%");

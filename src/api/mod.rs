@@ -26,7 +26,7 @@ use crate::{
 
 /// What a request is about, for its span: the operation's name, or the
 /// parent it works under.
-pub trait Resource {
+pub(crate) trait Resource {
     fn resource(&self) -> &str;
 }
 
@@ -63,7 +63,7 @@ impl Resource for wapi::RegisterTypesRequest {
 /// response extension, set only when there are some): the server's
 /// observing wrapper records the call there once it succeeded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Polled(pub Vec<String>);
+pub(crate) struct Polled(pub Vec<String>);
 
 /// `response`, marked with those of `records` that keep polling reports.
 pub(crate) fn polled<'r, T>(
@@ -85,10 +85,10 @@ pub(crate) fn polled<'r, T>(
 /// Marks a gRPC request that the REST surface made (a request extension),
 /// so metrics and polling reports can tell the transports apart.
 #[derive(Clone, Copy, Debug)]
-pub struct ViaRest;
+pub(crate) struct ViaRest;
 
 /// `rest` or `grpc`.
-pub fn transport<T>(request: &Request<T>) -> &'static str {
+pub(crate) fn transport<T>(request: &Request<T>) -> &'static str {
     if request.extensions().get::<ViaRest>().is_some() {
         "rest"
     } else {

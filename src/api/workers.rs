@@ -38,7 +38,9 @@ impl WorkersService {
         Self { registry, types }
     }
 
-    /// The tonic service, ready for `Server::add_service`.
+    /// The tonic service, ready for `Server::add_service`, unobserved: no
+    /// metrics, spans or polling reports. Wrap the service in
+    /// [`crate::server::observe::Observed`] first for those, as the server does.
     pub fn into_server(self, max_message_size: usize) -> WorkersServer<Self> {
         WorkersServer::new(self)
             .max_decoding_message_size(max_message_size)

@@ -38,7 +38,8 @@ enum Due {
 /// Due deadlines handled at once.
 const FIRE_BATCH: usize = 256;
 
-/// How long to wait before retrying a deadline whose write failed.
+/// How long (real time) to wait before retrying a deadline whose write
+/// failed, or a failed scan of the deadlines.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Deadlines ordered by time: (nanoseconds since the Unix epoch, name).
@@ -107,6 +108,11 @@ async fn run(
 ) {
     let mut timers = Timers::default();
     let mut rescan = true;
+    // Failures wait one real second, whatever the clock does (a manual
+    // clock in a test may never move): the names whose action failed, and
+    // when the retry (and a failed rescan's) is due.
+    let mut retry: Vec<Arc<str>> = Vec::new();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         if rescan {
             let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
@@ -120,17 +126,22 @@ async fn run(
                     }
                     rescan = false;
                 }
-                Err(err) => tracing::error!(cause = %err, "cannot read deadlines; retrying"),
+                Err(err) => {
+                    tracing::error!(cause = %err, "cannot read deadlines; retrying");
+                    retry_at.get_or_insert_with(|| tokio::time::Instant::now() + RETRY_AFTER);
+                }
             }
         }
-        let next = if rescan {
-            Some(clock.now() + RETRY_AFTER)
-        } else {
-            timers.next()
-        };
+        let next = if rescan { None } else { timers.next() };
         let due = async {
             match next {
                 Some(at) => clock.sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let retry_due = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
@@ -144,6 +155,15 @@ async fn run(
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+            () = retry_due => {
+                // A rescan (still wanted) runs at the top of the loop; the
+                // failed names are due again now.
+                retry_at = None;
+                let now = clock.now();
+                for name in retry.drain(..) {
+                    timers.add(name, now);
+                }
+            }
             () = due => {
                 let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
                     return;
@@ -168,7 +188,8 @@ async fn run(
                             Ok(None) => {}
                             Err(err) => {
                                 tracing::error!(name = %name, cause = %err, "deadline action failed; retrying");
-                                timers.add(name, clock.now() + RETRY_AFTER);
+                                retry.push(name);
+                                retry_at.get_or_insert_with(|| tokio::time::Instant::now() + RETRY_AFTER);
                             }
                         }
                     }

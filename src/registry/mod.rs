@@ -12,7 +12,6 @@
 //! cancel-grace and retention deadlines. They stop when the last handle is
 //! dropped or [`Registry::shutdown`] is called.
 
-pub mod clock;
 mod deadlines;
 pub mod filter;
 mod list;
@@ -41,7 +40,7 @@ use crate::{
     store::{Cause, Store, StoreError},
 };
 
-pub use clock::{Clock, ManualClock};
+pub use crate::clock::{Clock, ManualClock};
 pub use list::{ListPage, ListRequest};
 pub use model::{operation, CancelPolicy, Outcome, Record, Script, ScriptSpec};
 pub use name::{check_id, check_parent_name, parse_list_target, NameError, OperationName};

@@ -277,7 +277,7 @@ fn script_of(stored: StoredScript) -> Result<Script, StoreError> {
 
 /// A protobuf `Duration` as a non-negative `std::time::Duration`; anything
 /// else is INVALID_ARGUMENT for `field`.
-pub fn wire_duration(field: &str, value: &prost_types::Duration) -> Result<Duration, Error> {
+pub(crate) fn wire_duration(field: &str, value: &prost_types::Duration) -> Result<Duration, Error> {
     let valid_nanos = (0..1_000_000_000).contains(&value.nanos);
     if value.seconds < 0 || !valid_nanos || value.seconds > 315_576_000_000 {
         return Err(Error::invalid(

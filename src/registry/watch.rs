@@ -185,7 +185,7 @@ impl Registry {
                     let event = WorkerEvent {
                         kind,
                         name: change.name.to_string(),
-                        time: self.now(),
+                        time: change.time,
                     };
                     if !send(&tx, event, &shutdown).await {
                         return;

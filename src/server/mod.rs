@@ -109,17 +109,18 @@ impl Server {
     pub fn new(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
         let metrics = config.metrics.then(metrics::install).flatten();
+        let clock = config.registry.clock.clone();
         let store: Arc<dyn Store> = match &config.store {
-            StoreConfig::Memory => Arc::new(MemoryStore::new()),
+            StoreConfig::Memory => Arc::new(MemoryStore::with_clock(clock)),
             StoreConfig::Redb(path) => {
-                let store = RedbStore::open_observed(path, Arc::new(metrics::StoreCommits))
+                let store = RedbStore::open_with(path, Arc::new(metrics::StoreCommits), clock)
                     .map_err(|e| ServerError::Store(e.to_string()))?;
                 tracing::info!(path = %path.display(), "durable store opened");
                 Arc::new(store)
             }
         };
         let registry = Registry::new(store.clone(), config.registry.clone());
-        if metrics.is_some() {
+        if config.metrics {
             metrics::count_transitions(store.subscribe(), registry.shutdown_token());
         }
         let types = TypeRegistry::new();
@@ -351,7 +352,7 @@ impl App {
         Either::Right(Box::pin(async move {
             let get = request.method() == http::Method::GET;
             let response = match request.uri().path() {
-                "/healthz" if get => self.health(),
+                "/healthz" if get => self.health(request.uri().query()),
                 "/metrics" if get && self.metrics.is_some() => self.metrics().await,
                 _ => self.rest.handle(request).await,
             };
@@ -360,20 +361,14 @@ impl App {
     }
 
     /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining.
-    fn health(&self) -> Response<Full<Bytes>> {
+    fn health(&self, query: Option<&str>) -> Response<Full<Bytes>> {
         let (status, text) = if self.registry.is_shutting_down() {
             (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
         } else {
             (http::StatusCode::OK, "SERVING")
         };
-        let body = format!("{{\n  \"status\": \"{text}\"\n}}\n");
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        response
+        self.rest
+            .json_answer(query, status, &serde_json::json!({ "status": text }))
     }
 
     /// The Prometheus text, with the gauges read now.

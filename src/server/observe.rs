@@ -93,7 +93,7 @@ impl<S> Observed<S> {
 pin_project_lite::pin_project! {
     /// One observed call: the handler's future and what is recorded when
     /// it answers.
-    pub struct Call<'a, F> {
+    pub(crate) struct Call<'a, F> {
         #[pin]
         call: F,
         method: &'static str,

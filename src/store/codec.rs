@@ -209,7 +209,7 @@ struct StoredStepTime {
     at: Option<prost_types::Timestamp>,
 }
 
-/// An encoded record's next deadline ([`Record::next_deadline`]) and
+/// An encoded record's next deadline ([`StoredRecord::next_deadline`]) and
 /// whether it is done, without decoding the whole record.
 pub(super) fn deadline_of(bytes: &[u8]) -> Result<(Option<SystemTime>, bool), StoreError> {
     let corrupt = |what: &str| StoreError::Internal(format!("corrupt operation record: {what}"));

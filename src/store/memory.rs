@@ -25,6 +25,7 @@ use super::{
     scan, scan_start, Cause, Change, Counts, Deadline, ListQuery, Revision, Scan, Store,
     StoreError, StoredRecord,
 };
+use crate::clock::Clock;
 
 /// How many changes a slow subscriber may fall behind before it is told it
 /// lagged (it then rescans).
@@ -37,6 +38,8 @@ const DEADLINE_CHUNK: usize = 4096;
 pub struct MemoryStore {
     state: Mutex<State>,
     feed: broadcast::Sender<Change>,
+    /// Stamps each change with its commit time.
+    clock: Clock,
     /// Random per process: tokens die with the store.
     page_token_key: [u8; 32],
 }
@@ -73,7 +76,13 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
+    /// An empty store on the system clock.
     pub fn new() -> Self {
+        Self::with_clock(Clock::System)
+    }
+
+    /// An empty store whose changes are stamped by `clock` (the registry's).
+    pub fn with_clock(clock: Clock) -> Self {
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         let mut page_token_key = [0; 32];
         // Without OS randomness the key stays zero: tokens still bind to
@@ -84,6 +93,7 @@ impl MemoryStore {
         Self {
             state: Mutex::new(State::default()),
             feed,
+            clock,
             page_token_key,
         }
     }
@@ -109,6 +119,7 @@ impl MemoryStore {
             cause,
             previous_deadline,
             deadline,
+            time: self.clock.now(),
         });
     }
 }

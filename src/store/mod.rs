@@ -240,6 +240,8 @@ pub struct Change {
     pub previous_deadline: Option<SystemTime>,
     /// The record's next deadline after the change (`None` once deleted).
     pub deadline: Option<SystemTime>,
+    /// When the change was committed, by the store's clock.
+    pub time: SystemTime,
 }
 
 /// How many operations a store holds, by state. Done operations that

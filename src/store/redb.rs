@@ -34,6 +34,7 @@ use super::{
     scan, scan_start, Cause, Change, CommitObserver, Counts, Deadline, ListQuery, Revision, Scan,
     Store, StoreError, StoredRecord,
 };
+use crate::clock::Clock;
 
 /// name → the encoded record (`codec`).
 const OPERATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("operations");
@@ -100,13 +101,15 @@ impl RedbStore {
     /// A file that another process holds, or that is not an opsd store,
     /// is refused with a message that says so.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_observed(path, Arc::new(()))
+        Self::open_with(path, Arc::new(()), Clock::System)
     }
 
-    /// [`RedbStore::open`], telling `observer` of every group commit.
-    pub fn open_observed(
+    /// [`RedbStore::open`], telling `observer` of every group commit and
+    /// stamping changes with `clock` (the registry's).
+    pub fn open_with(
         path: &Path,
         observer: Arc<dyn CommitObserver>,
+        clock: Clock,
     ) -> Result<Self, StoreError> {
         let shown = path.display();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -146,6 +149,7 @@ impl RedbStore {
             feed: feed.clone(),
             counts: counts.clone(),
             observer,
+            clock,
             failed: false,
             probes: 0,
             #[cfg(any(test, feature = "failpoints"))]
@@ -351,9 +355,12 @@ struct Writer {
     feed: broadcast::Sender<Change>,
     counts: Arc<Mutex<Counts>>,
     observer: Arc<dyn CommitObserver>,
+    /// Stamps each change with its commit time.
+    clock: Clock,
     /// A commit failed; the next batch must first prove the file healthy.
     failed: bool,
-    /// Health probes written so far: each writes a new value.
+    /// Health probes written by this writer; the value only makes each
+    /// probe a write.
     probes: u64,
     #[cfg(any(test, feature = "failpoints"))]
     failpoints: Arc<Failpoints>,
@@ -415,6 +422,7 @@ impl Writer {
             }
         }
         let started = std::time::Instant::now();
+        let now = self.clock.now();
         let size = batch.len();
         let mut results = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
@@ -434,7 +442,7 @@ impl Writer {
                             if let Some(after) = &written.after {
                                 counts.add(after, 1);
                             }
-                            changes.push(change_of(&mutation.op, &written));
+                            changes.push(change_of(&mutation.op, &written, now));
                             Ok(written.after.map(|after| after.revision))
                         }
                         Err(refused) => Err(refused),
@@ -586,7 +594,7 @@ fn apply(
     }
 }
 
-fn change_of(op: &Op, written: &Written) -> Change {
+fn change_of(op: &Op, written: &Written, time: std::time::SystemTime) -> Change {
     let (name, cause) = match op {
         Op::Insert(r) => (r.name.as_str(), Cause::Created),
         Op::Update(r, _, cause) => (r.name.as_str(), *cause),
@@ -600,6 +608,7 @@ fn change_of(op: &Op, written: &Written) -> Change {
             .as_ref()
             .and_then(StoredRecord::next_deadline),
         deadline: written.after.as_ref().and_then(StoredRecord::next_deadline),
+        time,
     }
 }
 

@@ -143,6 +143,25 @@ impl<O: Operations, W: Workers> RestService<O, W> {
         })
     }
 
+    /// A JSON answer of the server's own (such as `/healthz`), presented as
+    /// the query asks (`prettyPrint`, `alt`) like every REST answer; a bad
+    /// system parameter is a 400 error.
+    pub fn json_answer(
+        &self,
+        query: Option<&str>,
+        status: StatusCode,
+        value: &Value,
+    ) -> Response<Full<Bytes>> {
+        match request::split_query(query.unwrap_or("")) {
+            Ok((_, presentation)) => json_response(status, value, presentation),
+            Err(err) => error_response(
+                &Status::from(err),
+                &self.inner.types.pool(),
+                Presentation::default(),
+            ),
+        }
+    }
+
     /// Answers one HTTP request. Never fails: errors are JSON responses.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
     where

@@ -1,13 +1,18 @@
-//! The registry's wall clock: every time the semantics read (create and
-//! update times, lease and grace deadlines, retention, script steps, page
-//! token expiry, polling report times) comes from one [`Clock`], and the
-//! deadline task sleeps on it.
+//! The wall clock of the registry and the stores: every time the semantics
+//! read (create and update times, lease and grace deadlines, retention,
+//! script steps, page token expiry, polling report times, the commit time
+//! of each change on the feed) comes from one [`Clock`], and the deadline
+//! task sleeps on it. It sits below both layers, so the store that stamps a
+//! change and the registry that stamps a record read the same time.
 //!
 //! [`Clock::System`] is the real clock. [`Clock::Manual`] moves only when a
 //! test tells it to ([`ManualClock::advance`]), so lease, grace, retention
 //! and script tests advance time instead of sleeping, and the deadline task
-//! wakes the moment the clock passes a deadline. Wait's budget is not on
-//! this clock: it is the client's RPC deadline, in real time.
+//! wakes the moment the clock passes a deadline. Two waits are not on this
+//! clock, because they are not semantics: Wait's budget (the client's RPC
+//! deadline, in real time) and the deadline task's retry after a store
+//! failure (one real second, so a failing store is retried whatever the
+//! clock does).
 
 use std::{
     sync::Arc,
