@@ -457,6 +457,105 @@ pub(crate) mod tests {
         }
     }
 
+    /// Bytes written by the store format before the model moved to the
+    /// registry (opsd at fd26fda): a file written then reads the same now,
+    /// and the same record encodes to the same bytes.
+    #[test]
+    fn the_storage_encoding_is_unchanged() {
+        use prost::Message;
+        let unhex = |parts: &[&str]| -> Vec<u8> {
+            let hex = parts.concat();
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000 + s, 123_456_789);
+        let string_value = |value: &[u8]| Any {
+            type_url: "type.googleapis.com/google.protobuf.StringValue".into(),
+            value: value.to_vec(),
+        };
+        let running = Record {
+            name: "projects/p/operations/golden".into(),
+            revision: 7,
+            metadata: Some(string_value(&[10, 3, 53, 48, 37])),
+            outcome: None,
+            cancel_policy: CancelPolicy::Cooperative,
+            cancel_grace_period: Duration::from_millis(1500),
+            cancel_deadline: Some(t(5)),
+            lease: Some(Duration::from_secs(60)),
+            lease_deadline: Some(t(60)),
+            request_id: Some("req-1".into()),
+            create_time: t(0),
+            update_time: t(1),
+            done_time: None,
+            expire_time: None,
+            script: Some(Box::new(Script {
+                steps: vec![(t(2), string_value(&[10, 1, 97]))],
+                outcome: Some((
+                    t(3),
+                    Outcome::Response(Any {
+                        type_url: "type.googleapis.com/google.protobuf.Empty".into(),
+                        value: vec![],
+                    }),
+                )),
+                on_cancel: Some((
+                    Duration::from_millis(250),
+                    Outcome::Error(rpc::Status {
+                        code: 1,
+                        message: "stopped".into(),
+                        details: vec![],
+                    }),
+                )),
+                disabled_methods: vec!["delete".into()],
+            })),
+        };
+        let done = Record {
+            name: "operations/done".into(),
+            outcome: Some(Outcome::Error(rpc::Status {
+                code: 13,
+                message: "boom".into(),
+                details: vec![],
+            })),
+            cancel_policy: CancelPolicy::NotCancellable,
+            cancel_deadline: None,
+            lease_deadline: None,
+            script: None,
+            request_id: None,
+            done_time: Some(t(9)),
+            expire_time: Some(t(99)),
+            ..running.clone()
+        };
+        // As redb keeps it: with its name.
+        let with_name = unhex(&[
+            "0a1c70726f6a656374732f702f6f7065726174696f6e732f676f6c64656e10071a380a2f74797065",
+            "2e676f6f676c65617069732e636f6d2f676f6f676c652e70726f746f6275662e537472696e675661",
+            "6c756512050a0335302530023a0808011080cab5ee01420b0885a4a7da0610959aef3a4a02083c52",
+            "0b08bca4a7da0610959aef3a5a057265712d31620b0880a4a7da0610959aef3a6a0b0881a4a7da06",
+            "10959aef3a82019f010a450a0b0882a4a7da0610959aef3a12360a2f747970652e676f6f676c6561",
+            "7069732e636f6d2f676f6f676c652e70726f746f6275662e537472696e6756616c756512030a0161",
+            "120b0883a4a7da0610959aef3a222b0a29747970652e676f6f676c65617069732e636f6d2f676f6f",
+            "676c652e70726f746f6275662e456d70747932051080e59a773a0d2a0b0801120773746f70706564",
+            "420664656c657465",
+        ]);
+        assert_eq!(running.to_stored().encode_to_vec(), with_name);
+        let decoded = StoredRecord::decode(with_name.as_slice()).unwrap();
+        assert_eq!(Record::from_stored(decoded).unwrap(), running);
+        // As the memory store keeps it: without its name.
+        let without_name = unhex(&[
+            "10071a380a2f747970652e676f6f676c65617069732e636f6d2f676f6f676c652e70726f746f6275",
+            "662e537472696e6756616c756512050a033530252a08080d1204626f6f6d30033a0808011080cab5",
+            "ee014a02083c620b0880a4a7da0610959aef3a6a0b0881a4a7da0610959aef3a720b0889a4a7da06",
+            "10959aef3a7a0b08e3a4a7da0610959aef3a",
+        ]);
+        let mut stored = done.to_stored();
+        stored.name.clear();
+        assert_eq!(stored.encode_to_vec(), without_name);
+        let mut decoded = StoredRecord::decode(without_name.as_slice()).unwrap();
+        decoded.name = done.name.clone();
+        assert_eq!(Record::from_stored(decoded).unwrap(), done);
+    }
+
     #[test]
     fn durations_must_be_valid() {
         let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
