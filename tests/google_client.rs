@@ -4,45 +4,58 @@
 //!
 //! The Python interpreter is `$OPSD_PYTHON`, else `target/ci-venv/bin/python`
 //! (which `.ci/run` creates), else `python3`; it needs
-//! `pip install "google-api-core[grpc]"`. Without it the test is skipped,
-//! except under `CI=true`, where it fails.
+//! `pip install "google-api-core[grpc]"`. Without it the tests report
+//! themselves ignored, and fail under `CI=true` (`tests/common/outside.rs`).
 
 mod common;
 
-use std::{path::PathBuf, process::Command};
+use std::{path::PathBuf, process::ExitCode};
 
-use common::{create, op, TestServer};
+use common::{
+    create, op,
+    outside::{self, Tool},
+    TestServer,
+};
 use opsd::Config;
 
-fn python() -> Option<PathBuf> {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/python");
-    let candidates = std::env::var_os("OPSD_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([venv, PathBuf::from("python3")]);
-    for candidate in candidates {
-        let ok = Command::new(&candidate)
-            .args(["-c", "import google.api_core.operations_v1, grpc"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Some(candidate);
-        }
-    }
-    None
+fn main() -> ExitCode {
+    let python = find_python();
+    outside::run(vec![
+        outside::test(
+            "google_api_core_operation_futures_on_scripted_operations",
+            &python,
+            |python| {
+                outside::block_on(google_api_core_operation_futures_on_scripted_operations(
+                    python,
+                ))
+            },
+        ),
+        outside::test(
+            "google_api_core_lists_gets_cancels_and_deletes",
+            &python,
+            |python| outside::block_on(google_api_core_lists_gets_cancels_and_deletes(python)),
+        ),
+    ])
 }
 
-/// The interpreter, or `None` (and a skip) outside CI.
-fn python_or_skip() -> Option<PathBuf> {
-    let found = python();
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "google-api-core is not installed (pip install \"google-api-core[grpc]\")"
-        );
-        eprintln!("skipping: google-api-core is not installed");
-    }
-    found
+/// A Python with google-api-core: `$OPSD_PYTHON`, else the virtualenv
+/// `.ci/run` makes, else `python3`; or why there is none.
+fn find_python() -> Tool<PathBuf> {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/python");
+    std::env::var_os("OPSD_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([venv, PathBuf::from("python3")])
+        .find(|candidate| {
+            outside::probe(
+                candidate.as_os_str(),
+                &["-c", "import google.api_core.operations_v1, grpc"],
+            )
+        })
+        .ok_or_else(|| {
+            "no Python with google-api-core (pip install \"google-api-core[grpc]\", or set OPSD_PYTHON)"
+                .to_owned()
+        })
 }
 
 async fn run_script(python: &PathBuf, script: &str, server: &TestServer) {
@@ -65,11 +78,7 @@ async fn run_script(python: &PathBuf, script: &str, server: &TestServer) {
     assert_eq!(stdout.trim(), "ok", "{stderr}");
 }
 
-#[tokio::test]
-async fn google_api_core_operation_futures_on_scripted_operations() {
-    let Some(python) = python_or_skip() else {
-        return;
-    };
+async fn google_api_core_operation_futures_on_scripted_operations(python: PathBuf) {
     let mut config = Config::for_tests();
     config.scenarios =
         vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/scenarios/basic.yaml")];
@@ -78,11 +87,7 @@ async fn google_api_core_operation_futures_on_scripted_operations() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn google_api_core_lists_gets_cancels_and_deletes() {
-    let Some(python) = python_or_skip() else {
-        return;
-    };
+async fn google_api_core_lists_gets_cancels_and_deletes(python: PathBuf) {
     let mut config = Config::for_tests();
     config.rest.http_rules = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/service-configs/beyondcorp_v1.yaml")];

@@ -1,7 +1,9 @@
 //! A real opsd server on port 0 and clients for it.
 #![allow(dead_code)] // each test binary uses part of this
 
+pub mod binary;
 pub mod calls;
+pub mod outside;
 pub mod rest;
 pub mod scripted;
 
