@@ -3,7 +3,9 @@
 //! protox compiles the protos in-process, so no system `protoc` is needed. The
 //! descriptor set is written in protox's encoded form, which keeps extension
 //! options such as `google.api.http` (prost's own `FileDescriptorSet` would drop
-//! them): reflection serves it and the REST transcoder reads its HTTP rules.
+//! them): reflection serves it and the REST transcoder reads its HTTP rules. It
+//! keeps the protos' source info too, so `grpcurl describe` shows the comments
+//! of every service, method and field.
 
 use std::{env, fs, path::PathBuf};
 
@@ -29,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
 
     let mut compiler = protox::Compiler::new(["proto"])?;
-    compiler.include_imports(true).include_source_info(false);
+    compiler.include_imports(true).include_source_info(true);
     compiler.open_files(PROTOS)?;
     let encoded = compiler.encode_file_descriptor_set();
     fs::write(out.join("opsd_descriptor.bin"), &encoded)?;

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use opsd::{
-    api::operations::Method,
+    api::{operations::Method, rest::RestRoutes},
     config::{read_page_token_key, Config, StoreConfig},
     registry::PollingReports,
 };
@@ -70,6 +70,22 @@ struct ServeArgs {
     /// Do not serve /metrics and record nothing (every metric is then a no-op).
     #[arg(long)]
     no_metrics: bool,
+
+    /// Which REST routes to serve besides operations.proto's and the
+    /// --http-rules files': `google` (the default) also serves Google Cloud's
+    /// operation URLs under any version segment (`/{version}/{name=**/operations/*}`,
+    /// `…:cancel`, `…:wait`, `/{version}/{name=**}/operations`); `strict`
+    /// serves only what the protos and the files declare.
+    #[arg(long, value_enum, default_value_t = RoutesArg::Google)]
+    rest_routes: RoutesArg,
+
+    /// The errors opsd itself writes into operations (cancel, cooperative
+    /// grace expiry, lease expiry) carry an ErrorInfo with a stable reason
+    /// (OPERATION_CANCELLED, WORKER_LEASE_EXPIRED). Off: `{code, message}`
+    /// only, as Google's services write them (some clients cannot decode
+    /// an ErrorInfo inside an operation).
+    #[arg(long)]
+    operation_error_details: bool,
 
     /// REST refuses calls whose x-goog-api-client header does not name
     /// rest/ and gapic/ (as Google's showcase server does). Off: curl works.
@@ -162,6 +178,12 @@ enum ReportsArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum RoutesArg {
+    Google,
+    Strict,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -183,6 +205,10 @@ impl ServeArgs {
         let rest = &mut config.rest;
         rest.http_rules = self.http_rules;
         rest.strict_clients = self.strict_rest_clients;
+        rest.routes = match self.rest_routes {
+            RoutesArg::Google => RestRoutes::Google,
+            RoutesArg::Strict => RestRoutes::Strict,
+        };
         rest.max_body_bytes = self.max_body_bytes;
         rest.body_read_timeout = self.body_read_timeout;
         let registry = &mut config.registry;
@@ -190,6 +216,7 @@ impl ServeArgs {
         registry.wait_cap = self.wait_cap;
         registry.max_waiters = self.max_waiters;
         registry.cancel_grace_period = self.cancel_grace_period;
+        registry.operation_error_details = self.operation_error_details;
         registry.page_token_ttl = self.page_token_ttl;
         registry.polling_reports = match self.polling_reports {
             ReportsArg::Scripted => PollingReports::Scripted,
@@ -228,8 +255,14 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal, and never when NO_COLOR is set
+    // (https://no-color.org): a log file or collector gets plain text.
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

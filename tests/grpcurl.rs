@@ -79,6 +79,26 @@ fn grpcurl_lists_describes_and_drives_the_walkthrough() {
         described.contains("/v1/{name=operations/**}:cancel"),
         "extension options are kept"
     );
+    // The protos' comments come with the descriptors (source info).
+    assert!(
+        described.contains("Gets the latest state of a long-running operation."),
+        "{described}"
+    );
+    let workers = ok_stdout(grpcurl(
+        a,
+        &[],
+        &["describe", "opsd.v1.Workers.CreateOperation"],
+    ));
+    assert!(
+        workers.contains("Creates a running operation named"),
+        "{workers}"
+    );
+    let field = ok_stdout(grpcurl(
+        a,
+        &[],
+        &["describe", "google.longrunning.ListOperationsRequest"],
+    ));
+    assert!(field.contains("The standard list filter."), "{field}");
     let error_info = ok_stdout(grpcurl(a, &[], &["describe", "google.rpc.ErrorInfo"]));
     assert!(error_info.contains("string reason"));
     let health = ok_stdout(grpcurl(

@@ -69,7 +69,7 @@ async fn beyondcorp_cancel_returns_empty_json_and_get_shows_cancelled() {
     assert_eq!(body["done"], true);
     assert_eq!(body["error"]["code"], 1);
     assert_eq!(body["error"]["message"], "Operation was cancelled.");
-    assert_eq!(body["error"]["details"][0]["reason"], "OPERATION_CANCELLED");
+    assert!(body["error"].get("details").is_none(), "{body}");
     rest.server.stop().await;
 }
 
@@ -159,7 +159,7 @@ async fn an_unparsable_rule_stops_start_up_naming_file_and_rule() {
     let file = dir.join("broken.yaml");
     std::fs::write(
         &file,
-        "http:\n  rules:\n  - selector: google.longrunning.Operations.CancelOperation\n    post: '/v1/{name=operations/**}/x:cancel'\n",
+        "http:\n  rules:\n  - selector: google.longrunning.Operations.CancelOperation\n    post: '/v1/{name=**/operations/**}:cancel'\n",
     )
     .unwrap();
     let mut config = Config::for_tests();

@@ -210,6 +210,7 @@ impl Registry {
     /// wins even when this task is late.
     pub(super) async fn on_deadline(&self, name: &str) -> Result<Option<SystemTime>, Error> {
         let retention = self.shared.settings.retention;
+        let details = self.shared.settings.operation_error_details;
         loop {
             let Some(stored) = self.store().get(name).await? else {
                 return Ok(None);
@@ -252,7 +253,7 @@ impl Registry {
                     None => return Ok(deadline),
                     Some((_, Due::Lease)) => {
                         tracing::warn!(name, "worker lease expired");
-                        let outcome = Outcome::Error(lease_expired_status(record.lease));
+                        let outcome = Outcome::Error(lease_expired_status(record.lease, details));
                         self.store()
                             .update(
                                 finish(&record, outcome, now, retention).to_stored(),
@@ -270,7 +271,7 @@ impl Registry {
                             .as_ref()
                             .and_then(|s| s.on_cancel.as_ref())
                             .map_or_else(
-                                || Outcome::Error(super::cancelled_status()),
+                                || Outcome::Error(super::cancelled_status(details)),
                                 |(_, o)| o.clone(),
                             );
                         self.store()

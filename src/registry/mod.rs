@@ -82,6 +82,11 @@ pub struct RegistrySettings {
     pub polling_reports: PollingReports,
     /// Where every time of the semantics comes from.
     pub clock: Clock,
+    /// Whether the errors opsd writes into operations (cancel, grace expiry,
+    /// lease expiry) carry an `ErrorInfo` detail (`--operation-error-details`).
+    /// Off by default: Google's services send `{code, message}` only, and
+    /// some clients cannot decode an `ErrorInfo` inside an operation.
+    pub operation_error_details: bool,
 }
 
 impl Default for RegistrySettings {
@@ -99,6 +104,7 @@ impl Default for RegistrySettings {
             list_scan_budget: 10_000,
             polling_reports: PollingReports::default(),
             clock: Clock::default(),
+            operation_error_details: false,
         }
     }
 }
@@ -562,7 +568,7 @@ impl Registry {
                     CancelPolicy::Immediate => Ok(Some((
                         finish(
                             record,
-                            Outcome::Error(cancelled_status()),
+                            Outcome::Error(cancelled_status(settings.operation_error_details)),
                             now,
                             settings.retention,
                         ),
@@ -712,30 +718,42 @@ fn pack<M: prost::Name>(message: &M) -> Any {
     }
 }
 
-fn error_status(code: i32, message: String, reason: &str) -> rpc::Status {
-    let info = rpc::ErrorInfo {
-        reason: reason.to_owned(),
-        domain: ERROR_DOMAIN.to_owned(),
-        metadata: Default::default(),
+/// An error opsd writes into an operation: `{code, message}` and no
+/// details, as Google's services finish a cancelled operation, so every
+/// client can decode it (a client's type registry may hold no
+/// `google.rpc.ErrorInfo`). With `details` (`--operation-error-details`) it
+/// also carries an `ErrorInfo` with the stable `reason`.
+fn error_status(code: i32, message: String, reason: &str, details: bool) -> rpc::Status {
+    let details = if details {
+        vec![pack(&rpc::ErrorInfo {
+            reason: reason.to_owned(),
+            domain: ERROR_DOMAIN.to_owned(),
+            metadata: Default::default(),
+        })]
+    } else {
+        Vec::new()
     };
     rpc::Status {
         code,
         message,
-        details: vec![pack(&info)],
+        details,
     }
 }
 
-/// The error of a cancelled operation.
-pub fn cancelled_status() -> rpc::Status {
+/// The error of a cancelled operation (`ErrorInfo` reason
+/// `OPERATION_CANCELLED` with `details`).
+pub fn cancelled_status(details: bool) -> rpc::Status {
     error_status(
         CANCELLED_CODE,
         "Operation was cancelled.".to_owned(),
         "OPERATION_CANCELLED",
+        details,
     )
 }
 
-/// The error of an operation whose worker lease lapsed.
-pub fn lease_expired_status(lease: Option<Duration>) -> rpc::Status {
+/// The error of an operation whose worker lease lapsed (`ErrorInfo` reason
+/// `WORKER_LEASE_EXPIRED` with `details`).
+pub fn lease_expired_status(lease: Option<Duration>, details: bool) -> rpc::Status {
     let message = match lease {
         Some(lease) => format!(
             "The worker's lease expired: no update within {}.",
@@ -743,7 +761,7 @@ pub fn lease_expired_status(lease: Option<Duration>) -> rpc::Status {
         ),
         None => "The worker's lease expired.".to_owned(),
     };
-    error_status(ABORTED_CODE, message, "WORKER_LEASE_EXPIRED")
+    error_status(ABORTED_CODE, message, "WORKER_LEASE_EXPIRED", details)
 }
 
 #[cfg(test)]

@@ -403,12 +403,12 @@ pub(crate) mod tests {
             outcome: Some((SystemTime::now(), Outcome::Response(Any::default()))),
             on_cancel: Some((
                 Duration::from_millis(250),
-                Outcome::Error(super::super::cancelled_status()),
+                Outcome::Error(super::super::cancelled_status(true)),
             )),
             disabled_methods: vec!["cancel".into()],
         }));
         assert_eq!(round_trip(&r), r);
-        r.outcome = Some(Outcome::Error(super::super::cancelled_status()));
+        r.outcome = Some(Outcome::Error(super::super::cancelled_status(true)));
         r.done_time = Some(SystemTime::now());
         r.expire_time = Some(SystemTime::now());
         assert_eq!(round_trip(&r), r);

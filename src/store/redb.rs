@@ -96,6 +96,38 @@ enum Op {
     Delete(String, Revision, Cause),
 }
 
+/// Why the store file cannot be used, in the words a person needs: the
+/// path and what is wrong with it (missing directory, permissions, a
+/// directory where the file should be, a read-only file system).
+fn file_error(path: &Path, err: &std::io::Error) -> StoreError {
+    use std::io::ErrorKind;
+    let shown = path.display();
+    let what = match err.kind() {
+        ErrorKind::NotFound => "its directory does not exist".to_owned(),
+        ErrorKind::PermissionDenied => {
+            "permission denied: opsd must be able to read and write it".to_owned()
+        }
+        ErrorKind::IsADirectory => "it is a directory, not a file".to_owned(),
+        ErrorKind::ReadOnlyFilesystem => "it is on a read-only file system".to_owned(),
+        _ => err.to_string(),
+    };
+    StoreError::Internal(format!("cannot open the store file {shown}: {what}"))
+}
+
+/// Whether an I/O error says the file cannot be reached or written (as
+/// opposed to its content being wrong).
+fn is_access(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        err.kind(),
+        ErrorKind::NotFound
+            | ErrorKind::PermissionDenied
+            | ErrorKind::IsADirectory
+            | ErrorKind::NotADirectory
+            | ErrorKind::ReadOnlyFilesystem
+    )
+}
+
 impl RedbStore {
     /// Opens (or creates) the store at `path`, creating its directory.
     /// A file that another process holds, or that is not an opsd store,
@@ -120,10 +152,22 @@ impl RedbStore {
                 ))
             })?;
         }
+        // The file itself first, so a missing directory, a permission or a
+        // read-only file system is reported as such, never as corruption.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| file_error(path, &e))?;
         let db = Database::builder().create(path).map_err(|e| match e {
             DatabaseError::DatabaseAlreadyOpen => StoreError::Internal(format!(
                 "{shown} is in use by another process (is another opsd running on it?)"
             )),
+            DatabaseError::Storage(redb::StorageError::Io(err)) if is_access(&err) => {
+                file_error(path, &err)
+            }
             DatabaseError::Storage(err) => StoreError::Internal(format!(
                 "{shown} is not a readable opsd store (corrupt, or not a redb file): {err}"
             )),
@@ -923,6 +967,25 @@ mod tests {
         assert!(err.contains("not an opsd store"), "{err}");
         // And the foreign file is left as it was.
         assert!(Database::create(&foreign).is_ok());
+    }
+
+    #[tokio::test]
+    async fn files_that_cannot_be_opened_are_not_called_corrupt() {
+        let dir = temp("a-directory");
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = RedbStore::open(&dir).err().unwrap().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        assert!(!err.contains("corrupt"), "{err}");
+        // A file where a directory of the path should be.
+        let blocker = temp("blocker");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"").unwrap();
+        let err = RedbStore::open(&blocker.join("opsd.redb"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("cannot create the directory"), "{err}");
+        assert!(!err.contains("corrupt"), "{err}");
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! The REST surface's test client: a server with the BeyondCorp, Security
-//! Command Center and Cloud Run service configs loaded, and JSON helpers.
+//! Command Center, Cloud Run and OS Config service configs loaded, and JSON
+//! helpers.
 
 use std::path::PathBuf;
 
@@ -22,6 +23,7 @@ pub fn config() -> Config {
         "beyondcorp_v1.yaml",
         "securitycenter_v1beta1.yaml",
         "run_v2.yaml",
+        "osconfig_v2beta.yaml",
     ]
     .map(service_config)
     .to_vec();

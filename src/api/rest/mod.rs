@@ -58,12 +58,28 @@ type PathValues = Vec<(String, String)>;
 /// The content type of every response.
 const JSON: &str = "application/json; charset=utf-8";
 
+/// Which routes REST serves besides those of the protos and the
+/// `--http-rules` files (`--rest-routes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestRoutes {
+    /// Also Google Cloud's operation URL shapes under any version segment
+    /// (`/{version}/{name=**/operations/*}`, ...), so Google's URLs work with
+    /// no configuration.
+    #[default]
+    Google,
+    /// Only what operations.proto and the loaded files declare, for exact
+    /// Google front-end routing.
+    Strict,
+}
+
 /// How the REST surface behaves; `Config` carries it.
 #[derive(Clone, Debug)]
 pub struct RestSettings {
     /// Google service-config YAML files whose Operations HTTP rules are
-    /// served besides the defaults.
+    /// served besides the defaults (and before them).
     pub http_rules: Vec<PathBuf>,
+    /// Whether Google Cloud's URL shapes are served too.
+    pub routes: RestRoutes,
     /// Refuse calls without a generated client's `x-goog-api-client`
     /// (`--strict-rest-clients`).
     pub strict_clients: bool,
@@ -77,6 +93,7 @@ impl Default for RestSettings {
     fn default() -> Self {
         Self {
             http_rules: Vec::new(),
+            routes: RestRoutes::default(),
             strict_clients: false,
             max_body_bytes: 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
@@ -118,17 +135,35 @@ impl<O: Operations, W: Workers> RestService<O, W> {
         settings: RestSettings,
     ) -> Result<Self, RuleError> {
         let pool = types.pool();
-        let mut routes = rules::default_routes(&pool)?;
+        // Precedence: the files first, then the protos' rules, then Google's
+        // shapes; within each, routes with a verb, then the most specific.
+        let mut sources = Vec::new();
         for file in &settings.http_rules {
-            routes.extend(rules::routes_from_yaml(file, &pool)?);
+            sources.push(rules::routes_from_yaml(file, &pool)?);
         }
-        routes.sort_by_key(|r| {
+        sources.push(rules::default_routes(&pool)?);
+        if settings.routes == RestRoutes::Google {
+            sources.push(rules::google_routes(&pool)?);
+        }
+        for source in &sources {
+            if let Some(first) = source.first() {
+                tracing::info!(source = %first.origin, routes = source.len(), "REST routes");
+            }
+        }
+        let mut routes: Vec<(usize, Route)> = sources
+            .into_iter()
+            .enumerate()
+            .flat_map(|(rank, routes)| routes.into_iter().map(move |r| (rank, r)))
+            .collect();
+        routes.sort_by_key(|(rank, r)| {
             (
                 !r.template.has_verb(),
+                *rank,
                 r.template.has_double_star(),
                 std::cmp::Reverse(r.template.literal_count()),
             )
         });
+        let routes: Vec<Route> = routes.into_iter().map(|(_, r)| r).collect();
         for route in &routes {
             tracing::debug!(verb = %route.verb, template = %route.template, origin = %route.origin, "REST route");
         }
@@ -283,7 +318,22 @@ impl<O: Operations, W: Workers> RestService<O, W> {
             }
         }
         let message = if allowed.is_empty() {
-            format!("No route for {method} {path}.")
+            let shapes = match self.inner.settings.routes {
+                RestRoutes::Google => {
+                    "operations.proto's rules (/v1/{name=operations/**}), Google Cloud's \
+                     operation URLs under any version (GET/DELETE /{version}/{name=**/operations/*}, \
+                     POST ...:cancel and ...:wait, GET /{version}/{name=**}/operations)"
+                }
+                RestRoutes::Strict => {
+                    "only operations.proto's rules (/v1/{name=operations/**}), as \
+                     --rest-routes strict asks"
+                }
+            };
+            format!(
+                "No route for {method} {path}: this is not an operation URL opsd serves \
+                 (an unknown operation would be OPERATION_NOT_FOUND). opsd serves {shapes}, \
+                 and the http rules of the service configs given with --http-rules."
+            )
         } else {
             allowed.dedup();
             let allowed: Vec<String> = allowed.iter().map(|m| m.to_string()).collect();

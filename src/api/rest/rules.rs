@@ -1,12 +1,18 @@
 //! HTTP rules: where the REST routes come from.
 //!
-//! The defaults are the `google.api.http` options of the vendored
-//! operations.proto, read from the embedded descriptor set. Google
-//! service-config YAML files (`--http-rules FILE`) add theirs: the `http:
-//! rules:` entries whose selector is a `google.longrunning.Operations` method,
-//! with their `additional_bindings`. The YAML is read into the
-//! `google.api.Http` message through prost-reflect, so both sources share
-//! one shape.
+//! Three sources, in order of precedence:
+//!
+//! 1. Google service-config YAML files (`--http-rules FILE`): the `http:
+//!    rules:` entries whose selector is a `google.longrunning.Operations`
+//!    method, with their `additional_bindings`. The YAML is read into the
+//!    `google.api.Http` message through prost-reflect, so every source
+//!    shares one shape.
+//! 2. The `google.api.http` options of the vendored operations.proto (and
+//!    of the worker API's polling report), read from the embedded
+//!    descriptor set.
+//! 3. Unless `--rest-routes strict`: the URL shapes Google Cloud's APIs use
+//!    for their operations, under any version segment ([`google_routes`]),
+//!    so the URLs of Google's reference pages work with no configuration.
 
 use std::path::Path;
 
@@ -17,6 +23,46 @@ use crate::pb::google::api::{http_rule::Pattern, Http, HttpRule};
 
 const SERVICE: &str = "google.longrunning.Operations";
 const WORKERS: &str = "opsd.v1.Workers";
+
+/// The origin of the default Google Cloud shapes, in logs and errors.
+pub const GOOGLE_SHAPES: &str = "Google Cloud URL shapes";
+
+/// The operation URLs of Google Cloud APIs, under any API version (`v1`,
+/// `v2beta`, `v1beta1`, ...): what a bare `opsd serve` answers besides
+/// operations.proto's own rules.
+const GOOGLE_RULES: &[(&str, &str, &str, RestMethod)] = &[
+    ("GET", "/$version/{name=operations}", "", RestMethod::List),
+    (
+        "GET",
+        "/$version/{name=*/**}/operations",
+        "",
+        RestMethod::List,
+    ),
+    (
+        "GET",
+        "/$version/{name=**/operations/*}",
+        "",
+        RestMethod::Get,
+    ),
+    (
+        "DELETE",
+        "/$version/{name=**/operations/*}",
+        "",
+        RestMethod::Delete,
+    ),
+    (
+        "POST",
+        "/$version/{name=**/operations/*}:cancel",
+        "*",
+        RestMethod::Cancel,
+    ),
+    (
+        "POST",
+        "/$version/{name=**/operations/*}:wait",
+        "*",
+        RestMethod::Wait,
+    ),
+];
 
 /// The methods REST can call: the Operations API, and the polling report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +76,18 @@ pub enum RestMethod {
 }
 
 impl RestMethod {
+    /// The gRPC method's full name.
+    pub fn selector(self) -> &'static str {
+        match self {
+            Self::List => "google.longrunning.Operations.ListOperations",
+            Self::Get => "google.longrunning.Operations.GetOperation",
+            Self::Delete => "google.longrunning.Operations.DeleteOperation",
+            Self::Cancel => "google.longrunning.Operations.CancelOperation",
+            Self::Wait => "google.longrunning.Operations.WaitOperation",
+            Self::Report => "opsd.v1.Workers.GetOperationReport",
+        }
+    }
+
     fn from_selector(selector: &str) -> Option<Self> {
         if selector == "opsd.v1.Workers.GetOperationReport" {
             return Some(Self::Report);
@@ -89,6 +147,35 @@ pub struct RuleError {
     origin: String,
     selector: String,
     reason: String,
+}
+
+/// The Google Cloud operation URL shapes under any version segment (see
+/// [`GOOGLE_RULES`]).
+pub fn google_routes(pool: &DescriptorPool) -> Result<Vec<Route>, RuleError> {
+    GOOGLE_RULES
+        .iter()
+        .map(|(verb, template, body, method)| {
+            let fail = |reason: String| RuleError {
+                origin: GOOGLE_SHAPES.into(),
+                selector: method.selector().into(),
+                reason,
+            };
+            let template = Template::parse_default(template).map_err(|e| fail(e.to_string()))?;
+            let body = match *body {
+                "*" => BodyRule::All,
+                _ => BodyRule::None,
+            };
+            let input = check_fields(pool, *method, &template, &body).map_err(fail)?;
+            Ok(Route {
+                verb: http::Method::from_bytes(verb.as_bytes()).expect("a known method"),
+                template,
+                body,
+                method: *method,
+                input,
+                origin: GOOGLE_SHAPES.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// The routes of the `google.api.http` options of operations.proto and of
@@ -326,6 +413,47 @@ mod tests {
     }
 
     #[test]
+    fn google_shapes_cover_every_method_under_any_version() {
+        let routes = google_routes(&base_pool()).unwrap();
+        let find = |verb: &str, path: &str| {
+            let split = super::super::template::SplitPath::new(path).unwrap();
+            routes
+                .iter()
+                .find(|r| r.verb.as_str() == verb && r.template.matches_split(&split).is_some())
+                .map(|r| (r.method, r.template.matches_split(&split).unwrap().unwrap()))
+        };
+        let name = |v: &str| vec![("name".to_owned(), v.to_owned())];
+        assert_eq!(
+            find("POST", "/v2beta/projects/p/locations/l/operations/x:cancel"),
+            Some((
+                RestMethod::Cancel,
+                name("projects/p/locations/l/operations/x")
+            ))
+        );
+        assert_eq!(
+            find("POST", "/v1beta1/organizations/1/operations/x:wait"),
+            Some((RestMethod::Wait, name("organizations/1/operations/x")))
+        );
+        assert_eq!(
+            find("GET", "/v2/operations/x"),
+            Some((RestMethod::Get, name("operations/x")))
+        );
+        assert_eq!(
+            find("DELETE", "/v1alpha/projects/p/operations/x"),
+            Some((RestMethod::Delete, name("projects/p/operations/x")))
+        );
+        assert_eq!(
+            find("GET", "/v1/projects/p/locations/l/operations"),
+            Some((RestMethod::List, name("projects/p/locations/l")))
+        );
+        assert_eq!(
+            find("GET", "/v3/operations"),
+            Some((RestMethod::List, name("operations")))
+        );
+        assert_eq!(find("GET", "/api/projects/p/operations/x"), None);
+    }
+
+    #[test]
     fn service_configs_add_their_operations_rules() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/service-configs");
         let run = routes_from_yaml(&dir.join("run_v2.yaml"), &base_pool()).unwrap();
@@ -344,7 +472,7 @@ mod tests {
         let file = dir.join("bad.yaml");
         std::fs::write(
             &file,
-            "http:\n  rules:\n  - selector: google.longrunning.Operations.GetOperation\n    get: '/v1/{name=operations/**}/x'\n",
+            "http:\n  rules:\n  - selector: google.longrunning.Operations.GetOperation\n    get: '/v1/{name=operations/**}/x/**'\n",
         )
         .unwrap();
         let err = routes_from_yaml(&file, &base_pool())

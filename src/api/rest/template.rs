@@ -11,8 +11,12 @@
 //! Verb     = ":" LITERAL ;
 //! ```
 //!
-//! `*` matches one segment, `**` zero or more (only as the last segment), a
-//! variable without `=` is `{var=*}`. A path is split on `/` before decoding,
+//! `*` matches one segment, `**` zero or more (at most once per template,
+//! anywhere, so `/v1/{name=**/operations/*}` works), a variable without `=`
+//! is `{var=*}`. The server's own default routes also use a version segment,
+//! `{version}` (written `$version` to [`Template::parse_default`]): `v`,
+//! digits, then optionally `alpha` or `beta` and digits (`v1`, `v2beta`,
+//! `v1beta1`, `v1alpha`); service-config files cannot use it. A path is split on `/` before decoding,
 //! so an encoded `%2F` never splits a segment. A variable of one segment is
 //! fully percent-decoded; a variable of several segments is decoded except
 //! `%2F`/`%2f`, which stay as they are.
@@ -35,6 +39,8 @@ enum Segment {
     Literal(String),
     Star,
     DoubleStar,
+    /// An API version: `v1`, `v2beta`, `v1beta1`, `v1alpha`, ...
+    Version,
 }
 
 /// A variable: a field path bound to segments `start..end` of the template.
@@ -79,6 +85,18 @@ pub struct DecodeError(String);
 impl Template {
     /// Parses a template such as `/v1/{name=projects/*/operations/*}:cancel`.
     pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        Self::parse_with(template, false)
+    }
+
+    /// Parses one of the server's own default templates, where a `$version`
+    /// segment matches any API version (shown as `{version}`).
+    pub fn parse_default(template: &str) -> Result<Self, TemplateError> {
+        let mut parsed = Self::parse_with(template, true)?;
+        parsed.source = template.replace("$version", "{version}");
+        Ok(parsed)
+    }
+
+    fn parse_with(template: &str, versions: bool) -> Result<Self, TemplateError> {
         let fail = |reason: &str| TemplateError {
             template: template.to_owned(),
             reason: reason.to_owned(),
@@ -136,7 +154,7 @@ impl Template {
                 }
                 let start = segments.len();
                 for part in pattern.split('/') {
-                    segments.push(parse_segment(part).map_err(|r| fail(&r))?);
+                    segments.push(parse_segment(part, false).map_err(|r| fail(&r))?);
                 }
                 variables.push(Variable {
                     field: field.to_owned(),
@@ -150,7 +168,7 @@ impl Template {
                 if part.contains('{') || part.contains('}') {
                     return Err(fail("a variable must fill a whole segment"));
                 }
-                segments.push(parse_segment(part).map_err(|r| fail(&r))?);
+                segments.push(parse_segment(part, versions).map_err(|r| fail(&r))?);
                 chars = &chars[end..];
             }
             match chars.strip_prefix('/') {
@@ -163,10 +181,13 @@ impl Template {
         if segments.is_empty() {
             return Err(fail("no segments"));
         }
-        if let Some(i) = segments.iter().position(|s| *s == Segment::DoubleStar) {
-            if i != segments.len() - 1 {
-                return Err(fail("'**' must be the last segment"));
-            }
+        if segments
+            .iter()
+            .filter(|s| **s == Segment::DoubleStar)
+            .count()
+            > 1
+        {
+            return Err(fail("'**' may appear only once"));
         }
         Ok(Self {
             segments,
@@ -186,9 +207,14 @@ impl Template {
         self.verb.is_some()
     }
 
-    /// Whether the template ends in `**`.
+    /// Whether the template has a `**` (it then matches paths of many lengths).
     pub fn has_double_star(&self) -> bool {
-        self.segments.last() == Some(&Segment::DoubleStar)
+        self.double_star().is_some()
+    }
+
+    /// Where the `**` is, if any.
+    fn double_star(&self) -> Option<usize> {
+        self.segments.iter().position(|s| *s == Segment::DoubleStar)
     }
 
     /// The number of literal segments (more is more specific).
@@ -231,38 +257,59 @@ impl Template {
             _ => path.segments[i],
         };
         let n = self.segments.len();
-        let fixed = if self.has_double_star() { n - 1 } else { n };
-        if count < fixed || (!self.has_double_star() && count != n) {
-            return None;
-        }
-        // Which raw segments each template segment covers.
-        for (i, segment) in self.segments.iter().enumerate().take(fixed) {
-            let part = part(i);
+        let star = self.double_star();
+        // The path segment where template segment `t` starts: segments after
+        // a `**` are counted from the end, the `**` takes what is between.
+        let extra = match star {
+            Some(_) if count + 1 >= n => count + 1 - n,
+            Some(_) => return None,
+            None if count == n => 0,
+            None => return None,
+        };
+        let at = |t: usize| match star {
+            Some(d) if t > d => t - 1 + extra,
+            _ => t,
+        };
+        for (t, segment) in self.segments.iter().enumerate() {
             match segment {
                 Segment::Literal(literal) => {
-                    if !decodes_to(part, literal) {
+                    if !decodes_to(part(at(t)), literal) {
                         return None;
                     }
                 }
-                Segment::Star if part.is_empty() => return None,
-                Segment::Star | Segment::DoubleStar => {}
+                Segment::Star => {
+                    if part(at(t)).is_empty() {
+                        return None;
+                    }
+                }
+                Segment::Version => {
+                    if !is_version(part(at(t))) {
+                        return None;
+                    }
+                }
+                Segment::DoubleStar => {
+                    if (t..t + extra).any(|i| part(i).is_empty()) {
+                        return None;
+                    }
+                }
             }
-        }
-        if self.has_double_star() && (fixed..count).any(|i| part(i).is_empty()) {
-            return None;
         }
         let mut values = Vec::new();
         for variable in &self.variables {
-            let end = if variable.end == n && self.has_double_star() {
-                count
-            } else {
-                variable.end
-            };
+            // The path range the variable covers: its first segment's start
+            // to its last segment's end.
+            let start = at(variable.start);
+            let end = at(variable.end - 1)
+                + if star == Some(variable.end - 1) {
+                    extra
+                } else {
+                    1
+                };
             let value = if variable.end - variable.start == 1 && !self.has_double_star_in(variable)
             {
-                decode(part(variable.start))
+                decode(part(start))
             } else {
-                decode_segments((variable.start..end).map(part))
+                decode_segments((start..end).map(part))
             };
             match value {
                 Ok(value) => values.push((variable.field.clone(), value)),
@@ -287,14 +334,36 @@ fn is_literal_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '%')
 }
 
-fn parse_segment(part: &str) -> Result<Segment, String> {
+fn parse_segment(part: &str, versions: bool) -> Result<Segment, String> {
     match part {
         "" => Err("empty segment".into()),
         "*" => Ok(Segment::Star),
         "**" => Ok(Segment::DoubleStar),
+        "$version" if versions => Ok(Segment::Version),
         literal if literal.chars().all(is_literal_char) => Ok(Segment::Literal(literal.to_owned())),
         other => Err(format!("{other:?} is not a valid segment")),
     }
+}
+
+/// `v` + digits + optionally `alpha` or `beta` and digits: `v1`, `v2beta`,
+/// `v1beta1`, `v1alpha`, `v1p1beta1` is not one.
+fn is_version(segment: &str) -> bool {
+    let Some(rest) = segment.strip_prefix('v') else {
+        return false;
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return false;
+    }
+    let rest = &rest[digits..];
+    let rest = match rest
+        .strip_prefix("alpha")
+        .or_else(|| rest.strip_prefix("beta"))
+    {
+        Some(after) => after,
+        None => return rest.is_empty(),
+    };
+    rest.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn decode(segment: &str) -> Result<String, DecodeError> {
@@ -428,6 +497,71 @@ mod tests {
     }
 
     #[test]
+    fn a_double_star_inside_takes_what_lies_between() {
+        let get = "/v1/{name=**/operations/*}";
+        assert_eq!(
+            one(get, "/v1/operations/a").as_deref(),
+            Some("operations/a")
+        );
+        assert_eq!(
+            one(get, "/v1/projects/p/locations/l/operations/a").as_deref(),
+            Some("projects/p/locations/l/operations/a")
+        );
+        assert_eq!(one(get, "/v1/projects/p/operations"), None);
+        assert_eq!(one(get, "/v1/projects//p/operations/a"), None);
+        let list = "/v1/{name=**}/operations";
+        assert_eq!(
+            one(list, "/v1/projects/p/operations").as_deref(),
+            Some("projects/p")
+        );
+        // `**` matches zero segments too; `*/**` at least one.
+        assert_eq!(one(list, "/v1/operations").as_deref(), Some(""));
+        assert_eq!(one("/v1/{name=*/**}/operations", "/v1/operations"), None);
+        assert_eq!(
+            one(
+                "/v1/{name=*/**}/operations",
+                "/v1/projects/p/locations/l/operations"
+            )
+            .as_deref(),
+            Some("projects/p/locations/l")
+        );
+        assert_eq!(one(list, "/v1/-/operations").as_deref(), Some("-"));
+        assert_eq!(
+            one(list, "/v1/a%2Fb/c/operations").as_deref(),
+            Some("a%2Fb/c")
+        );
+    }
+
+    #[test]
+    fn version_segments_match_google_api_versions() {
+        let t = Template::parse_default("/$version/{name=**/operations/*}:cancel").unwrap();
+        assert_eq!(t.to_string(), "/{version}/{name=**/operations/*}:cancel");
+        for version in [
+            "v1", "v2", "v1beta1", "v2beta", "v1alpha", "v3alpha2", "v10",
+        ] {
+            let path = format!("/{version}/projects/p/operations/x:cancel");
+            assert_eq!(
+                t.matches(&path).map(|r| r.unwrap()),
+                Some(vec![("name".into(), "projects/p/operations/x".into())]),
+                "{version}"
+            );
+        }
+        for not in [
+            "v",
+            "1",
+            "vbeta",
+            "v1gamma",
+            "v1beta1x",
+            "V1",
+            "v1p1beta1",
+            "x1",
+        ] {
+            let path = format!("/{not}/projects/p/operations/x:cancel");
+            assert_eq!(t.matches(&path).map(|r| r.unwrap()), None, "{not}");
+        }
+    }
+
+    #[test]
     fn several_variables_and_verbs() {
         let got = matched(
             "/v1/{parent=projects/*}/things/{id}:do",
@@ -449,7 +583,8 @@ mod tests {
             "",
             "v1/x",
             "/v1/{name",
-            "/v1/{name=**}/x",
+            "/v1/**/{name=**}",
+            "/$version/x",
             "/v1//x",
             "/v1/x:",
             "/v1/{a}/{a}",
@@ -464,8 +599,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn parsing_and_matching_never_panic(template in "[/{}=*:a-z.%]{0,24}", path in "[/:a-z%0-9]{0,24}") {
+        fn parsing_and_matching_never_panic(template in "[/{}=*:a-z.%$]{0,24}", path in "[/:a-z%0-9]{0,24}") {
             if let Ok(t) = Template::parse(&template) {
+                let _ = t.matches(&path);
+            }
+            if let Ok(t) = Template::parse_default(&template) {
                 let _ = t.matches(&path);
             }
         }
