@@ -96,6 +96,70 @@ async fn parent_and_collection_names_list_the_same_operations_in_name_order() {
 }
 
 #[tokio::test]
+async fn a_lone_dash_lists_every_operation_at_every_depth_over_grpc_and_rest() {
+    let server = TestServer::start().await;
+    let (mut ops, mut workers) = (server.operations().await, server.workers().await);
+    let parents = ["", "projects/p", "projects/p/locations/l", "folders/f/x/y/z/w"];
+    let mut expected = Vec::new();
+    for parent in parents {
+        expected.push(create(&mut workers, op(parent, "a")).await.name);
+        expected.push(create(&mut workers, op(parent, "b")).await.name);
+    }
+    expected.sort();
+    // Paged, and with a filter that still applies.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ops
+            .list_operations(list("-", 3, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(names(&page));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, expected);
+    let filtered = ops
+        .list_operations(ListOperationsRequest {
+            filter: r#"name = "*/a""#.into(),
+            ..list("-/operations", 0, "")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(&filtered).len(), parents.len());
+    // A token of the everything listing is not one of a parent's.
+    let page = ops
+        .list_operations(list("-", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = ops
+        .list_operations(list("operations", 1, &page.next_page_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // REST: GET /v1/-/operations.
+    let body: serde_json::Value = reqwest::get(format!("{}/v1/-/operations", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rest: Vec<&str> = body["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(rest, expected);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn page_size_defaults_to_50_and_is_capped_at_1000() {
     let server = TestServer::start().await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);

@@ -111,12 +111,16 @@ pub fn check_id(id: &str) -> Result<(), NameError> {
 
 /// Parses the `name` of a List request: the parent (`projects/p`), the
 /// collection (`projects/p/operations`, or `operations` alone for bare
-/// names), with `-` allowed as an id segment of the parent.
+/// names), with `-` allowed as an id segment of the parent; a lone `-` (or
+/// `-/operations`) is every operation at every depth.
 pub fn parse_list_target(name: &str) -> Result<ParentPattern, NameError> {
     if name.is_empty() {
         return Err(NameError(
-            "the name of the operations collection is required, e.g. `operations` or `projects/p/locations/l`".into(),
+            "the name of the operations collection is required, e.g. `operations`, `projects/p/locations/l`, or `-` for every operation".into(),
         ));
+    }
+    if name == "-" || name == "-/operations" {
+        return Ok(ParentPattern::everything());
     }
     let mut segments = split(name, "collection name")?;
     if segments.len() % 2 == 1 {
@@ -251,6 +255,8 @@ mod tests {
         assert!(parse_list_target("projects/p/locations/-")
             .unwrap()
             .has_wildcard());
+        assert!(parse_list_target("-").unwrap().is_everything());
+        assert!(parse_list_target("-/operations").unwrap().is_everything());
         for bad in [
             "",
             "projects",

@@ -33,25 +33,55 @@ pub fn parent_of(name: &str) -> &str {
 }
 
 /// Which operations a listing covers: those whose parent matches, segment by
-/// segment, where a `-` segment matches any id (AIP-159).
+/// segment, where a `-` segment matches any id (AIP-159); or every
+/// operation at every depth ([`ParentPattern::everything`], a lone `-`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParentPattern {
     segments: Vec<String>,
+    /// Every parent, of any depth (bare names too).
+    everything: bool,
 }
 
 impl ParentPattern {
     /// Builds a pattern from already validated segments.
     pub fn new(segments: Vec<String>) -> Self {
-        Self { segments }
+        Self {
+            segments,
+            everything: false,
+        }
     }
 
-    /// The pattern's text, `-` segments included.
+    /// Every operation, whatever its parent.
+    pub fn everything() -> Self {
+        Self {
+            segments: Vec::new(),
+            everything: true,
+        }
+    }
+
+    /// Whether this pattern covers every operation.
+    pub fn is_everything(&self) -> bool {
+        self.everything
+    }
+
+    /// The pattern's text, `-` segments included (`-` for everything).
     pub fn as_string(&self) -> String {
+        if self.everything {
+            return "-".to_owned();
+        }
         self.segments.join("/")
+    }
+
+    /// The pattern's segments (none for everything).
+    pub fn segments(&self) -> &[String] {
+        &self.segments
     }
 
     /// The longest name prefix shared by every matching operation name.
     pub fn key_prefix(&self) -> String {
+        if self.everything {
+            return String::new();
+        }
         let fixed: Vec<&str> = self
             .segments
             .iter()
@@ -71,13 +101,16 @@ impl ParentPattern {
         }
     }
 
-    /// Whether the pattern has a `-` wildcard segment.
+    /// Whether the pattern has a `-` wildcard segment (or is everything).
     pub fn has_wildcard(&self) -> bool {
-        self.segments.iter().any(|s| s == "-")
+        self.everything || self.segments.iter().any(|s| s == "-")
     }
 
     /// Whether an operation with this parent is covered.
     pub fn matches_parent(&self, parent: &str) -> bool {
+        if self.everything {
+            return true;
+        }
         if parent.is_empty() {
             return self.segments.is_empty();
         }
@@ -389,6 +422,16 @@ mod tests {
         assert!(!p.matches_parent("projects/p/locations/l/x/y"));
         assert!(pattern("").matches_parent(""));
         assert!(!pattern("").matches_parent("projects/p"));
+    }
+
+    #[test]
+    fn everything_matches_every_parent_from_the_first_key() {
+        let all = ParentPattern::everything();
+        assert_eq!(all.key_prefix(), "");
+        assert_eq!(all.as_string(), "-");
+        for parent in ["", "projects/p", "projects/p/locations/l", "a/b/c/d/e/f"] {
+            assert!(all.matches_parent(parent), "{parent}");
+        }
     }
 
     #[test]
