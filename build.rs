@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "google/rpc/error_details.proto",
     "google/rpc/status.proto",
     "opsd/v1/workers.proto",
+    "opsd/v1/console.proto",
     // Well-known types that workers often put in `Any`, so REST renders them.
     "google/protobuf/duration.proto",
     "google/protobuf/empty.proto",

@@ -66,7 +66,10 @@ pub mod registry;
 pub mod server;
 pub mod store;
 
-pub use api::{operations::OperationsService, rest::RestService, workers::WorkersService};
+pub use api::{
+    console::ConsoleService, operations::OperationsService, rest::RestService,
+    workers::WorkersService,
+};
 pub use clock::{Clock, ManualClock};
 pub use config::{Config, ConfigError};
 pub use error::Error;

@@ -10,6 +10,7 @@
 //! leaves for it in the response ([`Polled`]) and the request ([`ViaRest`],
 //! [`Resource`]).
 
+pub mod console;
 pub mod operations;
 pub mod rest;
 pub mod types;
@@ -51,6 +52,7 @@ resource! {
     wapi::CompleteOperationRequest => name,
     wapi::WatchOperationsRequest => parent,
     wapi::GetOperationReportRequest => name,
+    wapi::WatchOperationChangesRequest => parent,
 }
 
 impl Resource for wapi::RegisterTypesRequest {

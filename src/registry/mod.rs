@@ -14,6 +14,7 @@
 
 mod deadlines;
 pub mod filter;
+mod follow;
 mod list;
 pub mod model;
 mod name;
@@ -41,8 +42,9 @@ use crate::{
 };
 
 pub use crate::clock::{Clock, ManualClock};
+pub use follow::Followed;
 pub use list::{ListPage, ListRequest};
-pub use model::{operation, CancelPolicy, Outcome, Record, Script, ScriptSpec};
+pub use model::{operation, operation_info, CancelPolicy, Outcome, Record, Script, ScriptSpec};
 pub use name::{check_id, check_parent_name, parse_list_target, NameError, OperationName};
 pub use report::{Call, PollingReports, Report};
 pub use wait::wait_budget;

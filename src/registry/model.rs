@@ -364,6 +364,23 @@ pub fn operation(record: &Record) -> Operation {
     }
 }
 
+/// The `opsd.v1.OperationInfo` of a record: the operation and the facts
+/// opsd keeps about it (the console API).
+pub fn operation_info(record: &Record) -> wire::OperationInfo {
+    let time = |t: Option<SystemTime>| t.map(prost_types::Timestamp::from);
+    wire::OperationInfo {
+        operation: Some(operation(record)),
+        create_time: time(Some(record.create_time)),
+        update_time: time(Some(record.update_time)),
+        done_time: time(record.done_time),
+        expire_time: time(record.expire_time),
+        cancel_policy: record.cancel_policy.number(),
+        cancel_requested: !record.done() && record.cancel_deadline.is_some(),
+        scripted: record.script.is_some(),
+        lease_deadline: time(record.lease_deadline),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

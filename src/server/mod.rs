@@ -46,13 +46,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use self::observe::Observed;
 use crate::{
     api::{
-        operations::OperationsService, rest::RestService, types::TypeRegistry,
-        workers::WorkersService,
+        console::ConsoleService, operations::OperationsService, rest::RestService,
+        types::TypeRegistry, workers::WorkersService,
     },
     config::{Config, ConfigError, StoreConfig},
     pb::{
         google::longrunning::operations_server::OperationsServer,
-        opsd::v1::workers_server::WorkersServer, FILE_DESCRIPTOR_SET,
+        opsd::v1::{console_server::ConsoleServer, workers_server::WorkersServer},
+        FILE_DESCRIPTOR_SET,
     },
     registry::{
         scenario::{self, LoadedScenario, ScenarioError},
@@ -68,6 +69,8 @@ pub mod observe;
 type Operations = Observed<OperationsService>;
 /// The Workers service as the server mounts it (gRPC and REST).
 type Workers = Observed<WorkersService>;
+/// The Console service as the server mounts it (gRPC and REST).
+type Console = Observed<ConsoleService>;
 
 /// The longest pause between failed accepts (EMFILE and the like).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -94,9 +97,10 @@ pub struct Server {
     config: Config,
     registry: Registry,
     /// The same services as the gRPC routes, observed once.
-    rest: RestService<Operations, Workers>,
+    rest: RestService<Operations, Workers, Console>,
     operations: Operations,
     workers: Workers,
+    console: Console,
     scenarios: Vec<LoadedScenario>,
     /// The Prometheus recorder's handle, when `/metrics` is served.
     metrics: Option<PrometheusHandle>,
@@ -143,9 +147,11 @@ impl Server {
             WorkersService::new(registry.clone(), types.clone()),
             registry.clone(),
         );
+        let console = Observed::new(ConsoleService::new(registry.clone()), registry.clone());
         let rest = RestService::new(
             operations.clone(),
             workers.clone(),
+            console.clone(),
             types.clone(),
             config.rest.clone(),
         )?;
@@ -160,6 +166,7 @@ impl Server {
             rest,
             operations,
             workers,
+            console,
             scenarios,
             metrics,
         })
@@ -182,6 +189,7 @@ impl Server {
             rest,
             operations,
             workers,
+            console,
             scenarios,
             metrics,
         } = self;
@@ -193,6 +201,7 @@ impl Server {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<OperationsServer<Operations>>().await;
         health.set_serving::<WorkersServer<Workers>>().await;
+        health.set_serving::<ConsoleServer<Console>>().await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -213,6 +222,11 @@ impl Server {
             )
             .add_service(
                 WorkersServer::new(workers)
+                    .max_decoding_message_size(limits.max_message_size)
+                    .max_encoding_message_size(limits.max_message_size),
+            )
+            .add_service(
+                ConsoleServer::new(console)
                     .max_decoding_message_size(limits.max_message_size)
                     .max_encoding_message_size(limits.max_message_size),
             )
@@ -299,7 +313,7 @@ impl Server {
 
         drop(listener);
         tracing::info!("shutting down: draining in-flight calls");
-        for service in ["", OPERATIONS_SERVICE, WORKERS_SERVICE] {
+        for service in ["", OPERATIONS_SERVICE, WORKERS_SERVICE, CONSOLE_SERVICE] {
             health
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
@@ -320,13 +334,14 @@ impl Server {
 
 const OPERATIONS_SERVICE: &str = "google.longrunning.Operations";
 const WORKERS_SERVICE: &str = "opsd.v1.Workers";
+const CONSOLE_SERVICE: &str = "opsd.v1.Console";
 
 /// Routes each request to gRPC, the server's own endpoints or REST.
 /// Cloning it is shallow.
 #[derive(Clone)]
 struct App {
     grpc: Routes,
-    rest: RestService<Operations, Workers>,
+    rest: RestService<Operations, Workers, Console>,
     /// For `/healthz` and the gauges of `/metrics`.
     registry: Registry,
     metrics: Option<PrometheusHandle>,

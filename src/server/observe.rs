@@ -1,7 +1,7 @@
 //! What every call shares, in one wrapper: timing, metrics, spans and
 //! polling reports.
 //!
-//! [`Observed`] wraps a service of the `Operations` or `Workers` trait and
+//! [`Observed`] wraps a service of the `Operations`, `Workers` or `Console` trait and
 //! is itself one, so the server mounts the wrapped services for gRPC and
 //! hands the same wrapped services to the REST transcoder: a call is
 //! observed once, whichever transport it came by. Around each call it
@@ -38,9 +38,10 @@ use crate::{
             WaitOperationRequest,
         },
         opsd::v1::{
-            workers_server::Workers, CompleteOperationRequest, CreateOperationRequest,
-            GetOperationReportRequest, OperationReport, RegisterTypesRequest,
-            RegisterTypesResponse, UpdateOperationRequest, WatchOperationsRequest,
+            console_server::Console, workers_server::Workers, CompleteOperationRequest,
+            CreateOperationRequest, GetOperationReportRequest, ListOperationInfosResponse,
+            OperationInfo, OperationReport, RegisterTypesRequest, RegisterTypesResponse,
+            UpdateOperationRequest, WatchOperationChangesRequest, WatchOperationsRequest,
         },
     },
     registry::Registry,
@@ -184,5 +185,15 @@ impl<S: Workers> Workers for Observed<S> {
         watch_operations(WatchOperationsRequest) -> S::WatchOperationsStream as "WatchOperations";
         register_types(RegisterTypesRequest) -> RegisterTypesResponse as "RegisterTypes";
         get_operation_report(GetOperationReportRequest) -> OperationReport as "GetOperationReport";
+    }
+}
+
+impl<S: Console> Console for Observed<S> {
+    type WatchOperationChangesStream = S::WatchOperationChangesStream;
+
+    observed! {
+        list_operation_infos(ListOperationsRequest) -> ListOperationInfosResponse as "ListOperationInfos";
+        get_operation_info(GetOperationRequest) -> OperationInfo as "GetOperationInfo";
+        watch_operation_changes(WatchOperationChangesRequest) -> S::WatchOperationChangesStream as "WatchOperationChanges";
     }
 }

@@ -48,7 +48,7 @@ use crate::{
             operation::Result as OpResult, operations_server::Operations, ListOperationsResponse,
             Operation,
         },
-        opsd::v1::workers_server::Workers,
+        opsd::v1::{console_server::Console, workers_server::Workers, OperationInfo},
     },
 };
 
@@ -101,13 +101,13 @@ impl Default for RestSettings {
     }
 }
 
-/// The REST service over the `Operations` service `O` and the `Workers`
-/// service `W`. Cloning it is shallow.
-pub struct RestService<O, W> {
-    inner: Arc<Inner<O, W>>,
+/// The REST service over the `Operations` service `O`, the `Workers`
+/// service `W` and the `Console` service `C`. Cloning it is shallow.
+pub struct RestService<O, W, C> {
+    inner: Arc<Inner<O, W, C>>,
 }
 
-impl<O, W> Clone for RestService<O, W> {
+impl<O, W, C> Clone for RestService<O, W, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -115,22 +115,24 @@ impl<O, W> Clone for RestService<O, W> {
     }
 }
 
-struct Inner<O, W> {
-    /// Most specific first: templates with a verb first, those ending in
-    /// `**` last, then by literal count.
+struct Inner<O, W, C> {
+    /// In order of precedence: templates with a verb first, then by source
+    /// (files, protos, Google's shapes), then the most specific.
     routes: Vec<Route>,
     operations: O,
     workers: W,
+    console: C,
     types: TypeRegistry,
     settings: RestSettings,
 }
 
-impl<O: Operations, W: Workers> RestService<O, W> {
+impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
     /// The default routes plus those of each service-config file of
     /// `settings`; `types` renders the `Any`s of responses.
     pub fn new(
         operations: O,
         workers: W,
+        console: C,
         types: TypeRegistry,
         settings: RestSettings,
     ) -> Result<Self, RuleError> {
@@ -172,6 +174,7 @@ impl<O: Operations, W: Workers> RestService<O, W> {
                 routes,
                 operations,
                 workers,
+                console,
                 types,
                 settings,
             }),
@@ -299,6 +302,36 @@ impl<O: Operations, W: Workers> RestService<O, W> {
                     presentation.pretty,
                 )
                 .map_err(Status::internal)?
+            }
+            RestMethod::ListInfos => {
+                let response = self
+                    .inner
+                    .console
+                    .list_operation_infos(grpc(&message, headers)?)
+                    .await?
+                    .into_inner();
+                let mut object = serde_json::Map::new();
+                if !response.operations.is_empty() {
+                    let infos = response
+                        .operations
+                        .iter()
+                        .map(|info| info_json(info, pool, presentation.json))
+                        .collect();
+                    object.insert("operations".into(), Value::Array(infos));
+                }
+                if !response.next_page_token.is_empty() {
+                    object.insert("nextPageToken".into(), json!(response.next_page_token));
+                }
+                write_json(&Value::Object(object), presentation.pretty)
+            }
+            RestMethod::GetInfo => {
+                let info = self
+                    .inner
+                    .console
+                    .get_operation_info(grpc(&message, headers)?)
+                    .await?
+                    .into_inner();
+                write_json(&info_json(&info, pool, presentation.json), presentation.pretty)
             }
         })
     }
@@ -475,6 +508,24 @@ fn operation_json(op: &Operation, pool: &DescriptorPool, options: JsonOptions) -
         None => {}
     }
     Value::Object(object)
+}
+
+/// An `opsd.v1.OperationInfo` as ProtoJSON; its operation's `Any`s of
+/// unknown types fall back as in [`operation_json`].
+fn info_json(info: &OperationInfo, pool: &DescriptorPool, options: JsonOptions) -> Value {
+    const NAME: &str = "opsd.v1.OperationInfo";
+    if let Ok(value) = message_to_json(info, NAME, pool, options) {
+        return value;
+    }
+    let facts = OperationInfo {
+        operation: None,
+        ..info.clone()
+    };
+    let mut value = message_to_json(&facts, NAME, pool, options).unwrap_or_else(|_| json!({}));
+    if let (Some(op), Value::Object(object)) = (&info.operation, &mut value) {
+        object.insert("operation".into(), operation_json(op, pool, options));
+    }
+    value
 }
 
 fn list_json(

@@ -23,6 +23,7 @@ use crate::pb::google::api::{http_rule::Pattern, Http, HttpRule};
 
 const SERVICE: &str = "google.longrunning.Operations";
 const WORKERS: &str = "opsd.v1.Workers";
+const CONSOLE: &str = "opsd.v1.Console";
 
 /// The origin of the default Google Cloud shapes, in logs and errors.
 pub const GOOGLE_SHAPES: &str = "Google Cloud URL shapes";
@@ -64,7 +65,8 @@ const GOOGLE_RULES: &[(&str, &str, &str, RestMethod)] = &[
     ),
 ];
 
-/// The methods REST can call: the Operations API, and the polling report.
+/// The methods REST can call: the Operations API, the polling report, and
+/// the console's operation infos.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestMethod {
     List,
@@ -73,6 +75,8 @@ pub enum RestMethod {
     Cancel,
     Wait,
     Report,
+    ListInfos,
+    GetInfo,
 }
 
 impl RestMethod {
@@ -85,12 +89,23 @@ impl RestMethod {
             Self::Cancel => "google.longrunning.Operations.CancelOperation",
             Self::Wait => "google.longrunning.Operations.WaitOperation",
             Self::Report => "opsd.v1.Workers.GetOperationReport",
+            Self::ListInfos => "opsd.v1.Console.ListOperationInfos",
+            Self::GetInfo => "opsd.v1.Console.GetOperationInfo",
         }
     }
 
+    /// Whether a service-config file may map it: only the Operations API
+    /// (opsd's own methods keep the routes of their protos).
+    fn is_operations(self) -> bool {
+        !matches!(self, Self::Report | Self::ListInfos | Self::GetInfo)
+    }
+
     fn from_selector(selector: &str) -> Option<Self> {
-        if selector == "opsd.v1.Workers.GetOperationReport" {
-            return Some(Self::Report);
+        match selector {
+            "opsd.v1.Workers.GetOperationReport" => return Some(Self::Report),
+            "opsd.v1.Console.ListOperationInfos" => return Some(Self::ListInfos),
+            "opsd.v1.Console.GetOperationInfo" => return Some(Self::GetInfo),
+            _ => {}
         }
         match selector.strip_prefix(SERVICE)?.strip_prefix('.')? {
             "ListOperations" => Some(Self::List),
@@ -111,6 +126,8 @@ impl RestMethod {
             Self::Cancel => "google.longrunning.CancelOperationRequest",
             Self::Wait => "google.longrunning.WaitOperationRequest",
             Self::Report => "opsd.v1.GetOperationReportRequest",
+            Self::ListInfos => "google.longrunning.ListOperationsRequest",
+            Self::GetInfo => "google.longrunning.GetOperationRequest",
         }
     }
 }
@@ -179,12 +196,17 @@ pub fn google_routes(pool: &DescriptorPool) -> Result<Vec<Route>, RuleError> {
 }
 
 /// The routes of the `google.api.http` options of operations.proto and of
-/// the worker API (its polling report).
+/// opsd's own protos (the worker API's polling report, the console's
+/// operation infos).
 pub fn default_routes(pool: &DescriptorPool) -> Result<Vec<Route>, RuleError> {
     let mut routes = service_routes(pool, SERVICE, "operations.proto")?;
-    routes.extend(service_routes(pool, WORKERS, "opsd/v1/workers.proto")?);
+    routes.extend(service_routes(pool, WORKERS, OPSD_PROTOS)?);
+    routes.extend(service_routes(pool, CONSOLE, OPSD_PROTOS)?);
     Ok(routes)
 }
+
+/// The origin of the routes of opsd's own protos.
+const OPSD_PROTOS: &str = "opsd/v1 protos";
 
 fn service_routes(
     pool: &DescriptorPool,
@@ -269,7 +291,7 @@ fn add_rule(
     };
     let method = RestMethod::from_selector(&rule.selector)
         .ok_or_else(|| fail("not a google.longrunning.Operations method".into()))?;
-    if method == RestMethod::Report && origin != "opsd/v1/workers.proto" {
+    if !method.is_operations() && origin != OPSD_PROTOS {
         return Err(fail(
             "only google.longrunning.Operations methods can be mapped".into(),
         ));
@@ -377,9 +399,26 @@ mod tests {
     #[test]
     fn operations_proto_gives_the_four_default_routes() {
         let mut routes = default_routes(&base_pool()).unwrap();
-        let report = routes.pop().unwrap();
-        assert_eq!(report.method, RestMethod::Report);
-        assert_eq!(report.template.to_string(), "/v1/{name=**}:report");
+        let opsd: Vec<(RestMethod, String)> = routes
+            .split_off(4)
+            .into_iter()
+            .map(|r| (r.method, r.template.to_string()))
+            .collect();
+        assert_eq!(
+            opsd,
+            [
+                (RestMethod::Report, "/v1/{name=**}:report".to_owned()),
+                (
+                    RestMethod::ListInfos,
+                    "/v1/{name=*/**}/operations:info".to_owned()
+                ),
+                (RestMethod::ListInfos, "/v1/{name=operations}:info".to_owned()),
+                (
+                    RestMethod::GetInfo,
+                    "/v1/{name=**/operations/*}:info".to_owned()
+                ),
+            ]
+        );
         let summary: Vec<(String, String, RestMethod)> = routes
             .iter()
             .map(|r| (r.verb.to_string(), r.template.to_string(), r.method))
