@@ -40,7 +40,7 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use opsd::{
-//!     pb::google::longrunning::operations_server::OperationsServer,
+//!     api::grpc::operations_server::OperationsServer,
 //!     server::observe::Observed, MemoryStore, OperationsService, Registry, RegistrySettings,
 //! };
 //!

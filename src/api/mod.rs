@@ -10,7 +10,9 @@
 //! leaves for it in the response ([`Polled`]) and the request ([`ViaRest`],
 //! [`Resource`]).
 
+pub mod codec;
 pub mod console;
+pub mod grpc;
 pub mod operations;
 pub mod rest;
 pub mod types;

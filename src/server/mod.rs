@@ -46,15 +46,18 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use self::observe::Observed;
 use crate::{
     api::{
-        console::ConsoleService, operations::OperationsService, rest::RestService,
-        types::TypeRegistry, workers::WorkersService,
+        console::ConsoleService,
+        grpc::{
+            console_server::ConsoleServer, operations_server::OperationsServer,
+            workers_server::WorkersServer,
+        },
+        operations::OperationsService,
+        rest::RestService,
+        types::TypeRegistry,
+        workers::WorkersService,
     },
     config::{Config, ConfigError, StoreConfig},
-    pb::{
-        google::longrunning::operations_server::OperationsServer,
-        opsd::v1::{console_server::ConsoleServer, workers_server::WorkersServer},
-        FILE_DESCRIPTOR_SET,
-    },
+    pb::FILE_DESCRIPTOR_SET,
     registry::{
         scenario::{self, LoadedScenario, ScenarioError},
         Registry,

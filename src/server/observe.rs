@@ -30,18 +30,20 @@ use tonic::{Code, Request, Response, Status};
 
 use super::metrics;
 use crate::{
-    api::{transport, Polled, Resource},
+    api::{
+        grpc::{console_server::Console, operations_server::Operations, workers_server::Workers},
+        transport, Polled, Resource,
+    },
     pb::{
         google::longrunning::{
-            operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
-            GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation,
-            WaitOperationRequest,
+            CancelOperationRequest, DeleteOperationRequest, GetOperationRequest,
+            ListOperationsRequest, ListOperationsResponse, Operation, WaitOperationRequest,
         },
         opsd::v1::{
-            console_server::Console, workers_server::Workers, CompleteOperationRequest,
-            CreateOperationRequest, GetOperationReportRequest, ListOperationInfosResponse,
-            OperationInfo, OperationReport, RegisterTypesRequest, RegisterTypesResponse,
-            UpdateOperationRequest, WatchOperationChangesRequest, WatchOperationsRequest,
+            CompleteOperationRequest, CreateOperationRequest, GetOperationReportRequest,
+            ListOperationInfosResponse, OperationInfo, OperationReport, RegisterTypesRequest,
+            RegisterTypesResponse, UpdateOperationRequest, WatchOperationChangesRequest,
+            WatchOperationsRequest,
         },
     },
     registry::Registry,

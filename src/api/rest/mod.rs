@@ -39,16 +39,17 @@ use self::{
     rules::{RestMethod, Route},
     template::SplitPath,
 };
-use super::{types::TypeRegistry, ViaRest};
+use super::{
+    grpc::{console_server::Console, operations_server::Operations, workers_server::Workers},
+    types::TypeRegistry,
+    ViaRest,
+};
 use crate::{
     error::{json_envelope, Error},
     json::{any_to_json, message_to_json, render_message, status_to_json, write_json, JsonOptions},
     pb::{
-        google::longrunning::{
-            operation::Result as OpResult, operations_server::Operations, ListOperationsResponse,
-            Operation,
-        },
-        opsd::v1::{console_server::Console, workers_server::Workers, OperationInfo},
+        google::longrunning::{operation::Result as OpResult, ListOperationsResponse, Operation},
+        opsd::v1::OperationInfo,
     },
 };
 
@@ -331,7 +332,10 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                     .get_operation_info(grpc(&message, headers)?)
                     .await?
                     .into_inner();
-                write_json(&info_json(&info, pool, presentation.json), presentation.pretty)
+                write_json(
+                    &info_json(&info, pool, presentation.json),
+                    presentation.pretty,
+                )
             }
         })
     }
