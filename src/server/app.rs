@@ -1,0 +1,255 @@
+//! What each request is, and where it goes: gRPC (opsd's three services,
+//! health, reflection), the server's own endpoints (`/healthz`,
+//! `/metrics`), or REST.
+//!
+//! [`Kind`] classifies a request from its head alone, for the layers of
+//! `calls.rs`: the gRPC method it calls (known from the path; a REST call's
+//! method is known once routed), and whether it counts against
+//! `--max-in-flight` (Waits and streams do not). [`App`] routes it; gRPC
+//! calls to opsd's services go through the request guard (`guard.rs`).
+
+use std::{convert::Infallible, future::Future, pin::Pin};
+
+use bytes::Bytes;
+use futures_util::future::Either;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tonic::{body::Body, service::Routes, Status};
+use tower::ServiceExt;
+
+use super::{
+    connections::Connections,
+    guard::{GuardSettings, Guarded},
+    metrics,
+    shed::Shed,
+    Console, Operations, Workers,
+};
+use crate::{api::rest::RestService, registry::Registry};
+
+/// What a request is, as far as its head tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kind {
+    /// gRPC (`application/grpc*`), else HTTP (REST and the server's own).
+    pub grpc: bool,
+    /// The method, for a gRPC call to one of opsd's services.
+    pub method: Option<&'static str>,
+    /// Counts against `--max-in-flight`.
+    pub counted: bool,
+}
+
+/// The methods of opsd's services by gRPC path: (path, name, long-lived).
+/// Long-lived calls (Wait, the streams) do not count against
+/// `--max-in-flight`.
+const GRPC_METHODS: &[(&str, &str, bool)] = &[
+    (
+        "/google.longrunning.Operations/ListOperations",
+        "ListOperations",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/GetOperation",
+        "GetOperation",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/DeleteOperation",
+        "DeleteOperation",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/CancelOperation",
+        "CancelOperation",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/WaitOperation",
+        "WaitOperation",
+        true,
+    ),
+    ("/opsd.v1.Workers/CreateOperation", "CreateOperation", false),
+    ("/opsd.v1.Workers/UpdateOperation", "UpdateOperation", false),
+    (
+        "/opsd.v1.Workers/CompleteOperation",
+        "CompleteOperation",
+        false,
+    ),
+    ("/opsd.v1.Workers/WatchOperations", "WatchOperations", true),
+    ("/opsd.v1.Workers/RegisterTypes", "RegisterTypes", false),
+    (
+        "/opsd.v1.Workers/GetOperationReport",
+        "GetOperationReport",
+        false,
+    ),
+    (
+        "/opsd.v1.Console/ListOperationInfos",
+        "ListOperationInfos",
+        false,
+    ),
+    (
+        "/opsd.v1.Console/GetOperationInfo",
+        "GetOperationInfo",
+        false,
+    ),
+    (
+        "/opsd.v1.Console/WatchOperationChanges",
+        "WatchOperationChanges",
+        true,
+    ),
+];
+
+impl Kind {
+    pub fn of<B>(request: &Request<B>) -> Self {
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let path = request.uri().path();
+        if grpc {
+            return match GRPC_METHODS.iter().find(|(p, _, _)| *p == path) {
+                Some(&(_, name, long_lived)) => Self {
+                    grpc,
+                    method: Some(name),
+                    counted: !long_lived,
+                },
+                None => Self {
+                    grpc,
+                    method: None,
+                    counted: false,
+                },
+            };
+        }
+        // REST Waits are the routes with the `:wait` verb (every default
+        // route and service config maps WaitOperation so).
+        let own = matches!(path, "/healthz" | "/metrics");
+        Self {
+            grpc,
+            method: None,
+            counted: !own && !path.ends_with(":wait"),
+        }
+    }
+}
+
+/// Routes each request to gRPC, the server's own endpoints or REST.
+/// Cloning it is shallow.
+#[derive(Clone)]
+pub struct App {
+    pub grpc: Routes,
+    pub rest: RestService<Operations, Workers, Console>,
+    /// For `/healthz` and the gauges of `/metrics`.
+    pub registry: Registry,
+    pub metrics: Option<PrometheusHandle>,
+    /// For the `opsd_connections` gauge of `/metrics`.
+    pub connections: std::sync::Arc<Connections>,
+    pub guard: GuardSettings,
+    pub shed: std::sync::Arc<Shed>,
+}
+
+/// The future of one request. A gRPC call holds only the router's future;
+/// the larger REST one is boxed, so the many parked gRPC Waits do not carry
+/// its size.
+pub type Routed = Either<
+    tower::util::Oneshot<Routes, Request<Guarded<Incoming>>>,
+    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>,
+>;
+
+impl App {
+    /// Routes `request`, of `kind`.
+    pub fn route(&self, request: Request<Incoming>, kind: Kind) -> Routed {
+        if kind.grpc {
+            // Only opsd's unary request bodies are guarded.
+            let guard = kind.method.map(|_| self.guard);
+            let request = request.map(|body| Guarded::new(body, guard));
+            return Either::Left(self.grpc.clone().oneshot(request));
+        }
+        let app = self.clone();
+        Either::Right(Box::pin(async move {
+            let get = request.method() == http::Method::GET;
+            let response = match request.uri().path() {
+                "/healthz" if get => app.health(request.uri().query()),
+                "/metrics" if get && app.metrics.is_some() => app.metrics().await,
+                _ => app.rest.handle(request).await,
+            };
+            Ok(response.map(Body::new))
+        }))
+    }
+
+    /// The answer to a call refused before it was routed (shed): a gRPC
+    /// status, or REST's JSON error envelope.
+    pub fn refusal<B>(&self, request: &Request<B>, kind: Kind, status: Status) -> Response<Body> {
+        if kind.grpc {
+            return status.into_http();
+        }
+        self.rest
+            .error_answer(request.uri().query(), &status)
+            .map(Body::new)
+    }
+
+    /// The method a REST request would call, for the metrics of a refusal.
+    pub fn rest_method<B>(&self, request: &Request<B>) -> Option<&'static str> {
+        self.rest
+            .method_name(request.method(), request.uri().path())
+    }
+
+    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining.
+    fn health(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+        let (status, text) = if self.registry.is_shutting_down() {
+            (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
+        } else {
+            (http::StatusCode::OK, "SERVING")
+        };
+        self.rest
+            .json_answer(query, status, &serde_json::json!({ "status": text }))
+    }
+
+    /// The Prometheus text, with the gauges read now.
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        let text = match &self.metrics {
+            Some(handle) => metrics::render(handle, &self.registry, self.connections.len()).await,
+            None => String::new(),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(content_type: &str, path: &str) -> Kind {
+        let request = Request::builder()
+            .uri(path)
+            .header("content-type", content_type)
+            .body(())
+            .unwrap();
+        Kind::of(&request)
+    }
+
+    #[test]
+    fn requests_are_classified_from_their_head() {
+        let get = kind(
+            "application/grpc",
+            "/google.longrunning.Operations/GetOperation",
+        );
+        assert_eq!((get.method, get.counted), (Some("GetOperation"), true));
+        let wait = kind(
+            "application/grpc+proto",
+            "/google.longrunning.Operations/WaitOperation",
+        );
+        assert_eq!((wait.method, wait.counted), (Some("WaitOperation"), false));
+        let health = kind("application/grpc", "/grpc.health.v1.Health/Check");
+        assert_eq!((health.method, health.counted), (None, false));
+        assert!(kind("application/json", "/v1/operations/a").counted);
+        assert!(!kind("", "/v1/operations/a:wait").counted);
+        assert!(!kind("", "/metrics").counted);
+        for (path, name, _) in GRPC_METHODS {
+            assert!(path.ends_with(name), "{path}");
+        }
+    }
+}
