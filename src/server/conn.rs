@@ -30,7 +30,13 @@
 //!   makes the kernel send a reset, and the client's kernel then discards
 //!   answers it had received but not yet read.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -39,7 +45,7 @@ use hyper_util::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::oneshot,
+    sync::{oneshot, Notify},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -69,12 +75,37 @@ pub struct ConnSettings {
 }
 
 /// The signals of the serve loop to every connection.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Signals {
     /// Shut down gracefully.
     pub drain: CancellationToken,
     /// The drain timed out: close now.
     pub cut: CancellationToken,
+    /// Connections that turned graceful (or will, once their handshake is
+    /// complete) since the drain began, for [`Signals::all_draining`].
+    draining: Arc<(AtomicUsize, Notify)>,
+}
+
+impl Signals {
+    fn drain_seen(&self) {
+        self.draining.0.fetch_add(1, Ordering::AcqRel);
+        self.draining.1.notify_waiters();
+    }
+
+    /// Resolves once `open` connections have seen the drain, so the calls
+    /// the drain releases (open Waits) are answered as part of it: after
+    /// the first GOAWAY, or with `Connection: close`.
+    pub async fn all_draining(&self, open: impl Fn() -> usize) {
+        loop {
+            let notified = self.draining.1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.draining.0.load(Ordering::Acquire) >= open() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// How the serving ended.
@@ -127,6 +158,7 @@ pub async fn serve(
                 } else {
                     awaiting_handshake = true;
                 }
+                signals.drain_seen();
             }
             () = state.handshake_completed(), if awaiting_handshake => {
                 awaiting_handshake = false;

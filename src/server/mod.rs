@@ -37,7 +37,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
@@ -291,10 +291,7 @@ impl Server {
         }
         // Every connection's task, so the drain can wait for them all.
         let tasks = TaskTracker::new();
-        let signals = Signals {
-            drain: CancellationToken::new(),
-            cut: CancellationToken::new(),
-        };
+        let signals = Signals::default();
         let mut backoff = Duration::from_millis(5);
         tokio::pin!(shutdown);
         loop {
@@ -344,8 +341,17 @@ impl Server {
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
-        registry.shutdown();
         signals.drain.cancel();
+        // The connections turn graceful first, so the Waits released next
+        // are answered after the first GOAWAY, or with `Connection: close`.
+        let turned = signals.all_draining(|| connections.len());
+        if tokio::time::timeout(Duration::from_millis(200), turned)
+            .await
+            .is_err()
+        {
+            tracing::debug!("not every connection turned graceful within 200 ms");
+        }
+        registry.shutdown();
         tasks.close();
         let drain_timeout = limits.drain_timeout;
         tokio::select! {

@@ -6,6 +6,7 @@ pub mod calls;
 pub mod outside;
 pub mod rest;
 pub mod scripted;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -71,9 +72,21 @@ impl TestServer {
         WorkersClient::new(self.channel().await)
     }
 
+    /// The server's address, `127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        self.url.trim_start_matches("http://").to_owned()
+    }
+
+    /// Starts the drain (what SIGTERM does to the binary), without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+    }
+
     /// Starts the drain and waits for a clean stop.
     pub async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).ok();
+        self.begin_stop();
         let task = self.task.take().unwrap();
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
