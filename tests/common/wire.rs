@@ -329,15 +329,32 @@ impl H2 {
         path: &str,
         message: &[u8],
     ) -> Result<h2::client::ResponseFuture, h2::Error> {
+        self.start_raw(path, &grpc_message(message)).await
+    }
+
+    /// Starts a gRPC call of `path` whose whole request body is `body`.
+    pub async fn start_raw(
+        &mut self,
+        path: &str,
+        body: &[u8],
+    ) -> Result<h2::client::ResponseFuture, h2::Error> {
+        let (response, mut stream) = self.open(path).await?;
+        stream.send_data(Bytes::copy_from_slice(body), true)?;
+        Ok(response)
+    }
+
+    /// Opens a gRPC call of `path` whose body the caller sends.
+    pub async fn open(
+        &mut self,
+        path: &str,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
         let request = Request::post(format!("http://opsd.test{path}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(())
             .unwrap();
         self.send = self.send.clone().ready().await?;
-        let (response, mut body) = self.send.send_request(request, false)?;
-        body.send_data(Bytes::from(grpc_message(message)), true)?;
-        Ok(response)
+        self.send.send_request(request, false)
     }
 
     /// The last stream id of the first GOAWAY below the maximum, if any.
