@@ -60,6 +60,8 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod json;
 pub mod pb;
 pub mod registry;
