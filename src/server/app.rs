@@ -26,7 +26,7 @@ use super::{
     shed::Shed,
     Console, Operations, Workers,
 };
-use crate::{api::rest::RestService, registry::Registry};
+use crate::{api::rest::RestService, error::Error, registry::Registry};
 
 /// What a request is, as far as its head tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,14 +175,16 @@ impl App {
         }))
     }
 
-    /// The answer to a call refused before it was routed (shed): a gRPC
-    /// status, or REST's JSON error envelope.
-    pub fn refusal<B>(&self, request: &Request<B>, kind: Kind, status: Status) -> Response<Body> {
+    /// The answer to a call shed before it was routed: a trailers-only gRPC
+    /// answer, or REST's JSON error envelope (429, `Retry-After`).
+    pub fn refusal<B>(&self, request: &Request<B>, kind: Kind, error: Error) -> Response<Body> {
         if kind.grpc {
-            return status.into_http();
+            let mut response = Response::new(Body::empty());
+            *response.headers_mut() = self.shed.grpc_refusal();
+            return response;
         }
         self.rest
-            .error_answer(request.uri().query(), &status)
+            .error_answer(request.uri().query(), &Status::from(error))
             .map(Body::new)
     }
 

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use tonic::{body::Body, Status};
+use tonic::{body::Body, Code, Status};
 
 use super::{
     app::{App, Kind, Routed},
@@ -92,13 +92,17 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             match self.app.shed.admit() {
                 Ok(permit) => permit,
                 Err(error) => {
-                    let status = Status::from(error);
                     let method = kind
                         .method
                         .or_else(|| self.app.rest_method(&request))
                         .unwrap_or("-");
-                    refused(method, transport(kind), &status, Instant::now());
-                    let response = self.app.refusal(&request, kind, status);
+                    let response = self.app.refusal(&request, kind, error);
+                    refused(
+                        method,
+                        transport(kind),
+                        Code::ResourceExhausted,
+                        Instant::now(),
+                    );
                     return CallFuture {
                         routed: None,
                         ready: Some(response),
@@ -160,7 +164,8 @@ impl Future for CallFuture {
         if let Some((witness, method, started)) = this.witness.take() {
             if !witness.observed() {
                 if let Some(status) = grpc_status(&response) {
-                    refused(method, "grpc", &status, started);
+                    tracing::debug!(method, code = ?status.code(), message = status.message(), "call refused before its handler");
+                    refused(method, "grpc", status.code(), started);
                 }
             }
         }

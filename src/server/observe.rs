@@ -117,21 +117,14 @@ impl Witness {
     }
 }
 
-/// Counts and logs a call refused before its handler ran, with the status
+/// Counts and logs a call refused before its handler ran, with the code
 /// it was answered with.
-pub(crate) fn refused(
-    method: &'static str,
-    transport: &'static str,
-    status: &Status,
-    started: Instant,
-) {
-    let code = status.code();
+pub(crate) fn refused(method: &'static str, transport: &'static str, code: Code, started: Instant) {
     metrics::rpc(method, transport, code, started.elapsed());
     tracing::debug!(
         method,
         transport,
         code = metrics::code_name(code),
-        message = status.message(),
         "call refused before its handler"
     );
 }

@@ -30,6 +30,9 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub struct Shed {
     limit: usize,
     in_flight: AtomicUsize,
+    /// The gRPC refusal's headers, encoded once: a refusal must cost far
+    /// less than the call it saves.
+    grpc_refusal: http::HeaderMap,
 }
 
 /// A call's place in the budget; dropping it frees the place.
@@ -45,10 +48,20 @@ impl Drop for Permit {
 impl Shed {
     /// A budget of `limit` calls; 0: unlimited.
     pub fn new(limit: usize) -> Arc<Self> {
+        let refusal = tonic::Status::from(Self::error(limit));
+        let grpc_refusal = refusal.into_http::<()>().into_parts().0.headers;
         Arc::new(Self {
             limit,
             in_flight: AtomicUsize::new(0),
+            grpc_refusal,
         })
+    }
+
+    fn error(limit: usize) -> Error {
+        Error::Overloaded {
+            limit,
+            retry_after: RETRY_AFTER,
+        }
     }
 
     /// A place for one call, or the error that refuses it.
@@ -58,12 +71,15 @@ impl Shed {
         }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.limit {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Overloaded {
-                limit: self.limit,
-                retry_after: RETRY_AFTER,
-            });
+            return Err(Self::error(self.limit));
         }
         Ok(Some(Permit(self.clone())))
+    }
+
+    /// The headers of a trailers-only gRPC answer refusing a call (the
+    /// status of [`Shed::admit`]'s error).
+    pub fn grpc_refusal(&self) -> http::HeaderMap {
+        self.grpc_refusal.clone()
     }
 }
 
