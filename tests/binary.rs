@@ -88,6 +88,12 @@ fn help_documents_every_serve_flag() {
         "--log-format",
         "--wait-cap",
         "--drain-timeout",
+        "--header-read-timeout",
+        "--body-read-timeout",
+        "--idle-timeout",
+        "--min-ping-interval",
+        "--max-connections",
+        "--max-in-flight",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }

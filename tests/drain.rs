@@ -396,3 +396,97 @@ async fn http1_finishes_the_response_in_progress_then_closes() {
     assert_eq!(op["name"], name.as_str());
     server.stop().await;
 }
+
+/// A rolling restart of the binary on one redb file and one port, under
+/// load: the old process drains on SIGTERM and exits 0, a new one starts on
+/// the same file and port. Every call the old one accepted was answered
+/// OK, every operation it acknowledged is in the new one, and the clients
+/// go on with the new one.
+#[test]
+fn rolling_restart_of_the_binary_loses_no_accepted_call() {
+    use common::binary::Opsd;
+    let dir = std::env::temp_dir().join(format!("opsd-rolling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = format!("redb:{}", dir.join("opsd.redb").display());
+    let flags = ["--store", store.as_str(), "--drain-timeout", "10s"];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+
+    let mut old = Opsd::start(&flags);
+    let address = old.address.clone();
+    let get_message = runtime.block_on(async {
+        let url = format!("http://{address}");
+        let mut workers = opsd::pb::opsd::v1::workers_client::WorkersClient::connect(url)
+            .await
+            .unwrap();
+        let name = create(&mut workers, op("projects/r", "seed")).await.name;
+        GetOperationRequest { name }.encode_to_vec()
+    });
+    let clients: Vec<_> = (0..3)
+        .map(|c| {
+            let (address, get_message) = (address.clone(), get_message.clone());
+            runtime.spawn(async move {
+                let mut h2 = H2::connect(&address, H2Options::default()).await;
+                let mut calls = Vec::new();
+                for i in 0.. {
+                    let (path, message) = if i % 2 == 0 {
+                        (GET, get_message.clone())
+                    } else {
+                        let create = CreateOperationRequest {
+                            parent: format!("projects/r{c}"),
+                            ..Default::default()
+                        };
+                        (CREATE, create.encode_to_vec())
+                    };
+                    let Ok(response) = h2.start(path, &message).await else {
+                        break;
+                    };
+                    let id = u32::from(response.stream_id());
+                    calls.push((id, read_answer(response, Duration::ZERO).await));
+                }
+                (h2.last_stream(), calls)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let status = old.terminate();
+    assert!(status.success(), "the old opsd exited with {status}");
+
+    let mut acknowledged = Vec::new();
+    for (n, client) in clients.into_iter().enumerate() {
+        let (last, calls) = runtime.block_on(client).unwrap();
+        let mut outcomes = Vec::new();
+        for (id, answer) in calls {
+            match answer {
+                Ok(answer) => {
+                    let code = answer.code().unwrap_or(Code::Unknown);
+                    if code == Code::Ok && answer.data.len() > 5 {
+                        let op =
+                            opsd::pb::google::longrunning::Operation::decode(&answer.data[5..])
+                                .unwrap();
+                        acknowledged.push(op.name);
+                    }
+                    outcomes.push((id, Outcome::Answered(code)));
+                }
+                Err(err) => outcomes.push((id, Outcome::Failed(err))),
+            }
+        }
+        let answered = check(&format!("connection {n}"), last, &outcomes);
+        assert!(answered > 0, "connection {n}: nothing answered");
+    }
+
+    let new = Opsd::start_on(&address, &flags);
+    runtime.block_on(async {
+        let mut ops = opsd::pb::google::longrunning::operations_client::OperationsClient::connect(
+            format!("http://{}", new.address),
+        )
+        .await
+        .unwrap();
+        for name in &acknowledged {
+            ops.get_operation(GetOperationRequest { name: name.clone() })
+                .await
+                .unwrap_or_else(|e| panic!("{name} was acknowledged, then lost: {e}"));
+        }
+    });
+    drop(new);
+    std::fs::remove_dir_all(&dir).ok();
+}
