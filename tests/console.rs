@@ -48,7 +48,10 @@ async fn infos_carry_the_times_and_facts_of_each_operation() {
     let coop = create(&mut workers, cooperative).await.name;
     clock.advance(Duration::from_secs(5));
     let done = create(&mut workers, op("projects/p", "done")).await.name;
-    workers.complete_operation(respond(&done, "ok")).await.unwrap();
+    workers
+        .complete_operation(respond(&done, "ok"))
+        .await
+        .unwrap();
     ops.cancel_operation(cancel(&coop)).await.unwrap();
 
     let page = console
@@ -66,7 +69,10 @@ async fn infos_carry_the_times_and_facts_of_each_operation() {
         coop_info.create_time.unwrap(),
         prost_types::Timestamp::from(start)
     );
-    assert!(coop_info.cancel_requested, "the cooperative cancel is pending");
+    assert!(
+        coop_info.cancel_requested,
+        "the cooperative cancel is pending"
+    );
     assert_eq!(coop_info.cancel_policy, CancelPolicy::Cooperative as i32);
     assert!(coop_info.done_time.is_none());
     let done_info = &page.operations[1];
@@ -140,14 +146,20 @@ async fn the_change_feed_sends_the_initial_state_then_each_change() {
     assert_eq!(created.name, later);
     assert!(!created.info.unwrap().operation.unwrap().done);
 
-    workers.complete_operation(respond(&later, "ok")).await.unwrap();
+    workers
+        .complete_operation(respond(&later, "ok"))
+        .await
+        .unwrap();
     let completed = next(&mut stream).await;
     assert_eq!(completed.name, later);
     assert!(completed.info.unwrap().operation.unwrap().done);
 
     ops.delete_operation(delete(&before)).await.unwrap();
     let deleted = next(&mut stream).await;
-    assert_eq!((deleted.name.as_str(), deleted.deleted), (before.as_str(), true));
+    assert_eq!(
+        (deleted.name.as_str(), deleted.deleted),
+        (before.as_str(), true)
+    );
     assert!(deleted.info.is_none());
     server.stop().await;
 }
@@ -167,7 +179,9 @@ async fn the_change_feed_honours_filters_and_every_operation() {
         .unwrap()
         .into_inner();
     let a = create(&mut workers, op("", "a")).await.name;
-    let b = create(&mut workers, op("projects/p/locations/l", "b")).await.name;
+    let b = create(&mut workers, op("projects/p/locations/l", "b"))
+        .await
+        .name;
     workers.complete_operation(respond(&b, "ok")).await.unwrap();
     workers.complete_operation(respond(&a, "ok")).await.unwrap();
     // Creations of running operations do not pass the filter.

@@ -99,7 +99,12 @@ async fn parent_and_collection_names_list_the_same_operations_in_name_order() {
 async fn a_lone_dash_lists_every_operation_at_every_depth_over_grpc_and_rest() {
     let server = TestServer::start().await;
     let (mut ops, mut workers) = (server.operations().await, server.workers().await);
-    let parents = ["", "projects/p", "projects/p/locations/l", "folders/f/x/y/z/w"];
+    let parents = [
+        "",
+        "projects/p",
+        "projects/p/locations/l",
+        "folders/f/x/y/z/w",
+    ];
     let mut expected = Vec::new();
     for parent in parents {
         expected.push(create(&mut workers, op(parent, "a")).await.name);

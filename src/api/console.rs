@@ -99,9 +99,9 @@ impl Console for ConsoleService {
         request: Request<WatchOperationChangesRequest>,
     ) -> Result<Response<ChangeStream>, Status> {
         let request = request.into_inner();
-        let changes = self
-            .registry
-            .follow(&request.parent, &request.filter, request.send_initial)?;
+        let changes =
+            self.registry
+                .follow(&request.parent, &request.filter, request.send_initial)?;
         let stream = ReceiverStream::new(changes).map(|followed| match followed {
             Ok(followed) => Ok(change(followed)),
             Err(err) => Err(Status::from(err)),

@@ -186,7 +186,11 @@ impl Registry {
                 }))
             }
         };
-        if selection.filter.as_ref().is_some_and(|f| !f.matches(&stored)) {
+        if selection
+            .filter
+            .as_ref()
+            .is_some_and(|f| !f.matches(&stored))
+        {
             return Ok(None);
         }
         let record = Record::from_stored(stored)?;

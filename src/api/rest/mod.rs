@@ -147,10 +147,18 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         if settings.routes == RestRoutes::Google {
             sources.push(rules::google_routes(&pool)?);
         }
-        for source in &sources {
-            if let Some(first) = source.first() {
-                tracing::info!(source = %first.origin, routes = source.len(), "REST routes");
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for route in sources.iter().flatten() {
+            match counts
+                .iter_mut()
+                .find(|(origin, _)| *origin == route.origin)
+            {
+                Some((_, count)) => *count += 1,
+                None => counts.push((&route.origin, 1)),
             }
+        }
+        for (origin, routes) in counts {
+            tracing::info!(source = origin, routes, "REST routes");
         }
         let mut routes: Vec<(usize, Route)> = sources
             .into_iter()
@@ -331,7 +339,10 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                     .get_operation_info(grpc(&message, headers)?)
                     .await?
                     .into_inner();
-                write_json(&info_json(&info, pool, presentation.json), presentation.pretty)
+                write_json(
+                    &info_json(&info, pool, presentation.json),
+                    presentation.pretty,
+                )
             }
         })
     }
@@ -480,6 +491,13 @@ fn list_body(
             )
         },
     )
+}
+
+/// The ProtoJSON of an operation as the REST surface writes it, for tools
+/// such as `opsd ops`: an `Any` of a type `pool` does not know falls back to
+/// `{"@type", "value"}` (base64) without hiding the rest.
+pub fn render_operation(op: &Operation, pool: &DescriptorPool) -> Value {
+    operation_json(op, pool, JsonOptions::default())
 }
 
 /// An operation as ProtoJSON; an `Any` of an unknown type falls back to

@@ -412,7 +412,10 @@ mod tests {
                     RestMethod::ListInfos,
                     "/v1/{name=*/**}/operations:info".to_owned()
                 ),
-                (RestMethod::ListInfos, "/v1/{name=operations}:info".to_owned()),
+                (
+                    RestMethod::ListInfos,
+                    "/v1/{name=operations}:info".to_owned()
+                ),
                 (
                     RestMethod::GetInfo,
                     "/v1/{name=**/operations/*}:info".to_owned()
