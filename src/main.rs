@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 /// mimalloc: faster than the system allocator for opsd's many small
 /// allocations, with no per-allocation header, so a stored operation and a
-/// parked Wait cost less memory (README, Benchmarks).
+/// parked Wait cost less memory (benches/README.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
