@@ -366,12 +366,11 @@ impl App {
         }
         Either::Right(Box::pin(async move {
             let get = request.method() == http::Method::GET;
-            let response = match request.uri().path() {
-                "/healthz" if get => self.health(request.uri().query()),
-                "/metrics" if get && self.metrics.is_some() => self.metrics().await,
+            Ok(match request.uri().path() {
+                "/healthz" if get => self.health(request.uri().query()).map(Body::new),
+                "/metrics" if get && self.metrics.is_some() => self.metrics().await.map(Body::new),
                 _ => self.rest.handle(request).await,
-            };
-            Ok(response.map(Body::new))
+            })
         }))
     }
 

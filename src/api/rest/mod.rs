@@ -21,6 +21,7 @@
 
 mod request;
 mod rules;
+mod sse;
 mod template;
 
 pub use rules::RuleError;
@@ -51,6 +52,12 @@ use crate::{
         opsd::v1::{console_server::Console, workers_server::Workers, OperationInfo},
     },
 };
+
+/// What a REST call answers: a JSON body, or a stream of server-sent events.
+enum Answer {
+    Json(Vec<u8>),
+    Events(sse::Changes),
+}
 
 /// The values a path template bound: (field path, value).
 type PathValues = Vec<(String, String)>;
@@ -209,7 +216,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
     }
 
     /// Answers one HTTP request. Never fails: errors are JSON responses.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<tonic::body::Body>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -218,7 +225,10 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         let pool = self.inner.types.pool();
         let (query, presentation) = match request::split_query(parts.uri.query().unwrap_or("")) {
             Ok(split) => split,
-            Err(err) => return error_response(&Status::from(err), &pool, Presentation::default()),
+            Err(err) => {
+                return error_response(&Status::from(err), &pool, Presentation::default())
+                    .map(tonic::body::Body::new)
+            }
         };
         match self
             .call(
@@ -232,8 +242,11 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
             )
             .await
         {
-            Ok(body) => body_response(StatusCode::OK, body),
-            Err(status) => error_response(&status, &pool, presentation),
+            Ok(Answer::Json(body)) => {
+                body_response(StatusCode::OK, body).map(tonic::body::Body::new)
+            }
+            Ok(Answer::Events(changes)) => sse::response(changes, pool, presentation.json),
+            Err(status) => error_response(&status, &pool, presentation).map(tonic::body::Body::new),
         }
     }
 
@@ -248,7 +261,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         query: Vec<(String, String)>,
         pool: &DescriptorPool,
         presentation: Presentation,
-    ) -> Result<Vec<u8>, Status>
+    ) -> Result<Answer, Status>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -266,7 +279,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         };
         let message = request::build(route.input.clone(), &route.body, &body, values, query)?;
         let ops = &self.inner.operations;
-        Ok(match route.method {
+        Ok(Answer::Json(match route.method {
             RestMethod::List => {
                 let response = ops
                     .list_operations(grpc(&message, headers)?)
@@ -344,7 +357,16 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                     presentation.pretty,
                 )
             }
-        })
+            RestMethod::WatchChanges => {
+                let changes = self
+                    .inner
+                    .console
+                    .watch_operation_changes(grpc(&message, headers)?)
+                    .await?
+                    .into_inner();
+                return Ok(Answer::Events(Box::pin(changes)));
+            }
+        }))
     }
 
     /// The route for a method and raw path, with its path values.
