@@ -48,6 +48,10 @@ pub struct ServeArgs {
     #[arg(long)]
     no_metrics: bool,
 
+    /// Do not serve the operator page at /ui/.
+    #[arg(long)]
+    no_ui: bool,
+
     /// Which REST routes to serve besides operations.proto's and the
     /// --http-rules files': `google` (the default) also serves Google Cloud's
     /// operation URLs under any version segment (`/{version}/{name=**/operations/*}`,
@@ -176,6 +180,7 @@ impl ServeArgs {
             descriptor_sets: self.descriptor_sets,
             scenarios: self.scenarios,
             metrics: !self.no_metrics,
+            ui: !self.no_ui,
             ..Config::default()
         };
         config.operations.disabled_methods = self.disable_methods.into_iter().collect();

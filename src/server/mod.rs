@@ -64,6 +64,7 @@ use crate::{
 
 mod metrics;
 pub mod observe;
+mod ui;
 
 /// The Operations service as the server mounts it (gRPC and REST).
 type Operations = Observed<OperationsService>;
@@ -237,6 +238,7 @@ impl Server {
             rest,
             registry: registry.clone(),
             metrics,
+            ui: config.ui,
         };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -345,6 +347,8 @@ struct App {
     /// For `/healthz` and the gauges of `/metrics`.
     registry: Registry,
     metrics: Option<PrometheusHandle>,
+    /// Whether `/ui/` serves the operator page.
+    ui: bool,
 }
 
 /// The future of one request. A gRPC call holds only the router's future;
@@ -369,6 +373,9 @@ impl App {
             Ok(match request.uri().path() {
                 "/healthz" if get => self.health(request.uri().query()).map(Body::new),
                 "/metrics" if get && self.metrics.is_some() => self.metrics().await.map(Body::new),
+                path if self.ui && ui::is_ui_path(path) => {
+                    ui::answer(request.method(), path, request.headers()).map(Body::new)
+                }
                 _ => self.rest.handle(request).await,
             })
         }))
