@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's benchmark figures, measured on this machine.
+# The benchmark figures of benches/README.md (and the README's summary), measured on this machine.
 #
 #   benches/suite.sh [section ...]
 #

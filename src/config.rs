@@ -131,6 +131,8 @@ pub struct Config {
     pub scenarios: Vec<PathBuf>,
     /// Serve `/metrics` (Prometheus) and record into it.
     pub metrics: bool,
+    /// Serve the operator page at `/ui/` (`--no-ui` turns it off).
+    pub ui: bool,
     pub limits: Limits,
 }
 
@@ -145,6 +147,7 @@ impl Default for Config {
             descriptor_sets: Vec::new(),
             scenarios: Vec::new(),
             metrics: true,
+            ui: true,
             limits: Limits::default(),
         }
     }

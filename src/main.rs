@@ -1,18 +1,15 @@
-//! The `opsd` command line: flags → `Config` → `server::run`.
+//! The `opsd` command line: `opsd serve` (flags → `Config` →
+//! `server::run`) and `opsd ops` (a client of a running server).
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+mod cli;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use opsd::{
-    api::{operations::Method, rest::RestRoutes},
-    config::{read_page_token_key, Config, StoreConfig},
-    registry::PollingReports,
-};
-use tokio::net::TcpListener;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
 
 /// mimalloc: faster than the system allocator for opsd's many small
 /// allocations, with no per-allocation header, so a stored operation and a
-/// parked Wait cost less memory (README, Benchmarks).
+/// parked Wait cost less memory (benches/README.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,300 +27,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve gRPC (Operations, Workers, health, reflection) and the REST/JSON
-    /// surface on one port.
-    Serve(Box<ServeArgs>),
-}
-
-#[derive(clap::Args, Debug)]
-struct ServeArgs {
-    /// Address to listen on (one port for every protocol).
-    #[arg(long, default_value = "127.0.0.1:50051", env = "OPSD_LISTEN")]
-    listen: SocketAddr,
-
-    /// Where operations are kept. `redb:PATH` (the default): a durable file,
-    /// its directory created if needed; `redb` alone uses the default path.
-    /// `memory`: in process, lost on exit (tests, ephemeral use).
-    #[arg(long, default_value = "redb:./opsd-data/opsd.redb")]
-    store: StoreConfig,
-
-    /// How long done operations are kept before they are deleted (AIP-151),
-    /// e.g. `30d`, `12h`, `90s`.
-    #[arg(long, default_value = "30d", value_parser = parse_positive_duration)]
-    retention: Duration,
-
-    /// Switch an Operations method off: it answers UNIMPLEMENTED. Repeatable.
-    #[arg(long = "disable-method", value_name = "cancel|delete|list|wait")]
-    disable_methods: Vec<Method>,
-
-    /// A Google service-config YAML file; REST also serves its `http: rules:`
-    /// for google.longrunning.Operations methods (with additional_bindings).
-    /// Repeatable. A rule that cannot be parsed stops start-up.
-    #[arg(long = "http-rules", value_name = "FILE")]
-    http_rules: Vec<PathBuf>,
-
-    /// A scenario file (YAML, see examples/scenarios/): scripted operations
-    /// created at start-up. Repeatable; applying a file again is idempotent.
-    #[arg(long = "scenario", value_name = "FILE")]
-    scenarios: Vec<PathBuf>,
-
-    /// Do not serve /metrics and record nothing (every metric is then a no-op).
-    #[arg(long)]
-    no_metrics: bool,
-
-    /// Which REST routes to serve besides operations.proto's and the
-    /// --http-rules files': `google` (the default) also serves Google Cloud's
-    /// operation URLs under any version segment (`/{version}/{name=**/operations/*}`,
-    /// `…:cancel`, `…:wait`, `/{version}/{name=**}/operations`); `strict`
-    /// serves only what the protos and the files declare.
-    #[arg(long, value_enum, default_value_t = RoutesArg::Google)]
-    rest_routes: RoutesArg,
-
-    /// The errors opsd itself writes into operations (cancel, cooperative
-    /// grace expiry, lease expiry) carry an ErrorInfo with a stable reason
-    /// (OPERATION_CANCELLED, WORKER_LEASE_EXPIRED). Off: `{code, message}`
-    /// only, as Google's services write them (some clients cannot decode
-    /// an ErrorInfo inside an operation).
-    #[arg(long)]
-    operation_error_details: bool,
-
-    /// REST refuses calls whose x-goog-api-client header does not name
-    /// rest/ and gapic/ (as Google's showcase server does). Off: curl works.
-    #[arg(long)]
-    strict_rest_clients: bool,
-
-    /// Which operations record the calls clients make on them (see
-    /// Workers.GetOperationReport): scripted ones, all, or none.
-    #[arg(long, value_enum, default_value_t = ReportsArg::Scripted)]
-    polling_reports: ReportsArg,
-
-    /// An encoded FileDescriptorSet (`protoc --include_imports
-    /// --descriptor_set_out`, `buf build -o`) whose message types REST renders
-    /// inside `metadata` and `response`. Repeatable.
-    #[arg(long = "descriptor-set", value_name = "FILE")]
-    descriptor_sets: Vec<PathBuf>,
-
-    /// Log format on standard error. The level comes from RUST_LOG (default `info`).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-
-    /// The longest a single WaitOperation call blocks.
-    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
-    wait_cap: Duration,
-
-    /// How many WaitOperation calls may be open at once; more answer
-    /// RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 100_000)]
-    max_waiters: usize,
-
-    /// How long a COOPERATIVE operation's worker has to finish after a cancel
-    /// before opsd finishes it as CANCELLED (unless the worker chose its own).
-    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
-    cancel_grace_period: Duration,
-
-    /// The largest gRPC message accepted or sent, in bytes; a larger request
-    /// is RESOURCE_EXHAUSTED. The largest operation a worker may store (and
-    /// the largest List page) is max(1,024, BYTES - 65,536).
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
-    max_message_size: usize,
-
-    /// Concurrent HTTP/2 streams per connection.
-    #[arg(long, default_value_t = 1024)]
-    max_concurrent_streams: u32,
-
-    /// How often idle HTTP/2 connections are pinged.
-    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
-    keepalive_interval: Duration,
-
-    /// How long a keepalive ping may go unanswered.
-    #[arg(long, default_value = "20s", value_parser = parse_positive_duration)]
-    keepalive_timeout: Duration,
-
-    /// A file holding the secret (at least 32 bytes; its first 32 are used)
-    /// that signs List page tokens. Default: a random key kept in the store,
-    /// so tokens survive restarts and every replica sharing the store accepts them.
-    #[arg(long, value_name = "FILE")]
-    page_token_key_file: Option<PathBuf>,
-
-    /// How long a List page token stays valid.
-    #[arg(long, default_value = "3d", value_parser = parse_positive_duration)]
-    page_token_ttl: Duration,
-
-    /// The largest REST request body, in bytes; larger answers 413.
-    #[arg(long, default_value_t = 1024 * 1024)]
-    max_body_bytes: usize,
-
-    /// How long a new connection may take to complete its handshake (the
-    /// HTTP/2 preface and SETTINGS, or its first HTTP/1 request head);
-    /// also how long an HTTP/1 client may take to send each later request
-    /// head (and so how long an idle HTTP/1 connection stays open).
-    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
-    header_read_timeout: Duration,
-
-    /// How long a connection may stay open with no call open; then it gets
-    /// a graceful GOAWAY (HTTP/2) and is closed.
-    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
-    idle_timeout: Duration,
-
-    /// HTTP/2 PINGs from a client closer together than this, while the
-    /// server sends nothing, are strikes; after two the client gets GOAWAY
-    /// ENHANCE_YOUR_CALM `too_many_pings`, as grpc-go and grpc-java do.
-    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
-    min_ping_interval: Duration,
-
-    /// Calls in flight at most, over gRPC and REST (Waits and streams do not
-    /// count: see --max-waiters); a call over it is answered at once with
-    /// RESOURCE_EXHAUSTED (REST 429 with Retry-After). 0: no limit.
-    #[arg(long, default_value_t = opsd::config::Limits::DEFAULT_MAX_IN_FLIGHT)]
-    max_in_flight: usize,
-
-    /// How long a client may take to send a request body, from the
-    /// request's arrival: REST and gRPC calls (INVALID_ARGUMENT, REST 400).
-    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
-    body_read_timeout: Duration,
-
-    /// Open connections at most. At the cap a new client still gets in: a
-    /// connection that has not completed its handshake, else the one idle
-    /// the longest, is closed to make room; only when every connection has
-    /// a call open is the new client closed at once.
-    #[arg(long, default_value_t = 10_000)]
-    max_connections: usize,
-
-    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before
-    /// the remaining connections are closed.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    drain_timeout: Duration,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ReportsArg {
-    Scripted,
-    All,
-    Off,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum RoutesArg {
-    Google,
-    Strict,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-impl ServeArgs {
-    /// The configuration these flags ask for, checked as every
-    /// configuration is ([`Config::validate`]).
-    fn into_config(self) -> Result<Config, String> {
-        let mut config = Config {
-            listen: self.listen,
-            store: self.store,
-            descriptor_sets: self.descriptor_sets,
-            scenarios: self.scenarios,
-            metrics: !self.no_metrics,
-            ..Config::default()
-        };
-        config.operations.disabled_methods = self.disable_methods.into_iter().collect();
-        let rest = &mut config.rest;
-        rest.http_rules = self.http_rules;
-        rest.strict_clients = self.strict_rest_clients;
-        rest.routes = match self.rest_routes {
-            RoutesArg::Google => RestRoutes::Google,
-            RoutesArg::Strict => RestRoutes::Strict,
-        };
-        rest.max_body_bytes = self.max_body_bytes;
-        rest.body_read_timeout = self.body_read_timeout;
-        let registry = &mut config.registry;
-        registry.retention = self.retention;
-        registry.wait_cap = self.wait_cap;
-        registry.max_waiters = self.max_waiters;
-        registry.cancel_grace_period = self.cancel_grace_period;
-        registry.operation_error_details = self.operation_error_details;
-        registry.page_token_ttl = self.page_token_ttl;
-        registry.polling_reports = match self.polling_reports {
-            ReportsArg::Scripted => PollingReports::Scripted,
-            ReportsArg::All => PollingReports::All,
-            ReportsArg::Off => PollingReports::Off,
-        };
-        registry.page_token_key = self
-            .page_token_key_file
-            .as_deref()
-            .map(read_page_token_key)
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        config.set_max_message_size(self.max_message_size);
-        let limits = &mut config.limits;
-        limits.max_concurrent_streams = self.max_concurrent_streams;
-        limits.keepalive_interval = self.keepalive_interval;
-        limits.keepalive_timeout = self.keepalive_timeout;
-        limits.drain_timeout = self.drain_timeout;
-        limits.header_read_timeout = self.header_read_timeout;
-        limits.idle_timeout = self.idle_timeout;
-        limits.min_ping_interval = self.min_ping_interval;
-        limits.max_in_flight = self.max_in_flight;
-        limits.max_connections = self.max_connections.max(1);
-        config.validate().map_err(|e| e.to_string())?;
-        Ok(config)
-    }
-}
-
-/// A duration flag that must be positive (clap reports a bad one with the
-/// usage, before anything starts).
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(value).map_err(|e| e.to_string())?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".to_owned());
-    }
-    Ok(duration)
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a person at a terminal, and never when NO_COLOR is set
-    // (https://no-color.org): a log file or collector gets plain text.
-    use std::io::IsTerminal;
-    let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(cause = %err, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(cause = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
+    /// Serve gRPC (Operations, Workers, Console, health, reflection) and the
+    /// REST/JSON surface on one port.
+    Serve(Box<cli::serve::ServeArgs>),
+    /// Call a running server: list, get, cancel, delete, wait for and watch
+    /// operations (gRPC). A failed call exits with 64 + its gRPC code.
+    Ops(cli::ops::OpsArgs),
 }
 
 fn main() -> ExitCode {
@@ -333,39 +42,15 @@ fn main() -> ExitCode {
         .enable_all()
         .build();
     match runtime {
-        Ok(runtime) => runtime.block_on(run(cli.command)),
+        Ok(runtime) => runtime.block_on(async {
+            match cli.command {
+                Command::Serve(args) => cli::serve::run(*args).await,
+                Command::Ops(args) => cli::ops::run(args).await,
+            }
+        }),
         Err(err) => {
             eprintln!("opsd: cannot start the Tokio runtime: {err}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(command: Command) -> ExitCode {
-    match command {
-        Command::Serve(args) => {
-            init_logging(args.log_format);
-            let config = match args.into_config() {
-                Ok(config) => config,
-                Err(err) => {
-                    tracing::error!(cause = %err, "invalid configuration");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let listener = match TcpListener::bind(config.listen).await {
-                Ok(listener) => listener,
-                Err(err) => {
-                    tracing::error!(address = %config.listen, cause = %err, "cannot listen");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match opsd::server::run(listener, config, shutdown_signal()).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    tracing::error!(cause = %err, "server failed");
-                    ExitCode::FAILURE
-                }
-            }
         }
     }
 }
@@ -378,56 +63,5 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn serve_flags_reach_the_config() {
-        let cli = Cli::try_parse_from([
-            "opsd",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--retention",
-            "2h",
-            "--disable-method",
-            "cancel",
-            "--disable-method",
-            "wait",
-        ])
-        .unwrap();
-        let Command::Serve(args) = cli.command;
-        let config = args.into_config().unwrap();
-        assert_eq!(config.registry.retention, Duration::from_secs(7200));
-        assert_eq!(
-            config
-                .operations
-                .disabled_methods
-                .into_iter()
-                .collect::<Vec<_>>(),
-            [Method::Cancel, Method::Wait]
-        );
-        assert!(Cli::try_parse_from(["opsd", "serve", "--store", "postgres"]).is_err());
-        assert!(Cli::try_parse_from(["opsd", "serve", "--store", "redb:"]).is_err());
-        let parse = |args: &[&str]| {
-            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command;
-            args.into_config().unwrap().store
-        };
-        assert_eq!(parse(&["opsd", "serve"]), StoreConfig::default());
-        assert_eq!(
-            parse(&["opsd", "serve", "--store", "redb:/tmp/x.redb"]),
-            StoreConfig::Redb("/tmp/x.redb".into())
-        );
-        assert_eq!(
-            parse(&["opsd", "serve", "--store", "memory"]),
-            StoreConfig::Memory
-        );
-        assert!(Cli::try_parse_from(["opsd", "serve", "--retention", "0s"]).is_err());
-        assert!(Cli::try_parse_from(["opsd", "serve", "--body-read-timeout", "0s"]).is_err());
-        // Zero connections means one, as it always did.
-        let Command::Serve(one) = Cli::try_parse_from(["opsd", "serve", "--max-connections", "0"])
-            .unwrap()
-            .command;
-        assert_eq!(one.into_config().unwrap().limits.max_connections, 1);
-        assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
     }
 }

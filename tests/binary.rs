@@ -1,5 +1,6 @@
-//! The `opsd` binary as users run it: `--help`, and a clean SIGTERM drain.
-//! (grpcurl against it: `tests/grpcurl.rs`.)
+//! The `opsd` binary as users run it: `--help`, plain logs, host names to
+//! listen on, and a clean SIGTERM drain. (grpcurl against it:
+//! `tests/grpcurl.rs`; `opsd ops`: `tests/ops_cli.rs`.)
 
 mod common;
 
@@ -88,6 +89,8 @@ fn help_documents_every_serve_flag() {
         "--log-format",
         "--wait-cap",
         "--drain-timeout",
+        "--rest-routes",
+        "--operation-error-details",
         "--header-read-timeout",
         "--body-read-timeout",
         "--idle-timeout",
@@ -103,4 +106,57 @@ fn help_documents_every_serve_flag() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown store"));
+}
+
+/// The text log lines of `opsd serve ARGS` up to the one that says it
+/// listens, then the server is killed.
+fn text_log_until_listening(args: &[&str], env: &[(&str, &str)]) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opsd"))
+        .args(["serve", "--store", "memory"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("opsd listening") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    log
+}
+
+#[test]
+fn logs_off_a_terminal_carry_no_colour() {
+    // stderr is a pipe here: no ANSI escapes, with or without NO_COLOR.
+    let log = text_log_until_listening(&["--listen", "127.0.0.1:0"], &[]);
+    assert!(log.contains("opsd listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+    let log = text_log_until_listening(&["--listen", "127.0.0.1:0"], &[("NO_COLOR", "1")]);
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+    // Start-up says where its REST routes come from.
+    assert!(log.contains("REST routes"), "{log}");
+}
+
+#[test]
+fn listen_takes_a_host_name() {
+    let log = text_log_until_listening(&["--listen", "localhost:0"], &[]);
+    assert!(log.contains("address=127.0.0.1:"), "{log}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_opsd"))
+        .args(["serve", "--store", "memory", "--listen", "localhost"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("give an IP address"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use common::{
     calls::{cancel, delete, error_of, get, respond},
-    create, manual_clock, op, reason, status, TestServer,
+    create, manual_clock, op, reason,
+    scripted::wait,
+    status, TestServer,
 };
 use opsd::{
     pb::opsd::v1::{
@@ -161,17 +163,7 @@ async fn cooperative_cancel_lets_the_worker_finish_then_forces_cancelled() {
     let running = ops.get_operation(get(&name)).await.unwrap().into_inner();
     assert!(!running.done, "the grace period is not over");
     clock.advance(Duration::from_millis(1));
-    let waited = ops
-        .wait_operation(opsd::pb::google::longrunning::WaitOperationRequest {
-            name: name.clone(),
-            timeout: Some(prost_types::Duration {
-                seconds: 5,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let waited = wait(&server, &name, 5.0).await;
     assert!(waited.done);
     assert_eq!(error_of(&waited).code, 1);
     assert!(error_of(&waited).details.is_empty());
@@ -217,17 +209,7 @@ async fn operation_error_details_puts_reasons_into_the_errors_opsd_writes() {
     .name;
     ops.cancel_operation(cancel(&name)).await.unwrap();
     clock.advance(Duration::from_secs(1));
-    let waited = ops
-        .wait_operation(opsd::pb::google::longrunning::WaitOperationRequest {
-            name: name.clone(),
-            timeout: Some(prost_types::Duration {
-                seconds: 5,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let waited = wait(&server, &name, 5.0).await;
     assert_eq!(reason_of(&waited), (1, "OPERATION_CANCELLED".to_owned()));
     server.stop().await;
 }

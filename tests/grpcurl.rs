@@ -61,6 +61,7 @@ fn grpcurl_lists_describes_and_drives_the_walkthrough() {
     for service in [
         "google.longrunning.Operations",
         "opsd.v1.Workers",
+        "opsd.v1.Console",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     ] {

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::list_request;
 use crate::{
     api::grpc::console_server::{Console, ConsoleServer},
     pb::{
@@ -20,7 +21,7 @@ use crate::{
             WatchOperationChangesRequest,
         },
     },
-    registry::{operation_info, Followed, ListRequest, Registry},
+    registry::{operation_info, Followed, Registry},
 };
 
 /// The `opsd.v1.Console` service. Cloning it is shallow.
@@ -68,15 +69,9 @@ impl Console for ConsoleService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationInfosResponse>, Status> {
-        let request = request.into_inner();
         let page = self
             .registry
-            .list(ListRequest {
-                name: request.name,
-                filter: request.filter,
-                page_size: request.page_size,
-                page_token: request.page_token,
-            })
+            .list(list_request(request.into_inner()))
             .await?;
         Ok(Response::new(ListOperationInfosResponse {
             operations: page.records.iter().map(operation_info).collect(),

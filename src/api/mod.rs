@@ -27,6 +27,19 @@ use crate::{
     registry::{Record, Registry},
 };
 
+/// The registry's List request for a `ListOperationsRequest` (the
+/// Operations and Console services list alike). `return_partial_success` is
+/// accepted and has no effect: one store answers for every parent, so
+/// nothing is ever unreachable.
+pub(crate) fn list_request(request: lro::ListOperationsRequest) -> crate::registry::ListRequest {
+    crate::registry::ListRequest {
+        name: request.name,
+        filter: request.filter,
+        page_size: request.page_size,
+        page_token: request.page_token,
+    }
+}
+
 /// What a request is about, for its span: the operation's name, or the
 /// parent it works under.
 pub(crate) trait Resource {

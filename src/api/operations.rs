@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, fmt, str::FromStr, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use super::{polled, rpc_deadline};
+use super::{list_request, polled, rpc_deadline};
 use crate::{
     api::grpc::operations_server::{Operations, OperationsServer},
     error::Error,
@@ -12,7 +12,7 @@ use crate::{
         CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
         ListOperationsResponse, Operation, WaitOperationRequest,
     },
-    registry::{model::wire_duration, operation, wait_budget, ListRequest, Registry},
+    registry::{model::wire_duration, operation, wait_budget, Registry},
 };
 
 /// The Operations methods a server may switch off (`--disable-method`).
@@ -112,17 +112,9 @@ impl Operations for OperationsService {
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
         self.enabled(Method::List)?;
-        let request = request.into_inner();
-        // `return_partial_success` is accepted: one store answers for every
-        // parent, so nothing is ever unreachable.
         let page = self
             .registry
-            .list(ListRequest {
-                name: request.name,
-                filter: request.filter,
-                page_size: request.page_size,
-                page_token: request.page_token,
-            })
+            .list(list_request(request.into_inner()))
             .await?;
         let response = Response::new(ListOperationsResponse {
             operations: page.records.iter().map(operation).collect(),

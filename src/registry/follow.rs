@@ -36,7 +36,7 @@ const SNAPSHOT_PAGE: usize = 500;
 pub enum Followed {
     /// The operation as it is now (its `update_time` is the time of its
     /// last change).
-    Changed(Record),
+    Changed(Box<Record>),
     /// The operation is gone (`time`: when the follower found it gone).
     Deleted { name: String, time: SystemTime },
 }
@@ -200,6 +200,6 @@ impl Registry {
                 time,
             }));
         }
-        Ok(Some(Followed::Changed(record)))
+        Ok(Some(Followed::Changed(Box::new(record))))
     }
 }

@@ -1,6 +1,6 @@
 //! What each request is, and where it goes: gRPC (opsd's three services,
 //! health, reflection), the server's own endpoints (`/healthz`,
-//! `/metrics`), or REST.
+//! `/metrics`, the operator page under `/ui/`), or REST.
 //!
 //! [`Kind`] classifies a request from its head alone, for the layers of
 //! `calls.rs`: the gRPC method it calls (known from the path; a REST call's
@@ -24,7 +24,7 @@ use super::{
     guard::{GuardSettings, Guarded},
     metrics,
     shed::Shed,
-    Console, Operations, Workers,
+    ui, Console, Operations, Workers,
 };
 use crate::{api::rest::RestService, error::Error, registry::Registry};
 
@@ -120,13 +120,14 @@ impl Kind {
                 },
             };
         }
-        // REST Waits are the routes with the `:wait` verb (every default
-        // route and service config maps WaitOperation so).
-        let own = matches!(path, "/healthz" | "/metrics");
+        // REST Waits and feeds are the routes with the `:wait` and `:watch`
+        // verbs (every default route and service config maps them so); the
+        // server's own pages do not count either.
+        let own = matches!(path, "/healthz" | "/metrics") || path.starts_with("/ui");
         Self {
             grpc,
             method: None,
-            counted: !own && !path.ends_with(":wait"),
+            counted: !own && !path.ends_with(":wait") && !path.ends_with(":watch"),
         }
     }
 }
@@ -144,6 +145,8 @@ pub struct App {
     pub connections: std::sync::Arc<Connections>,
     pub guard: GuardSettings,
     pub shed: std::sync::Arc<Shed>,
+    /// Whether `/ui/` serves the operator page.
+    pub ui: bool,
 }
 
 /// The future of one request. A gRPC call holds only the router's future;
@@ -166,12 +169,14 @@ impl App {
         let app = self.clone();
         Either::Right(Box::pin(async move {
             let get = request.method() == http::Method::GET;
-            let response = match request.uri().path() {
-                "/healthz" if get => app.health(request.uri().query()),
-                "/metrics" if get && app.metrics.is_some() => app.metrics().await,
+            Ok(match request.uri().path() {
+                "/healthz" if get => app.health(request.uri().query()).map(Body::new),
+                "/metrics" if get && app.metrics.is_some() => app.metrics().await.map(Body::new),
+                path if app.ui && ui::is_ui_path(path) => {
+                    ui::answer(request.method(), path, request.headers()).map(Body::new)
+                }
                 _ => app.rest.handle(request).await,
-            };
-            Ok(response.map(Body::new))
+            })
         }))
     }
 
@@ -249,6 +254,8 @@ mod tests {
         assert_eq!((health.method, health.counted), (None, false));
         assert!(kind("application/json", "/v1/operations/a").counted);
         assert!(!kind("", "/v1/operations/a:wait").counted);
+        assert!(!kind("", "/v1/projects/p/operations:watch").counted);
+        assert!(!kind("", "/ui/app.js").counted);
         assert!(!kind("", "/metrics").counted);
         for (path, name, _) in GRPC_METHODS {
             assert!(path.ends_with(name), "{path}");

@@ -75,6 +75,7 @@ mod io;
 mod metrics;
 pub mod observe;
 mod shed;
+mod ui;
 
 use self::{
     app::App,
@@ -263,6 +264,7 @@ impl Server {
                 body_read_timeout: config.rest.body_read_timeout,
             },
             shed: Shed::new(limits.max_in_flight),
+            ui: config.ui,
         };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());

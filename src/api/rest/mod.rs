@@ -21,6 +21,7 @@
 
 mod request;
 mod rules;
+mod sse;
 mod template;
 
 pub use rules::RuleError;
@@ -52,6 +53,12 @@ use crate::{
         opsd::v1::OperationInfo,
     },
 };
+
+/// What a REST call answers: a JSON body, or a stream of server-sent events.
+enum Answer {
+    Json(Vec<u8>),
+    Events(sse::Changes),
+}
 
 /// The values a path template bound: (field path, value).
 type PathValues = Vec<(String, String)>;
@@ -148,10 +155,18 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         if settings.routes == RestRoutes::Google {
             sources.push(rules::google_routes(&pool)?);
         }
-        for source in &sources {
-            if let Some(first) = source.first() {
-                tracing::info!(source = %first.origin, routes = source.len(), "REST routes");
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for route in sources.iter().flatten() {
+            match counts
+                .iter_mut()
+                .find(|(origin, _)| *origin == route.origin)
+            {
+                Some((_, count)) => *count += 1,
+                None => counts.push((&route.origin, 1)),
             }
+        }
+        for (origin, routes) in counts {
+            tracing::info!(source = origin, routes, "REST routes");
         }
         let mut routes: Vec<(usize, Route)> = sources
             .into_iter()
@@ -218,7 +233,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
     }
 
     /// Answers one HTTP request. Never fails: errors are JSON responses.
-    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<tonic::body::Body>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -227,7 +242,10 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         let pool = self.inner.types.pool();
         let (query, presentation) = match request::split_query(parts.uri.query().unwrap_or("")) {
             Ok(split) => split,
-            Err(err) => return error_response(&Status::from(err), &pool, Presentation::default()),
+            Err(err) => {
+                return error_response(&Status::from(err), &pool, Presentation::default())
+                    .map(tonic::body::Body::new)
+            }
         };
         match self
             .call(
@@ -241,8 +259,11 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
             )
             .await
         {
-            Ok(body) => body_response(StatusCode::OK, body),
-            Err(status) => error_response(&status, &pool, presentation),
+            Ok(Answer::Json(body)) => {
+                body_response(StatusCode::OK, body).map(tonic::body::Body::new)
+            }
+            Ok(Answer::Events(changes)) => sse::response(changes, pool, presentation.json),
+            Err(status) => error_response(&status, &pool, presentation).map(tonic::body::Body::new),
         }
     }
 
@@ -257,7 +278,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         query: Vec<(String, String)>,
         pool: &DescriptorPool,
         presentation: Presentation,
-    ) -> Result<Vec<u8>, Status>
+    ) -> Result<Answer, Status>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -275,7 +296,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         };
         let message = request::build(route.input.clone(), &route.body, &body, values, query)?;
         let ops = &self.inner.operations;
-        Ok(match route.method {
+        Ok(Answer::Json(match route.method {
             RestMethod::List => {
                 let response = ops
                     .list_operations(grpc(&message, headers)?)
@@ -353,7 +374,16 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                     presentation.pretty,
                 )
             }
-        })
+            RestMethod::WatchChanges => {
+                let changes = self
+                    .inner
+                    .console
+                    .watch_operation_changes(grpc(&message, headers)?)
+                    .await?
+                    .into_inner();
+                return Ok(Answer::Events(Box::pin(changes)));
+            }
+        }))
     }
 
     /// The route for a method and raw path, with its path values.
@@ -500,6 +530,13 @@ fn list_body(
             )
         },
     )
+}
+
+/// The ProtoJSON of an operation as the REST surface writes it, for tools
+/// such as `opsd ops`: an `Any` of a type `pool` does not know falls back to
+/// `{"@type", "value"}` (base64) without hiding the rest.
+pub fn render_operation(op: &Operation, pool: &DescriptorPool) -> Value {
+    operation_json(op, pool, JsonOptions::default())
 }
 
 /// An operation as ProtoJSON; an `Any` of an unknown type falls back to

@@ -77,6 +77,8 @@ pub enum RestMethod {
     Report,
     ListInfos,
     GetInfo,
+    /// A server-sent-events stream of changes.
+    WatchChanges,
 }
 
 impl RestMethod {
@@ -91,13 +93,17 @@ impl RestMethod {
             Self::Report => "opsd.v1.Workers.GetOperationReport",
             Self::ListInfos => "opsd.v1.Console.ListOperationInfos",
             Self::GetInfo => "opsd.v1.Console.GetOperationInfo",
+            Self::WatchChanges => "opsd.v1.Console.WatchOperationChanges",
         }
     }
 
     /// Whether a service-config file may map it: only the Operations API
     /// (opsd's own methods keep the routes of their protos).
     fn is_operations(self) -> bool {
-        !matches!(self, Self::Report | Self::ListInfos | Self::GetInfo)
+        !matches!(
+            self,
+            Self::Report | Self::ListInfos | Self::GetInfo | Self::WatchChanges
+        )
     }
 
     fn from_selector(selector: &str) -> Option<Self> {
@@ -105,6 +111,7 @@ impl RestMethod {
             "opsd.v1.Workers.GetOperationReport" => return Some(Self::Report),
             "opsd.v1.Console.ListOperationInfos" => return Some(Self::ListInfos),
             "opsd.v1.Console.GetOperationInfo" => return Some(Self::GetInfo),
+            "opsd.v1.Console.WatchOperationChanges" => return Some(Self::WatchChanges),
             _ => {}
         }
         match selector.strip_prefix(SERVICE)?.strip_prefix('.')? {
@@ -128,6 +135,7 @@ impl RestMethod {
             Self::Report => "opsd.v1.GetOperationReportRequest",
             Self::ListInfos => "google.longrunning.ListOperationsRequest",
             Self::GetInfo => "google.longrunning.GetOperationRequest",
+            Self::WatchChanges => "opsd.v1.WatchOperationChangesRequest",
         }
     }
 }
@@ -419,6 +427,14 @@ mod tests {
                 (
                     RestMethod::GetInfo,
                     "/v1/{name=**/operations/*}:info".to_owned()
+                ),
+                (
+                    RestMethod::WatchChanges,
+                    "/v1/{parent=*/**}/operations:watch".to_owned()
+                ),
+                (
+                    RestMethod::WatchChanges,
+                    "/v1/{parent=operations}:watch".to_owned()
                 ),
             ]
         );

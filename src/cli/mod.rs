@@ -1,0 +1,4 @@
+//! The subcommands of the `opsd` binary.
+
+pub mod ops;
+pub mod serve;
