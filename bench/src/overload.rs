@@ -324,12 +324,10 @@ async fn connection(
                         }
                     }
                 }
-                RST_STREAM => {
-                    if open.remove(&stream).is_some() {
-                        tally.reset += 1;
-                        if let Feed::Closed { .. } = feed {
-                            waiting.push_back(Instant::now());
-                        }
+                RST_STREAM if open.remove(&stream).is_some() => {
+                    tally.reset += 1;
+                    if let Feed::Closed { .. } = feed {
+                        waiting.push_back(Instant::now());
                     }
                 }
                 SETTINGS if flags & ACK == 0 => out.extend(frame(SETTINGS, ACK, 0, &[])),
