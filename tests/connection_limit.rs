@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{
     calls::get,
     eventually,
-    wire::{closed_within, read_answer, H2Options, H2},
+    wire::{closed_within, H2Options, H2},
     TestServer,
 };
 use opsd::{
@@ -21,20 +21,6 @@ use opsd::{
 use prost::Message;
 use tokio::net::TcpStream;
 use tonic::Code;
-
-/// An operation made in the registry: no connection of its own that would
-/// take a place.
-async fn registry_op(server: &TestServer, id: &str) -> String {
-    server
-        .registry
-        .create(opsd::registry::CreateParams {
-            operation_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .name
-}
 
 fn capped(n: usize) -> Config {
     let mut config = Config::for_tests();
@@ -68,19 +54,14 @@ async fn a_flood_of_silent_sockets_cannot_lock_a_client_out() {
 #[tokio::test]
 async fn the_connection_idle_the_longest_makes_room() {
     let server = TestServer::start_with(capped(3)).await;
-    let name = registry_op(&server, "c").await;
+    let name = server.registry_op("c").await;
     let message = GetOperationRequest { name }.encode_to_vec();
     let mut idle = Vec::new();
     for _ in 0..3 {
         let mut h2 = H2::connect(&server.address(), H2Options::default()).await;
-        let answer = read_answer(
-            h2.start("/google.longrunning.Operations/GetOperation", &message)
-                .await
-                .unwrap(),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+        let answer = h2
+            .call("/google.longrunning.Operations/GetOperation", &message)
+            .await;
         assert_eq!(answer.code(), Some(Code::Ok));
         idle.push(h2);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -111,7 +92,7 @@ async fn the_connection_idle_the_longest_makes_room() {
 #[tokio::test]
 async fn when_every_connection_has_a_call_open_a_new_client_is_closed_at_once() {
     let server = TestServer::start_with(capped(2)).await;
-    let name = registry_op(&server, "w").await;
+    let name = server.registry_op("w").await;
     // Two connections with a Wait open each fill the cap.
     let mut waits = Vec::new();
     for _ in 0..2 {

@@ -344,13 +344,10 @@ async fn a_connection_accepted_just_before_the_drain_is_served() {
     let mut raw = Raw::connect(&server.address()).await;
     // Accepted (the server has its socket), nothing sent yet.
     common::eventually("the connection is accepted", || async {
-        let text = reqwest::get(format!("{}/metrics", server.url))
+        server
+            .metrics_text()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.contains("\nopsd_connections 2\n")
+            .contains("\nopsd_connections 2\n")
     })
     .await;
     server.begin_stop();

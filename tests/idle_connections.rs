@@ -27,33 +27,16 @@ fn config() -> Config {
     config
 }
 
-async fn registry_op(server: &TestServer, id: &str) -> String {
-    server
-        .registry
-        .create(opsd::registry::CreateParams {
-            operation_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .name
-}
-
 #[tokio::test]
 async fn an_idle_connection_gets_a_goaway_and_closes() {
     let server = TestServer::start_with(config()).await;
-    let name = registry_op(&server, "i").await;
+    let name = server.registry_op("i").await;
     let get = GetOperationRequest { name: name.clone() }.encode_to_vec();
 
     let mut idle = H2::connect(&server.address(), H2Options::default()).await;
-    let answer = read_answer(
-        idle.start("/google.longrunning.Operations/GetOperation", &get)
-            .await
-            .unwrap(),
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
+    let answer = idle
+        .call("/google.longrunning.Operations/GetOperation", &get)
+        .await;
     assert_eq!(answer.code(), Some(Code::Ok));
     let answered = Instant::now();
 

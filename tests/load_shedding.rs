@@ -26,15 +26,7 @@ async fn calls_over_the_budget_are_refused_at_once() {
     let mut config = Config::for_tests();
     config.limits.max_in_flight = 1;
     let server = TestServer::start_with(config).await;
-    let name = server
-        .registry
-        .create(opsd::registry::CreateParams {
-            operation_id: "s".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .name;
+    let name = server.registry_op("s").await;
 
     // A Wait does not take the budget's one place.
     let mut ops = server.operations().await;
@@ -92,14 +84,7 @@ async fn calls_over_the_budget_are_refused_at_once() {
     assert_eq!(answer.code(), Some(Code::Ok));
     ops.get_operation(get(&name)).await.unwrap();
 
-    let text = http
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     for series in [
         r#"opsd_rpc_total{method="GetOperation",transport="grpc",code="RESOURCE_EXHAUSTED"}"#,
         r#"opsd_rpc_total{method="GetOperation",transport="rest",code="RESOURCE_EXHAUSTED"}"#,

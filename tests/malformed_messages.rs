@@ -185,12 +185,7 @@ async fn malformed_messages_are_invalid_argument_naming_the_field() {
 
     // Counted like every call, under their method, with their code (the
     // recorder is the process's: other tests of this file add to some).
-    let text = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     let count = |method: &str| -> u64 {
         let series = format!(
             "opsd_rpc_total{{method=\"{method}\",transport=\"grpc\",code=\"INVALID_ARGUMENT\"}} "

@@ -72,6 +72,29 @@ impl TestServer {
         WorkersClient::new(self.channel().await)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a running operation `operations/{id}` in the registry itself:
+    /// no client connection of its own (for tests that count connections).
+    pub async fn registry_op(&self, id: &str) -> String {
+        self.registry
+            .create(opsd::registry::CreateParams {
+                operation_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .name
+    }
+
     /// The server's address, `127.0.0.1:PORT`.
     pub fn address(&self) -> String {
         self.url.trim_start_matches("http://").to_owned()

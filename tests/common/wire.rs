@@ -332,6 +332,12 @@ impl H2 {
         self.start_raw(path, &grpc_message(message)).await
     }
 
+    /// A gRPC call of `path` with `message`, read to its end.
+    pub async fn call(&mut self, path: &str, message: &[u8]) -> Answer {
+        let response = self.start(path, message).await.unwrap();
+        read_answer(response, Duration::ZERO).await.unwrap()
+    }
+
     /// Starts a gRPC call of `path` whose whole request body is `body`.
     pub async fn start_raw(
         &mut self,
