@@ -4,7 +4,7 @@
 #   benches/suite.sh [section ...]
 #
 # Sections (all by default): ratios open-loop notify waiters memory list
-# durable churn callgrind. Servers run pinned to core 0 and the load generator to core 1
+# durable churn overload callgrind. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
@@ -17,7 +17,7 @@ ROUNDS=${ROUNDS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind)
+[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn overload callgrind)
 
 cargo build --release --quiet -p opsd -p opsd-bench
 opsd=target/release/opsd
@@ -155,6 +155,32 @@ if has churn; then
   load churn --target http://127.0.0.1:50181 --concurrency 16 --duration 40s --store-file "$work/churn/opsd.redb" |
     awk 'NR % 5 == 0 || /churn:/'
   stop "$pid_redb"
+fi
+
+if has overload; then
+  # Load shedding (README, Limits and hostile clients): GetOperation over
+  # 1,000 connections × 8 streams from the raw HTTP/2 generator, memory
+  # store. The saturation rate first (closed loop, shedding off), then each
+  # load with shedding off (--max-in-flight 0) and at the default.
+  echo "## overload: 1,000 connections × 8 streams of GetOperation, 10 s per run"
+  overload() {
+    local name=$1 port=$2 limit=$3
+    shift 3
+    serve "$name" "$port" "$opsd" serve --listen "127.0.0.1:$port" --store memory --max-in-flight "$limit"
+    local pid_var="pid_$name"
+    local out
+    out=$(load overload --target "http://127.0.0.1:$port" --server-pid "${!pid_var}" --duration 10s "$@")
+    stop "${!pid_var}"
+    echo "$name: $out" >&2
+    sed -E 's/.*goodput ([0-9]+).*/\1/' <<<"$out"
+  }
+  sat=$(overload saturation 50181 0)
+  overload closed-shed 50182 1024 >/dev/null
+  overload closed-retry 50183 1024 --retry-after 1s >/dev/null
+  for x in 1 2; do
+    overload "open-${x}x-off" 50184 0 --rate $((sat * x)) >/dev/null
+    overload "open-${x}x-shed" 50185 1024 --rate $((sat * x)) >/dev/null
+  done
 fi
 
 if has callgrind; then

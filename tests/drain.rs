@@ -487,3 +487,39 @@ fn rolling_restart_of_the_binary_loses_no_accepted_call() {
     drop(new);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A call still unanswered when `--drain-timeout` passes (here: its body
+/// never comes) is cut, and counted; the server stops on time.
+#[tokio::test]
+async fn calls_still_open_at_the_drain_timeout_are_cut_and_counted() {
+    let mut config = config();
+    config.limits.drain_timeout = Duration::from_millis(300);
+    let mut server = TestServer::start_with(config).await;
+    let mut h2 = H2::connect(&server.address(), H2Options::default()).await;
+    let (response, mut body) = h2.open(GET).await.unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0]), false)
+        .unwrap();
+    common::eventually("the call is open", || async {
+        server
+            .metrics_text()
+            .await
+            .contains("\nopsd_connections 2\n")
+    })
+    .await;
+    let started = std::time::Instant::now();
+    server.begin_stop();
+    let cut = read_answer(response, Duration::ZERO).await;
+    assert!(cut.is_err(), "{cut:?}");
+    server.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // The recorder is the process's: another server shows the count.
+    let other = TestServer::start().await;
+    let text = other.metrics_text().await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("opsd_drain_cut_calls_total ") && !l.ends_with(" 0")),
+        "{text}"
+    );
+    other.stop().await;
+}

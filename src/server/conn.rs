@@ -135,7 +135,16 @@ pub async fn serve(
         Box::pin(builder.serve_connection(TokioIo::new(io), ConnService::new(app, state.clone())));
 
     let handshake_deadline = Instant::now() + settings.header_read_timeout;
+    // Whether hyper was asked to shut the connection down gracefully (once).
     let mut shutting_down = false;
+    macro_rules! graceful {
+        () => {
+            if !shutting_down {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        };
+    }
     let mut drain_deadline = None;
     let mut awaiting_handshake = false;
     let mut evicted = false;
@@ -151,10 +160,7 @@ pub async fn serve(
             () = signals.drain.cancelled(), if drain_deadline.is_none() => {
                 drain_deadline = Some(Instant::now() + settings.drain_timeout);
                 if state.handshake() {
-                    if !shutting_down {
-                        shutting_down = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
+                    graceful!();
                 } else {
                     awaiting_handshake = true;
                 }
@@ -162,10 +168,7 @@ pub async fn serve(
             }
             () = state.handshake_completed(), if awaiting_handshake => {
                 awaiting_handshake = false;
-                if !shutting_down {
-                    shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+                graceful!();
             }
             () = state.evicted(), if !evicted => {
                 evicted = true;
@@ -173,10 +176,7 @@ pub async fn serve(
                     break End::Evicted;
                 }
                 evict_deadline = Some(Instant::now() + EVICTION_GRACE);
-                if !shutting_down {
-                    shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+                graceful!();
             }
             () = &mut timer => {
                 let now = Instant::now();
@@ -192,8 +192,7 @@ pub async fn serve(
                         if idle >= settings.idle_timeout {
                             tracing::debug!(?peer, ?idle, "closing an idle connection");
                             metrics::connection_closed("idle");
-                            shutting_down = true;
-                            conn.as_mut().graceful_shutdown();
+                            graceful!();
                         } else {
                             next = now + (settings.idle_timeout - idle);
                         }
