@@ -69,6 +69,8 @@ pub struct OverloadReport {
     pub ok_latency: Histogram<u64>,
     /// GetOperation calls by code, counted by the server (its metrics).
     pub server_codes: BTreeMap<String, u64>,
+    /// Connections that failed, by error (their calls are not counted).
+    pub failed: BTreeMap<String, u64>,
     /// Server CPU seconds over the run, and RSS at its end.
     pub server: Option<(Duration, u64)>,
 }
@@ -92,6 +94,9 @@ impl OverloadReport {
             self.ok_latency.max(),
             self.server_codes,
         );
+        if !self.failed.is_empty() {
+            line.push_str(&format!("; failed connections {:?}", self.failed));
+        }
         if let Some((cpu, rss)) = self.server {
             line.push_str(&format!(
                 "; server CPU {:.2} s/s, RSS {:.1} MiB",
@@ -198,7 +203,9 @@ async fn connection(
     template: std::sync::Arc<Template>,
     mut feed: Feed,
 ) -> Result<Tally, BenchError> {
-    let mut socket = TcpStream::connect(&address).await?;
+    let mut socket = TcpStream::connect(&address)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     socket.set_nodelay(true)?;
     let mut out = PREFACE.to_vec();
     // A large connection window, so answers never wait for credit.
@@ -247,7 +254,10 @@ async fn connection(
             next_id += 2;
         }
         if !out.is_empty() {
-            writer.write_all(&out).await?;
+            writer
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
         }
         if let Some(until) = closed_until {
             if now >= until && open.is_empty() {
@@ -264,7 +274,7 @@ async fn connection(
         .or(closed_until);
         tokio::select! {
             read = reader.read(&mut buf[have..]) => {
-                let n = read?;
+                let n = read.map_err(|e| format!("read: {e}"))?;
                 if n == 0 {
                     break;
                 }
@@ -347,7 +357,10 @@ async fn connection(
             received_data = 0;
         }
         if !out.is_empty() {
-            writer.write_all(&out).await?;
+            writer
+                .write_all(&out)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
         }
     }
     Ok(tally)
@@ -426,12 +439,17 @@ pub async fn overload(options: &OverloadOptions) -> Result<OverloadReport, Bench
     }
     let mut ok_latency = Histogram::<u64>::new(3)?;
     let (mut ok, mut refused, mut reset) = (0, 0, 0);
+    let mut failed = BTreeMap::new();
     while let Some(done) = connections.join_next().await {
-        let tally = done??;
-        ok += tally.ok;
-        refused += tally.refused;
-        reset += tally.reset;
-        ok_latency.add(&tally.latency)?;
+        match done? {
+            Ok(tally) => {
+                ok += tally.ok;
+                refused += tally.refused;
+                reset += tally.reset;
+                ok_latency.add(&tally.latency)?;
+            }
+            Err(err) => *failed.entry(err.to_string()).or_default() += 1,
+        }
     }
     let elapsed = started.elapsed();
     let server = match (before, options.server_pid.and_then(server_usage)) {
@@ -454,6 +472,7 @@ pub async fn overload(options: &OverloadOptions) -> Result<OverloadReport, Bench
         reset,
         ok_latency,
         server_codes,
+        failed,
         server,
     })
 }

@@ -8,7 +8,6 @@ use opsd::{
     config::{read_page_token_key, Config, StoreConfig},
     registry::PollingReports,
 };
-use tokio::net::TcpListener;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -340,7 +339,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match TcpListener::bind(config.listen).await {
+    let listener = match opsd::server::bind(config.listen) {
         Ok(listener) => listener,
         Err(err) => {
             tracing::error!(address = %config.listen, cause = %err, "cannot listen");

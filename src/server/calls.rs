@@ -103,9 +103,16 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                         Code::ResourceExhausted,
                         Instant::now(),
                     );
+                    let deadline = Instant::now() + self.app.guard.body_read_timeout;
                     return CallFuture {
                         routed: None,
-                        ready: Some(response),
+                        refusal: Some(Refusal {
+                            body: request.into_body(),
+                            response: Some(response),
+                            seen: 0,
+                            deadline,
+                            timer: None,
+                        }),
                         held: Some(Held {
                             _open: open,
                             _permit: None,
@@ -124,7 +131,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         });
         CallFuture {
             routed: Some(self.app.route(request, kind)),
-            ready: None,
+            refusal: None,
             held: Some(Held {
                 _open: open,
                 _permit: permit,
@@ -135,12 +142,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 }
 
 pin_project_lite::pin_project! {
-    /// One call: the routed request (or a refusal ready at once) and what
-    /// it holds.
+    /// One call: the routed request (or a refusal) and what it holds.
     pub struct CallFuture {
         #[pin]
         routed: Option<Routed>,
-        ready: Option<Response<Body>>,
+        refusal: Option<Refusal>,
         held: Option<Held>,
         witness: Option<(Witness, &'static str, Instant)>,
     }
@@ -151,8 +157,8 @@ impl Future for CallFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = match this.ready.take() {
-            Some(response) => response,
+        let response = match this.refusal.as_mut() {
+            Some(refusal) => ready!(refusal.poll(cx)),
             None => match this.routed.as_pin_mut() {
                 Some(routed) => match ready!(routed.poll(cx)) {
                     Ok(response) => response,
@@ -171,6 +177,49 @@ impl Future for CallFuture {
         }
         let held = this.held.take();
         Poll::Ready(Ok(response.map(|body| CallBody { body, _held: held })))
+    }
+}
+
+/// How much of a refused request's body is read before the refusal goes.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// A refusal, sent once the request body is in. Answered before the
+/// client's END_STREAM arrives, the stream would be reset, and h2 closes a
+/// connection after 1,024 such resets (GOAWAY ENHANCE_YOUR_CALM
+/// `too_many_internal_resets`, its defence against reset floods): under
+/// shedding, busy clients would lose their connections. The body (a few
+/// bytes for every call opsd sheds) is read and dropped, at most
+/// [`DRAIN_LIMIT`] bytes and until `--body-read-timeout`; the timer is
+/// armed only if the body is not already in.
+struct Refusal {
+    body: Incoming,
+    response: Option<Response<Body>>,
+    seen: usize,
+    deadline: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Refusal {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Response<Body>> {
+        while self.seen <= DRAIN_LIMIT && !self.body.is_end_stream() {
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.seen += frame.data_ref().map_or(0, Bytes::len);
+                }
+                Poll::Ready(Some(Err(_)) | None) => break,
+                Poll::Pending => {
+                    let deadline = self.deadline;
+                    let timer = self
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    break;
+                }
+            }
+        }
+        Poll::Ready(self.response.take().unwrap_or_default())
     }
 }
 

@@ -214,7 +214,7 @@ pub async fn serve(
     let handback = handback.try_recv().ok();
     match &end {
         End::Served(Err(err)) => {
-            tracing::debug!(?peer, cause = %err, "connection ended with an error")
+            tracing::debug!(?peer, cause = ?err, "connection ended with an error")
         }
         End::Served(Ok(())) | End::Cut => {}
         End::HandshakeTimeout => {

@@ -379,6 +379,26 @@ const OPERATIONS_SERVICE: &str = "google.longrunning.Operations";
 const WORKERS_SERVICE: &str = "opsd.v1.Workers";
 const CONSOLE_SERVICE: &str = "opsd.v1.Console";
 
+/// The listen backlog [`bind`] asks for; the kernel caps it at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `address` for [`run`], with a listen backlog (4,096) that holds a
+/// burst of clients connecting at once (after a restart, say) until the
+/// accept loop takes them; tokio's default (1,024) overflows, and a client
+/// whose handshake overflowed the queue is reset when it sends its first
+/// bytes.
+pub fn bind(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Builds a server from `config` and serves on `listener` until `shutdown`.
 pub async fn run(
     listener: TcpListener,
