@@ -343,6 +343,8 @@ impl Server {
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
+        let drain_timeout = limits.drain_timeout;
+        let drain_deadline = tokio::time::Instant::now() + drain_timeout;
         signals.drain.cancel();
         // The connections turn graceful first, so the Waits released next
         // are answered after the first GOAWAY, or with `Connection: close`.
@@ -355,10 +357,9 @@ impl Server {
         }
         registry.shutdown();
         tasks.close();
-        let drain_timeout = limits.drain_timeout;
         tokio::select! {
             () = tasks.wait() => {}
-            () = tokio::time::sleep(drain_timeout) => {
+            () = tokio::time::sleep_until(drain_deadline) => {
                 let (calls, on) = connections.open_calls();
                 if calls > 0 {
                     tracing::warn!(calls, connections = on, ?drain_timeout, "drain timeout: cutting the calls still unanswered");
