@@ -175,11 +175,11 @@ if has overload; then
     sed -E 's/.*goodput ([0-9]+).*/\1/' <<<"$out"
   }
   sat=$(overload saturation 50181 0)
-  overload closed-shed 50182 1024 >/dev/null
-  overload closed-retry 50183 1024 --retry-after 1s >/dev/null
+  overload closed_shed 50182 1024 >/dev/null
+  overload closed_retry 50183 1024 --retry-after 1s >/dev/null
   for x in 1 2; do
-    overload "open-${x}x-off" 50184 0 --rate $((sat * x)) >/dev/null
-    overload "open-${x}x-shed" 50185 1024 --rate $((sat * x)) >/dev/null
+    overload "open_${x}x_off" $((50182 + 2 * x)) 0 --rate $((sat * x)) >/dev/null
+    overload "open_${x}x_shed" $((50183 + 2 * x)) 1024 --rate $((sat * x)) >/dev/null
   done
 fi
 

@@ -73,6 +73,9 @@ pub struct OverloadReport {
     pub failed: BTreeMap<String, u64>,
     /// Server CPU seconds over the run, and RSS at its end.
     pub server: Option<(Duration, u64)>,
+    /// The generator's own CPU seconds over the run: near 1 s/s, it and
+    /// not the server is the limit.
+    pub generator_cpu: Option<Duration>,
 }
 
 impl OverloadReport {
@@ -102,6 +105,12 @@ impl OverloadReport {
                 "; server CPU {:.2} s/s, RSS {:.1} MiB",
                 cpu.as_secs_f64() / secs,
                 rss as f64 / (1024.0 * 1024.0)
+            ));
+        }
+        if let Some(cpu) = self.generator_cpu {
+            line.push_str(&format!(
+                "; generator CPU {:.2} s/s",
+                cpu.as_secs_f64() / secs
             ));
         }
         line
@@ -394,6 +403,7 @@ pub async fn overload(options: &OverloadOptions) -> Result<OverloadReport, Bench
     let template = std::sync::Arc::new(Template::new(&options.address, &options.name));
     let codes_before = server_codes(&options.address).await;
     let before = options.server_pid.and_then(server_usage);
+    let generator_before = server_usage(std::process::id());
     let started = Instant::now();
     let until = started + options.duration;
     let mut connections = JoinSet::new();
@@ -452,6 +462,10 @@ pub async fn overload(options: &OverloadOptions) -> Result<OverloadReport, Bench
         }
     }
     let elapsed = started.elapsed();
+    let generator_cpu = match (generator_before, server_usage(std::process::id())) {
+        (Some((a, _)), Some((b, _))) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
     let server = match (before, options.server_pid.and_then(server_usage)) {
         (Some((cpu0, _)), Some((cpu1, rss))) => Some((cpu1.saturating_sub(cpu0), rss)),
         _ => None,
@@ -474,5 +488,6 @@ pub async fn overload(options: &OverloadOptions) -> Result<OverloadReport, Bench
         server_codes,
         failed,
         server,
+        generator_cpu,
     })
 }
