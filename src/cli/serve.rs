@@ -374,6 +374,12 @@ mod tests {
             "cancel",
             "--disable-method",
             "wait",
+            "--idle-timeout",
+            "90s",
+            "--min-ping-interval",
+            "30s",
+            "--max-in-flight",
+            "64",
         ])
         .unwrap();
         let Command::Serve(args) = cli.command else {
@@ -381,6 +387,9 @@ mod tests {
         };
         let config = args.into_config().unwrap();
         assert_eq!(config.registry.retention, Duration::from_secs(7200));
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(90));
+        assert_eq!(config.limits.min_ping_interval, Duration::from_secs(30));
+        assert_eq!(config.limits.max_in_flight, 64);
         assert_eq!(
             config
                 .operations
