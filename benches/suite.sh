@@ -174,12 +174,16 @@ if has overload; then
     echo "$name: $out" >&2
     sed -E 's/.*goodput ([0-9]+).*/\1/' <<<"$out"
   }
-  sat=$(overload saturation 50181 0)
-  overload closed_shed 50182 1024 >/dev/null
-  overload closed_retry 50183 1024 --retry-after 1s >/dev/null
+  # Ports below the ephemeral range: the generator's 1,000 client sockets
+  # linger in TIME_WAIT on ports of that range and would block a bind.
+  shed=128 # the default --max-in-flight
+  sat=$(overload saturation 31181 0)
+  overload closed_shed 31182 $shed >/dev/null
+  overload closed_retry 31183 $shed --retry-after 1s >/dev/null
+  overload closed_retry_1024 31188 1024 --retry-after 1s >/dev/null
   for x in 1 2; do
-    overload "open_${x}x_off" $((50182 + 2 * x)) 0 --rate $((sat * x)) >/dev/null
-    overload "open_${x}x_shed" $((50183 + 2 * x)) 1024 --rate $((sat * x)) >/dev/null
+    overload "open_${x}x_off" $((31182 + 2 * x)) 0 --rate $((sat * x)) >/dev/null
+    overload "open_${x}x_shed" $((31183 + 2 * x)) $shed --rate $((sat * x)) >/dev/null
   done
 fi
 

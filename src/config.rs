@@ -107,7 +107,7 @@ const MIN_ROOM: usize = 1024;
 
 impl Limits {
     /// The default `--max-in-flight` (README, Overload).
-    pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+    pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 
     /// The largest operation (and List page) that fits in a message of
     /// `max_message_size` bytes with its envelope: max(1,024, size − 65,536).
