@@ -1,4 +1,5 @@
 //! The subcommands of the `opsd` binary.
 
+mod health;
 pub mod ops;
 pub mod serve;
