@@ -23,9 +23,11 @@ pub async fn check(server: &str) -> Result<String, Status> {
     let authority = match server.split_once("://") {
         None => server,
         Some(("http", rest)) => rest.trim_end_matches('/'),
-        Some(_) => return Err(Status::invalid_argument(format!(
+        Some(_) => {
+            return Err(Status::invalid_argument(format!(
             "--server {server:?}: health checks speak plain HTTP (HOST:PORT or http://HOST:PORT)"
-        ))),
+        )))
+        }
     };
     tokio::time::timeout(TIMEOUT, get(authority))
         .await

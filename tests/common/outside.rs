@@ -106,3 +106,18 @@ pub fn find_python(imports: &str, install: &str) -> Tool<std::path::PathBuf> {
             format!("no Python that can import {imports} ({install}, or set OPSD_PYTHON)")
         })
 }
+
+/// A program of the test tools: in the virtualenv `.ci/run` makes
+/// (`target/ci-venv/bin`, where pip puts console scripts), else on the
+/// `PATH`; found when it runs with `args` and exits 0. Otherwise why not,
+/// with `install` as the hint.
+pub fn find_program(name: &str, args: &[&str], install: &str) -> Tool<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/ci-venv/bin")
+        .join(name);
+    [venv, PathBuf::from(name)]
+        .into_iter()
+        .find(|candidate| probe(candidate.as_os_str(), args))
+        .ok_or_else(|| format!("no {name} ({install})"))
+}
