@@ -64,6 +64,7 @@ use crate::{
 
 mod metrics;
 pub mod observe;
+pub mod trace;
 mod ui;
 
 /// The Operations service as the server mounts it (gRPC and REST).

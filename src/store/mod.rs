@@ -18,7 +18,7 @@ use std::{sync::Arc, time::SystemTime};
 use tokio::sync::broadcast;
 
 pub use self::redb::RedbStore;
-pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep};
+pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep, StoredTrace};
 pub use memory::MemoryStore;
 
 /// A monotonically increasing version of one record; 1 after creation.
