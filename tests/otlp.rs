@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::{
 };
 use opsd::pb::{
     google::longrunning::{operations_client::OperationsClient, GetOperationRequest},
-    opsd::v1::{workers_client::WorkersClient, CreateOperationRequest},
+    opsd::v1::workers_client::WorkersClient,
 };
 use tokio::sync::mpsc;
 use tonic::{transport::Channel, Request, Response, Status};
@@ -154,11 +154,7 @@ async fn calls_are_spans_under_the_callers_trace_linked_to_the_creating_trace() 
 
     // A worker creates a job in its trace A.
     let (a, a_span) = (0xa1_u128 << 64 | 7, 0xa2_u64);
-    let create = CreateOperationRequest {
-        parent: "projects/p/locations/l".into(),
-        operation_id: "job".into(),
-        ..Default::default()
-    };
+    let create = common::op("projects/p/locations/l", "job");
     workers
         .create_operation(traced(create, a, a_span))
         .await
@@ -182,11 +178,7 @@ async fn calls_are_spans_under_the_callers_trace_linked_to_the_creating_trace() 
     common::complete(&mut workers, name, "exported").await;
     // A second job, created in trace D, cancelled over REST with no trace.
     let (d, d_span) = (0xd1_u128 << 64 | 7, 0xd2_u64);
-    let second = CreateOperationRequest {
-        parent: "projects/p/locations/l".into(),
-        operation_id: "second".into(),
-        ..Default::default()
-    };
+    let second = common::op("projects/p/locations/l", "second");
     workers
         .create_operation(traced(second, d, d_span))
         .await

@@ -17,10 +17,12 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
 };
 
-use common::{binary::Opsd, outside};
+use common::{
+    binary::{self, Opsd},
+    outside,
+};
 
 fn main() -> ExitCode {
     let python = outside::find_python(
@@ -89,24 +91,12 @@ impl Worker {
 
     /// SIGTERM, then the exit status (within 10 s).
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        binary::terminate(&mut self.child).unwrap_or_else(|| {
+            panic!(
                 "the worker did not exit after SIGTERM\n{}",
                 self.log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            )
+        })
     }
 }
 

@@ -7,7 +7,7 @@
 //! `src/error.rs`. What every call shares (timing, metrics, spans, polling
 //! reports, traces) is not here: the server wraps these services once
 //! (`server::observe`), for gRPC and REST alike, and reads what a handler
-//! leaves for it in the response ([`Polled`], [`Linked`]) and the request
+//! leaves for it in the response ([`Polled`], `Linked`) and the request
 //! ([`ViaRest`], [`Resource`]); it leaves the caller's trace in the request
 //! for CreateOperation to keep ([`TraceLink`]).
 

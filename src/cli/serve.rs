@@ -435,6 +435,35 @@ mod tests {
     }
 
     #[test]
+    fn otlp_flags_reach_the_config() {
+        let config = |args: &[&str]| {
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let traced = config(&[
+            "opsd",
+            "serve",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--otlp-queue-size",
+            "16",
+        ])
+        .unwrap();
+        assert_eq!(
+            traced.traces.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(traced.traces.queue_size, 16);
+        // Empty (as an unset variable often is) means off.
+        let off = config(&["opsd", "serve", "--otlp-endpoint", ""]).unwrap();
+        assert_eq!(off.traces.otlp_endpoint, None);
+        let tls = config(&["opsd", "serve", "--otlp-endpoint", "https://c:4317"]);
+        assert!(tls.unwrap_err().contains("TLS"));
+    }
+
+    #[test]
     fn listen_takes_addresses_and_host_names() {
         assert_eq!(
             resolve_listen("127.0.0.1:7").unwrap(),

@@ -11,7 +11,7 @@
 //!   OpenTelemetry span when traces are on ([`super::trace`]): named
 //!   `{service}/{method}`, a child of the caller's W3C `traceparent`, linked
 //!   to the traces the operations it answered about were created in
-//!   ([`Linked`]); the caller's trace goes into the request for
+//!   (`api::Linked`); the caller's trace goes into the request for
 //!   CreateOperation to keep;
 //! - records `opsd_rpc_total` and `opsd_rpc_duration_seconds` when the
 //!   handler answers (for a stream, when the stream is handed out);
@@ -55,9 +55,6 @@ use crate::{
     registry::Registry,
 };
 
-/// The target of the `rpc` spans: what the OpenTelemetry layer follows.
-pub(crate) const SPAN_TARGET: &str = module_path!();
-
 /// `{service}/{method}`, the name of a call's OpenTelemetry span.
 struct FullMethod(&'static str, &'static str);
 
@@ -97,7 +94,7 @@ impl<S> Observed<S> {
         let via = transport(&request);
         let resource: Box<str> = request.get_ref().resource().into();
         let span = tracing::debug_span!(
-            target: SPAN_TARGET,
+            target: trace::SPAN_TARGET,
             "rpc",
             method,
             transport = via,

@@ -7,12 +7,12 @@
 //! spans — and only those — into OpenTelemetry spans (tracing-opentelemetry)
 //! and [`Traces`] exports them (opentelemetry-otlp over tonic). The W3C
 //! trace context a caller sends (`traceparent`, `tracestate`, in gRPC
-//! metadata or HTTP headers) is read by [`incoming`]: it parents the call's
+//! metadata or HTTP headers) is read by `incoming`: it parents the call's
 //! span, and CreateOperation keeps it with the operation ([`TraceLink`]) so
-//! later calls on it link to that trace ([`span_context`]).
+//! later calls on it link to that trace (`span_context`).
 //!
 //! Between the spans and the exporter sits opsd's own bounded queue
-//! ([`BoundedExport`]) rather than the SDK's batch processor, which drops
+//! (`BoundedExport`) rather than the SDK's batch processor, which drops
 //! spans when its queue is full but keeps the count to itself: here a span
 //! that finds the queue full is dropped at once and counted
 //! (`opsd_trace_spans_dropped_total`), so a slow or absent collector costs a
@@ -47,6 +47,10 @@ use tracing::{Level, Subscriber};
 use tracing_subscriber::{filter::Targets, registry::LookupSpan, Layer};
 
 use crate::{config::TraceSettings, registry::TraceLink};
+
+/// The target of the calls' `rpc` spans (`super::observe` opens them): what
+/// the OpenTelemetry layer follows, and what `RUST_LOG=opsd::rpc=debug` logs.
+pub(crate) const SPAN_TARGET: &str = "opsd::rpc";
 
 /// Spans per export call at most.
 const MAX_BATCH: usize = 512;
@@ -150,7 +154,7 @@ impl Traces {
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(Targets::new().with_target(super::observe::SPAN_TARGET, Level::DEBUG))
+            .with_filter(Targets::new().with_target(SPAN_TARGET, Level::DEBUG))
     }
 
     /// Exports what is queued (waiting at most 5 s) and stops exporting.
