@@ -4,7 +4,7 @@
 #   benches/suite.sh [section ...]
 #
 # Sections (all by default): ratios open-loop notify waiters memory list
-# durable churn callgrind. Servers run pinned to core 0 and the load generator to core 1
+# durable churn callgrind traces. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
@@ -17,7 +17,7 @@ ROUNDS=${ROUNDS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind)
+[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind traces)
 
 cargo build --release --quiet -p opsd -p opsd-bench
 opsd=target/release/opsd
@@ -187,4 +187,23 @@ if has callgrind; then
   counted opsd-grpc-redb 50164 get "$opsd" serve --listen 127.0.0.1:50164 --store "redb:$work/cg/opsd.redb"
   counted ceiling-rest 50166 rest-get "$ceiling" --grpc 127.0.0.1:50165 --rest 127.0.0.1:50166
   counted opsd-rest-memory 50167 rest-get "$opsd" serve --listen 127.0.0.1:50167 --store memory
+fi
+
+if has traces; then
+  # Every call traced (no traceparent: each is a sampled root span) and
+  # exported to a sink that takes everything at once, against traces off
+  # as the ceiling. The sink runs on the load core: it is the collector, not
+  # opsd.
+  echo "## traces: GetOperation, every call a span exported over OTLP vs traces off, $ROUNDS rounds"
+  taskset -c "$LOAD_CPU" target/release/opsd-otlp-sink 127.0.0.1:50131 >"$work/sink.log" 2>&1 &
+  pids+=("$!")
+  serve traced 50114 "$opsd" serve --listen 127.0.0.1:50114 --store memory \
+    --otlp-endpoint http://127.0.0.1:50131
+  serve untraced 50115 "$opsd" serve --listen 127.0.0.1:50115 --store memory
+  load get --target http://127.0.0.1:50114 --server-pid "$pid_traced" \
+    --ceiling http://127.0.0.1:50115 --ceiling-pid "$pid_untraced" \
+    --rounds "$ROUNDS" --concurrency 16 --duration 4s
+  sleep 2 # the last batch reaches the sink
+  curl -s http://127.0.0.1:50114/metrics | grep '^opsd_trace_spans' || true
+  echo "sink: $(tail -1 "$work/sink.log")"
 fi
