@@ -7,6 +7,7 @@ use opsd::{
     api::operations::Method,
     config::{read_page_token_key, Config, StoreConfig},
     registry::PollingReports,
+    store::{PostgresSettings, PostgresStore},
 };
 use tokio::net::TcpListener;
 
@@ -33,6 +34,20 @@ enum Command {
     /// Serve gRPC (Operations, Workers, health, reflection) and the REST/JSON
     /// surface on one port.
     Serve(Box<ServeArgs>),
+    /// Create or migrate the schema of a PostgreSQL store, and nothing else
+    /// (`opsd serve` also migrates at start-up; both take an advisory lock).
+    Migrate(MigrateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MigrateArgs {
+    /// The PostgreSQL store: `postgres://USER@HOST:PORT/DB` (libpq's URL).
+    #[arg(long, env = "OPSD_STORE")]
+    store: StoreConfig,
+
+    /// How long connecting to the database may take.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pg_connect_timeout: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,8 +59,29 @@ struct ServeArgs {
     /// Where operations are kept. `redb:PATH` (the default): a durable file,
     /// its directory created if needed; `redb` alone uses the default path.
     /// `memory`: in process, lost on exit (tests, ephemeral use).
-    #[arg(long, default_value = "redb:./opsd-data/opsd.redb")]
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=...`: a PostgreSQL
+    /// database that any number of replicas share (the schema is created
+    /// and migrated at start-up).
+    #[arg(long, default_value = "redb:./opsd-data/opsd.redb", env = "OPSD_STORE")]
     store: StoreConfig,
+
+    /// PostgreSQL store: connections in the pool.
+    #[arg(long, default_value_t = 16)]
+    pg_pool_size: usize,
+
+    /// PostgreSQL store: how long opening a connection may take.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pg_connect_timeout: Duration,
+
+    /// PostgreSQL store: the longest a statement runs on the server
+    /// (statement_timeout and lock_timeout).
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pg_statement_timeout: Duration,
+
+    /// PostgreSQL store: how long a call may wait for a free connection. A
+    /// call fails UNAVAILABLE after this plus the statement timeout.
+    #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
+    pg_pool_timeout: Duration,
 
     /// How long done operations are kept before they are deleted (AIP-151),
     /// e.g. `30d`, `12h`, `90s`.
@@ -180,6 +216,12 @@ impl ServeArgs {
             ..Config::default()
         };
         config.operations.disabled_methods = self.disable_methods.into_iter().collect();
+        config.postgres = PostgresSettings {
+            pool_size: self.pg_pool_size,
+            connect_timeout: self.pg_connect_timeout,
+            statement_timeout: self.pg_statement_timeout,
+            pool_timeout: self.pg_pool_timeout,
+        };
         let rest = &mut config.rest;
         rest.http_rules = self.http_rules;
         rest.strict_clients = self.strict_rest_clients;
@@ -282,6 +324,37 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> ExitCode {
     match command {
+        Command::Migrate(args) => {
+            init_logging(LogFormat::Text);
+            let StoreConfig::Postgres(target) = args.store else {
+                eprintln!(
+                    "opsd migrate: the store is not PostgreSQL (postgres://...); a redb file \
+                     is upgraded when opsd serve opens it"
+                );
+                return ExitCode::FAILURE;
+            };
+            let settings = PostgresSettings {
+                connect_timeout: args.pg_connect_timeout,
+                ..PostgresSettings::default()
+            };
+            match PostgresStore::migrate(&target, &settings).await {
+                Ok(migrated) if migrated.from == migrated.to => {
+                    println!("{target}: the schema is at version {} (nothing to do)", migrated.to);
+                    ExitCode::SUCCESS
+                }
+                Ok(migrated) => {
+                    println!(
+                        "{target}: the schema was migrated from version {} to {}",
+                        migrated.from, migrated.to
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("opsd migrate: {target}: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => {
             init_logging(args.log_format);
             let config = match args.into_config() {
@@ -334,7 +407,9 @@ mod tests {
             "wait",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         let config = args.into_config().unwrap();
         assert_eq!(config.registry.retention, Duration::from_secs(7200));
         assert_eq!(
@@ -348,7 +423,9 @@ mod tests {
         assert!(Cli::try_parse_from(["opsd", "serve", "--store", "postgres"]).is_err());
         assert!(Cli::try_parse_from(["opsd", "serve", "--store", "redb:"]).is_err());
         let parse = |args: &[&str]| {
-            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command;
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
             args.into_config().unwrap().store
         };
         assert_eq!(parse(&["opsd", "serve"]), StoreConfig::default());
@@ -365,8 +442,41 @@ mod tests {
         // Zero connections means one, as it always did.
         let Command::Serve(one) = Cli::try_parse_from(["opsd", "serve", "--max-connections", "0"])
             .unwrap()
-            .command;
+            .command
+        else {
+            panic!("serve")
+        };
         assert_eq!(one.into_config().unwrap().limits.max_connections, 1);
         assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
+        let postgres = parse(&[
+            "opsd",
+            "serve",
+            "--store",
+            "postgres://opsd@127.0.0.1:5432/ops",
+        ]);
+        assert!(matches!(postgres, StoreConfig::Postgres(_)), "{postgres:?}");
+        let Command::Serve(pg) = Cli::try_parse_from([
+            "opsd",
+            "serve",
+            "--pg-pool-size",
+            "4",
+            "--pg-statement-timeout",
+            "750ms",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("serve")
+        };
+        let config = pg.into_config().unwrap();
+        assert_eq!(config.postgres.pool_size, 4);
+        assert_eq!(config.postgres.statement_timeout, Duration::from_millis(750));
+        assert!(Cli::try_parse_from(["opsd", "serve", "--pg-pool-size", "0"])
+            .map(|cli| match cli.command {
+                Command::Serve(args) => args.into_config().is_err(),
+                Command::Migrate(_) => false,
+            })
+            .unwrap_or(true));
+        assert!(Cli::try_parse_from(["opsd", "migrate", "--store", "postgres://u@h/d"]).is_ok());
     }
 }

@@ -9,6 +9,11 @@
 //! while each acknowledgement still means "on disk".
 //!
 //! Reads open their own read transactions and never wait for the writer.
+//! A Get is answered from a bounded cache of encoded records first
+//! (`store::cache`): this process is the file's only writer (the file is
+//! locked), and the writer updates the cache after each commit, before it
+//! acknowledges, so the cache is never behind an acknowledged write; a
+//! reader that missed fills it only if no write or eviction came between.
 //!
 //! A failed commit (disk full, I/O error) fails every mutation of its batch
 //! with UNAVAILABLE and puts the writer in a failed state: each later batch
@@ -30,6 +35,7 @@ use redb::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
+    cache::{RecordCache, DEFAULT_CACHE_BYTES},
     codec::{deadline_of, decode},
     scan, scan_start, Cause, Change, CommitObserver, Counts, Deadline, ListQuery, Revision, Scan,
     Store, StoreError, StoredRecord,
@@ -71,6 +77,8 @@ pub struct RedbStore {
     /// The committed counts by state; the writer replaces them after each
     /// commit (a std mutex: one copy under it, nothing awaits).
     counts: Arc<Mutex<Counts>>,
+    /// Records Gets are answered from; the writer keeps it coherent.
+    cache: Arc<RecordCache>,
     /// Test hook: fail the next commits as a full disk would.
     #[cfg(any(test, feature = "failpoints"))]
     failpoints: Arc<Failpoints>,
@@ -133,6 +141,7 @@ impl RedbStore {
         let page_token_key = page_token_key(&db)?;
         let counts = Arc::new(Mutex::new(stored_counts(&db)?));
         let db = Arc::new(db);
+        let cache = Arc::new(RecordCache::new(DEFAULT_CACHE_BYTES));
         let (queue, rx) = mpsc::channel(QUEUE);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         #[cfg(any(test, feature = "failpoints"))]
@@ -148,6 +157,7 @@ impl RedbStore {
             db: db.clone(),
             feed: feed.clone(),
             counts: counts.clone(),
+            cache: cache.clone(),
             observer,
             clock,
             failed: false,
@@ -166,6 +176,7 @@ impl RedbStore {
             queue,
             feed,
             counts,
+            cache,
             #[cfg(any(test, feature = "failpoints"))]
             failpoints,
         })
@@ -354,6 +365,8 @@ struct Writer {
     db: Arc<Database>,
     feed: broadcast::Sender<Change>,
     counts: Arc<Mutex<Counts>>,
+    /// Updated after each commit, before the callers hear of it.
+    cache: Arc<RecordCache>,
     observer: Arc<dyn CommitObserver>,
     /// Stamps each change with its commit time.
     clock: Clock,
@@ -426,6 +439,9 @@ impl Writer {
         let size = batch.len();
         let mut results = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
+        // What the cache learns once the commit succeeded: name → the new
+        // encoding, or `None` for a deletion.
+        let mut cached: Vec<(Arc<str>, Option<Arc<[u8]>>)> = Vec::new();
         let mut counts = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let outcome = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write().map_err(internal)?;
@@ -442,7 +458,9 @@ impl Writer {
                             if let Some(after) = &written.after {
                                 counts.add(after, 1);
                             }
-                            changes.push(change_of(&mutation.op, &written, now));
+                            let change = change_of(&mutation.op, &written, now);
+                            cached.push((change.name.clone(), written.bytes.map(Arc::from)));
+                            changes.push(change);
                             Ok(written.after.map(|after| after.revision))
                         }
                         Err(refused) => Err(refused),
@@ -467,6 +485,12 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+                for (name, bytes) in cached {
+                    match bytes {
+                        Some(bytes) => self.cache.put(name, bytes),
+                        None => self.cache.remove(&name),
+                    }
+                }
                 for (mutation, result) in batch.into_iter().zip(results) {
                     let _ = mutation.reply.send(result);
                 }
@@ -477,6 +501,9 @@ impl Writer {
             Err(err) => {
                 tracing::error!(cause = %err, "store commit failed; refusing writes until it is healthy");
                 self.failed = true;
+                // The failed commit may have reached the file: the cache can
+                // no longer vouch for any record.
+                self.cache.clear();
                 for mutation in batch {
                     let _ = mutation
                         .reply
@@ -515,6 +542,8 @@ type Meta<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 struct Written {
     before: Option<StoredRecord>,
     after: Option<StoredRecord>,
+    /// The encoding of `after`, as written.
+    bytes: Option<Vec<u8>>,
 }
 
 /// Applies one mutation inside the batch's transaction. The outer error is a
@@ -551,11 +580,13 @@ fn apply(
             }
             let mut record = record.clone();
             record.revision = 1;
-            ops.insert(record.name.as_str(), record.encode_to_vec().as_slice())
+            let bytes = record.encode_to_vec();
+            ops.insert(record.name.as_str(), bytes.as_slice())
                 .map_err(internal)?;
             Ok(Ok(Written {
                 before: None,
                 after: Some(record),
+                bytes: Some(bytes),
             }))
         }
         Op::Update(record, expected, _) => {
@@ -568,11 +599,13 @@ fn apply(
             let mut record = record.clone();
             record.revision = expected + 1;
             record.request_id = stored.request_id.clone();
-            ops.insert(record.name.as_str(), record.encode_to_vec().as_slice())
+            let bytes = record.encode_to_vec();
+            ops.insert(record.name.as_str(), bytes.as_slice())
                 .map_err(internal)?;
             Ok(Ok(Written {
                 before: Some(stored),
                 after: Some(record),
+                bytes: Some(bytes),
             }))
         }
         Op::Delete(name, expected, _) => {
@@ -589,6 +622,7 @@ fn apply(
             Ok(Ok(Written {
                 before: Some(stored),
                 after: None,
+                bytes: None,
             }))
         }
     }
@@ -615,13 +649,20 @@ fn change_of(op: &Op, written: &Written, time: std::time::SystemTime) -> Change 
 #[async_trait::async_trait]
 impl Store for RedbStore {
     async fn get(&self, name: &str) -> Result<Option<StoredRecord>, StoreError> {
-        self.read(|txn| {
+        if let Some(bytes) = self.cache.get(name) {
+            return decode(&bytes).map(Some);
+        }
+        let ticket = self.cache.ticket();
+        let bytes = self.read(|txn| {
             let ops = txn.open_table(OPERATIONS).map_err(internal)?;
-            ops.get(name)
-                .map_err(internal)?
-                .map(|v| decode(v.value()))
-                .transpose()
-        })
+            Ok(ops.get(name).map_err(internal)?.map(|v| v.value().to_vec()))
+        })?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let record = decode(&bytes)?;
+        self.cache.fill(ticket, name, Arc::from(bytes));
+        Ok(Some(record))
     }
 
     async fn find_by_request_id(

@@ -34,7 +34,7 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
-        Self::serve(Server::new(config).unwrap()).await
+        Self::serve(Server::new(config).await.unwrap()).await
     }
 
     /// Serves an already built server on a free port.
