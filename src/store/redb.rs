@@ -761,87 +761,20 @@ impl Store for RedbStore {
     }
 }
 
+// The store contract (writes, conflicts, pages, counts, the feed, reopening)
+// is tested for every store at once in tests/store_suite.rs; these tests
+// are the redb file's own: its format, its lock, its failures.
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{
-        codec::tests::{done, record},
-        ParentPattern,
-    };
+    use crate::store::codec::tests::{done, record};
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("opsd-redb-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir.join("store").join("opsd.redb")
-    }
-
-    #[tokio::test]
-    async fn writes_survive_reopening_and_conditions_hold() {
-        let path = temp("reopen");
-        {
-            let store = RedbStore::open(&path).unwrap();
-            let a = record("projects/p/operations/a");
-            assert_eq!(store.insert(a.clone()).await.unwrap(), 1);
-            store
-                .insert(record("projects/p/operations/b"))
-                .await
-                .unwrap();
-            assert!(matches!(
-                store.insert(record("projects/p/operations/a")).await,
-                Err(StoreError::Exists(_))
-            ));
-            let updated = store.update(a.clone(), 1, Cause::Updated).await.unwrap();
-            assert_eq!(updated, 2);
-            assert!(matches!(
-                store.update(a, 1, Cause::Updated).await,
-                Err(StoreError::Conflict)
-            ));
-            store
-                .delete("projects/p/operations/b", 1, Cause::Deleted)
-                .await
-                .unwrap();
-        }
-        // The writer thread of the first store must let go of the file.
-        let store = loop {
-            match RedbStore::open(&path) {
-                Ok(store) => break store,
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let a = store.get("projects/p/operations/a").await.unwrap().unwrap();
-        assert_eq!(a.revision, 2);
-        assert!(store
-            .get("projects/p/operations/b")
-            .await
-            .unwrap()
-            .is_none());
-        assert_eq!(
-            store
-                .find_by_request_id("req-projects/p/operations/a")
-                .await
-                .unwrap()
-                .unwrap()
-                .name,
-            a.name
-        );
-        assert!(store
-            .find_by_request_id("req-projects/p/operations/b")
-            .await
-            .unwrap()
-            .is_none());
-        let page = store
-            .list(&ListQuery::page(
-                ParentPattern::new(vec!["projects".into(), "p".into()]),
-                None,
-                10,
-            ))
-            .await
-            .unwrap();
-        assert_eq!(page.records.len(), 1);
-        assert_eq!(store.counts().await.unwrap().total(), 1);
-        assert_eq!(store.deadlines().await.unwrap().len(), 1);
     }
 
     /// Opens `path`, waiting for an earlier store's writer to let go.
@@ -989,23 +922,5 @@ mod tests {
         // Healthy again: writes are accepted.
         store.insert(record("operations/b")).await.unwrap();
         assert_eq!(store.counts().await.unwrap().total(), 2);
-    }
-
-    #[tokio::test]
-    async fn concurrent_writes_share_commits() {
-        let path = temp("group");
-        let store = Arc::new(RedbStore::open(&path).unwrap());
-        let tasks: Vec<_> = (0..64)
-            .map(|i| {
-                let store = store.clone();
-                tokio::spawn(
-                    async move { store.insert(record(&format!("operations/op{i}"))).await },
-                )
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap().unwrap();
-        }
-        assert_eq!(store.counts().await.unwrap().total(), 64);
     }
 }

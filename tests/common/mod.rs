@@ -4,6 +4,7 @@
 pub mod binary;
 pub mod calls;
 pub mod outside;
+pub mod postgres;
 pub mod rest;
 pub mod scripted;
 
@@ -141,6 +142,13 @@ pub fn reason(status: &tonic::Status) -> String {
         .error_info()
         .map(|i| i.reason.clone())
         .unwrap_or_default()
+}
+
+/// The test configuration on the PostgreSQL database at `url`.
+pub fn postgres_config(url: &str) -> Config {
+    let mut config = Config::for_tests();
+    config.store = opsd::config::StoreConfig::Postgres(url.parse().unwrap());
+    config
 }
 
 /// Puts `config` on a clock that moves only when the test advances it.

@@ -183,10 +183,18 @@ impl Columns {
     }
 }
 
-/// A record from its row's name, request id and encoding.
-fn from_row(name: &str, request_id: Option<Vec<u8>>, bytes: &[u8]) -> Result<StoredRecord, StoreError> {
+/// A record from its row's name, revision, request id and encoding (the
+/// columns are the truth: the encoding was made before the revision was).
+fn from_row(
+    name: &str,
+    revision: i64,
+    request_id: Option<Vec<u8>>,
+    bytes: &[u8],
+) -> Result<StoredRecord, StoreError> {
     let mut record = decode(bytes)?;
     record.name = name.to_owned();
+    record.revision = u64::try_from(revision)
+        .map_err(|_| StoreError::Internal("a stored revision is negative".into()))?;
     record.request_id = request_id
         .map(String::from_utf8)
         .transpose()
@@ -194,10 +202,11 @@ fn from_row(name: &str, request_id: Option<Vec<u8>>, bytes: &[u8]) -> Result<Sto
     Ok(record)
 }
 
-const GET_SQL: &str = "SELECT request_id, record FROM opsd_operations WHERE name = $1";
+const GET_SQL: &str =
+    "SELECT revision, request_id, record FROM opsd_operations WHERE name = $1";
 
 const FIND_SQL: &str =
-    "SELECT name, request_id, record FROM opsd_operations WHERE request_id = $1";
+    "SELECT name, revision, request_id, record FROM opsd_operations WHERE request_id = $1";
 
 const INSERT_SQL: &str = "\
 WITH inserted AS (
@@ -470,7 +479,7 @@ impl PostgresStore {
     async fn load(&self, name: &str) -> Result<Option<StoredRecord>, StoreError> {
         let rows = self.query(GET_SQL, &[&name]).await?;
         rows.first()
-            .map(|row| from_row(name, row.get(0), row.get(1)))
+            .map(|row| from_row(name, row.get(0), row.get(1), row.get(2)))
             .transpose()
     }
 
@@ -531,7 +540,7 @@ impl Store for PostgresStore {
     ) -> Result<Option<StoredRecord>, StoreError> {
         let rows = self.query(FIND_SQL, &[&request_id.as_bytes()]).await?;
         rows.first()
-            .map(|row| from_row(row.get(0), row.get(1), row.get(2)))
+            .map(|row| from_row(row.get(0), row.get(1), row.get(2), row.get(3)))
             .transpose()
     }
 
@@ -553,10 +562,10 @@ impl Store for PostgresStore {
         let mut budget_end = None;
         for row in &rows {
             let name: &str = row.get(0);
-            if row.get::<_, bool>(3) {
-                scan.records.push(from_row(name, row.get(1), row.get(2))?);
+            if row.get::<_, bool>(4) {
+                scan.records.push(from_row(name, row.get(1), row.get(2), row.get(3))?);
             }
-            if row.get::<_, i64>(4) == budget {
+            if row.get::<_, i64>(5) == budget {
                 budget_end = Some(name.to_owned());
             }
         }
@@ -809,7 +818,7 @@ mod tests {
         assert!(columns.done);
         assert_eq!(columns.error_code, Some(1));
         assert_eq!(columns.request_id.as_deref(), Some(b"req-projects/p/operations/a".as_slice()));
-        let back = from_row(&r.name, columns.request_id.clone(), &columns.record).unwrap();
+        let back = from_row(&r.name, 3, columns.request_id.clone(), &columns.record).unwrap();
         assert_eq!(back, r);
         assert_eq!(columns.next_deadline.map(from_nanos), r.next_deadline());
     }

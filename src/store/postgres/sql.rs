@@ -248,7 +248,7 @@ pub(super) fn prefix_end(prefix: &str) -> Option<String> {
 /// most `scan_budget`), numbered, with whether each is a hit; returned are
 /// the hits and the budget's last record, at most `limit + 1` rows.
 ///
-/// Columns: `name`, `request_id`, `record`, `hit`, `pos`.
+/// Columns: `name`, `revision`, `request_id`, `record`, `hit`, `pos`.
 pub(super) fn list(query: &ListQuery, params: &mut Params) -> String {
     let prefix = query.parent.key_prefix();
     let mut range = Vec::new();
@@ -279,9 +279,10 @@ pub(super) fn list(query: &ListQuery, params: &mut Params) -> String {
     let rows = i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX);
     let rows = params.push(rows, Type::INT8);
     format!(
-        "SELECT name, request_id, record, hit, pos FROM ( \
-           SELECT name, request_id, record, hit, row_number() OVER (ORDER BY name) AS pos FROM ( \
-             SELECT name, request_id, record, COALESCE({hit}, FALSE) AS hit \
+        "SELECT name, revision, request_id, record, hit, pos FROM ( \
+           SELECT name, revision, request_id, record, hit, \
+             row_number() OVER (ORDER BY name) AS pos FROM ( \
+             SELECT name, revision, request_id, record, COALESCE({hit}, FALSE) AS hit \
              FROM opsd_operations WHERE {range} ORDER BY name LIMIT {budget} \
            ) examined \
          ) numbered \
