@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod calls;
+pub mod crash;
 pub mod outside;
 pub mod postgres;
 pub mod rest;
