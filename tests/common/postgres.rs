@@ -8,7 +8,9 @@
 //! stopped by [`Postgres::stop`] at the end of the test binary; clusters
 //! left behind by killed test runs are stopped and removed the next time.
 //! Each test gets its own database ([`Postgres::database`]), so tests run in
-//! parallel.
+//! parallel. Our cluster listens on 127.0.0.1 and 127.0.0.2 and, when
+//! `openssl` is there, serves TLS with a certificate for `localhost` and
+//! 127.0.0.1 signed by a test CA ([`Cluster::ca`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -43,6 +45,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
     bindir: PathBuf,
+    /// TLS is on (the certificates could be made).
+    tls: bool,
 }
 
 /// Finds PostgreSQL, or says why it cannot be had.
@@ -162,10 +166,11 @@ impl Cluster {
                 "chown",
             );
         }
-        let cluster = Self {
+        let mut cluster = Self {
             dir,
             port: free_port(),
             bindir: bindir.to_owned(),
+            tls: false,
         };
         let mut initdb = as_postgres(&bindir.join("initdb"));
         initdb
@@ -173,19 +178,74 @@ impl Cluster {
             .arg(cluster.data())
             .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
         run(initdb, "initdb");
+        // Trust the whole loopback range (the tests also use 127.0.0.2).
+        let hba = cluster.data().join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).unwrap();
+        rules.push_str("\nhost all all 127.0.0.0/8 trust\n");
+        std::fs::write(&hba, rules).unwrap();
+        cluster.tls = cluster.make_certificates();
         cluster.start();
         cluster
+    }
+
+    /// The test CA that signed the server's certificate (TLS is on).
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.tls.then(|| self.dir.join("ca.pem"))
+    }
+
+    /// A CA and a server certificate for `localhost` and 127.0.0.1 (not
+    /// 127.0.0.2), made with `openssl`; false when it cannot be had.
+    fn make_certificates(&self) -> bool {
+        let dir = &self.dir;
+        let openssl = |args: &[&str]| {
+            Command::new("openssl")
+                .current_dir(dir)
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let made = std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .is_ok()
+            && openssl(
+                &[&["req", "-x509"], &ec[..], &["-keyout", "ca.key", "-out", "ca.pem", "-days", "30", "-subj", "/CN=opsd test CA"]].concat(),
+            )
+            && openssl(&[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat())
+            && openssl(&[
+                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", "server.crt", "-days", "30", "-extfile", "san.ext",
+            ]);
+        if !made {
+            return false;
+        }
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["postgres:postgres", "server.key", "server.crt"])
+                .current_dir(dir)
+                .status();
+        }
+        let _ = Command::new("chmod").args(["600", "server.key"]).current_dir(dir).status();
+        true
     }
 
     /// Starts (or restarts) the cluster and waits until it accepts
     /// connections.
     pub fn start(&self) {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=on \
-             -c synchronous_commit=on -c shared_buffers=64MB",
+        let mut options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1,127.0.0.2 -c max_connections=400 \
+             -c fsync=on -c synchronous_commit=on -c shared_buffers=64MB",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key",
+                self.dir.display()
+            ));
+        }
         let give_up = Instant::now() + Duration::from_secs(60);
         loop {
             let out = self

@@ -42,7 +42,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -104,6 +107,10 @@ struct Delivered {
     /// When a poll last succeeded.
     polled: Option<Instant>,
 }
+
+/// How long after its last successful poll the feed still vouches for the
+/// read cache.
+const FRESH_FOR: Duration = Duration::from_millis(2500);
 
 /// A change as the log and the notifications carry it.
 pub(super) struct Logged {
@@ -192,6 +199,22 @@ pub(super) struct Feed {
     outbox: Mutex<Outbox>,
     /// Wakes the notifier.
     outbox_ready: Notify,
+    /// When a poll last succeeded, in milliseconds since `started` (0:
+    /// never): an atomic, so a Get checks freshness without a lock.
+    polled_at: AtomicU64,
+    started: Instant,
+    /// The listener's connection is up (notifications arrive, or it polls
+    /// every 250 ms where they cannot).
+    listening: AtomicBool,
+}
+
+/// Marks the listener up while it lives.
+struct Listening<'a>(&'a Feed);
+
+impl Drop for Listening<'_> {
+    fn drop(&mut self) {
+        self.0.listening.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Feed {
@@ -203,6 +226,9 @@ impl Feed {
             health: watch::Sender::new(true),
             outbox: Mutex::new(Outbox::default()),
             outbox_ready: Notify::new(),
+            polled_at: AtomicU64::new(0),
+            started: Instant::now(),
+            listening: AtomicBool::new(false),
         })
     }
 
@@ -214,12 +240,17 @@ impl Feed {
         self.health.subscribe()
     }
 
-    /// Whether a poll succeeded lately, so the read cache has seen every
-    /// deletion up to about a second ago.
+    /// Whether the read cache may answer: the listener is up (a deletion
+    /// elsewhere reaches it in milliseconds) and a poll succeeded lately (a
+    /// notification lost with a replica that died is found within a
+    /// second). While the listener is down, reads go to the database.
     pub(super) fn fresh(&self) -> bool {
-        self.delivered()
-            .polled
-            .is_some_and(|at| at.elapsed() < POLL_EVERY * 5 / 2)
+        if !self.listening.load(Ordering::Relaxed) {
+            return false;
+        }
+        let at = self.polled_at.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        at != 0 && now.saturating_sub(at) < FRESH_FOR.as_millis() as u64
     }
 
     /// Delivers `logged` unless it already was; true when it was new.
@@ -347,6 +378,8 @@ impl Feed {
                 .retain(|_, first| now.duration_since(*first) < GAP_TTL);
             let outage = delivered.polled.map(|at| now.duration_since(at));
             delivered.polled = Some(now);
+            let millis = now.duration_since(self.started).as_millis() as u64;
+            self.polled_at.store(millis.max(1), Ordering::Relaxed);
             if broadcast && outage.is_some_and(|o| o > KEEP_CHANGES - POLL_EVERY * 30) {
                 tracing::warn!(
                     ?outage,
@@ -544,6 +577,8 @@ async fn serve(
         FALLBACK_POLL_EVERY
     };
     ctx.poll(&client, &statement, true).await?;
+    ctx.feed.listening.store(true, Ordering::Relaxed);
+    let _listening = Listening(&ctx.feed);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -672,10 +707,15 @@ async fn notify(ctx: FeedContext) {
         if !current.is_empty() {
             payloads.push(current);
         }
-        let sent = async {
+        let send = || async {
             let client = ctx.pool.get().await.map_err(pool_error)?;
+            // A hint need not survive a crash: its commit does not wait for
+            // the disk (the change log's rows did).
             let statement = client
-                .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+                .prepare_cached(
+                    "SELECT pg_notify($1, p), set_config('synchronous_commit', 'off', true) \
+                     FROM unnest($2::text[]) AS p",
+                )
                 .await
                 .map_err(pg_error)?;
             client
@@ -683,10 +723,22 @@ async fn notify(ctx: FeedContext) {
                 .await
                 .map_err(pg_error)
         };
-        match tokio::time::timeout(ctx.settings.statement_timeout, sent).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => tracing::debug!(cause = %err, "cannot send change notifications"),
-            Err(_) => tracing::debug!("sending change notifications timed out"),
+        // Once more on failure (a connection the server just closed); then
+        // the others' polls find the changes.
+        for attempt in 0..2 {
+            match tokio::time::timeout(ctx.settings.statement_timeout, send()).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(err)) if attempt == 0 => {
+                    tracing::debug!(cause = %err, "cannot send change notifications; retrying")
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(cause = %err, "cannot send change notifications")
+                }
+                Err(_) => {
+                    tracing::debug!("sending change notifications timed out");
+                    break;
+                }
+            }
         }
     }
 }

@@ -428,7 +428,15 @@ pub(super) fn pool(target: &Target, settings: &PostgresSettings) -> Result<Pool,
 /// anything else (the schema is not what this opsd expects) is INTERNAL.
 pub(super) fn pg_error(err: tokio_postgres::Error) -> StoreError {
     let Some(db) = err.as_db_error() else {
-        return StoreError::Unavailable(format!("database connection: {err}"));
+        // The causes say what went wrong (a refused connection, a TLS
+        // certificate the mode does not accept).
+        let mut message = format!("database connection: {err}");
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        return StoreError::Unavailable(message);
     };
     let code = db.code().code();
     let passing = ["08", "40", "53", "55P03", "57", "58", "25006", "3D000", "28"]
