@@ -186,7 +186,12 @@ mod tests {
         let clock = Clock::from(offset.clone());
         offset.set_offset(-3_600_000_000_000);
         let behind = SystemTime::now().duration_since(clock.now());
-        assert!(behind.as_ref().is_ok_and(|d| *d >= Duration::from_secs(3599)), "{behind:?}");
+        assert!(
+            behind
+                .as_ref()
+                .is_ok_and(|d| *d >= Duration::from_secs(3599)),
+            "{behind:?}"
+        );
         offset.set_offset(7_200_000_000_000);
         assert!(clock.now() > SystemTime::now() + Duration::from_secs(7199));
         assert_eq!(offset.offset(), 7_200_000_000_000);

@@ -22,7 +22,7 @@ pub enum StoreConfig {
     Redb(PathBuf),
     /// A PostgreSQL database that any number of replicas share
     /// (`postgres://USER@HOST:PORT/DB`; its Debug form has no password).
-    Postgres(Target),
+    Postgres(Box<Target>),
 }
 
 impl StoreConfig {
@@ -43,7 +43,10 @@ impl std::str::FromStr for StoreConfig {
     /// URL (`postgres://…` or `postgresql://…`, libpq's form).
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         if is_postgres_url(value) {
-            return value.parse().map(StoreConfig::Postgres).map_err(ConfigError);
+            return value
+                .parse::<Target>()
+                .map(|target| StoreConfig::Postgres(Box::new(target)))
+                .map_err(ConfigError);
         }
         match value.split_once(':') {
             None if value == "memory" => Ok(StoreConfig::Memory),
@@ -276,7 +279,9 @@ mod tests {
         };
         assert!(!format!("{target:?}").contains("pw"), "{target:?}");
         assert!("postgresql://u@h/d".parse::<StoreConfig>().is_ok());
-        let err = "postgres://u@h/d?sslmode=nope".parse::<StoreConfig>().unwrap_err();
+        let err = "postgres://u@h/d?sslmode=nope"
+            .parse::<StoreConfig>()
+            .unwrap_err();
         assert!(err.to_string().contains("sslmode"), "{err}");
     }
 

@@ -339,7 +339,10 @@ async fn run(command: Command) -> ExitCode {
             };
             match PostgresStore::migrate(&target, &settings).await {
                 Ok(migrated) if migrated.from == migrated.to => {
-                    println!("{target}: the schema is at version {} (nothing to do)", migrated.to);
+                    println!(
+                        "{target}: the schema is at version {} (nothing to do)",
+                        migrated.to
+                    );
                     ExitCode::SUCCESS
                 }
                 Ok(migrated) => {
@@ -470,13 +473,18 @@ mod tests {
         };
         let config = pg.into_config().unwrap();
         assert_eq!(config.postgres.pool_size, 4);
-        assert_eq!(config.postgres.statement_timeout, Duration::from_millis(750));
-        assert!(Cli::try_parse_from(["opsd", "serve", "--pg-pool-size", "0"])
-            .map(|cli| match cli.command {
-                Command::Serve(args) => args.into_config().is_err(),
-                Command::Migrate(_) => false,
-            })
-            .unwrap_or(true));
+        assert_eq!(
+            config.postgres.statement_timeout,
+            Duration::from_millis(750)
+        );
+        assert!(
+            Cli::try_parse_from(["opsd", "serve", "--pg-pool-size", "0"])
+                .map(|cli| match cli.command {
+                    Command::Serve(args) => args.into_config().is_err(),
+                    Command::Migrate(_) => false,
+                })
+                .unwrap_or(true)
+        );
         assert!(Cli::try_parse_from(["opsd", "migrate", "--store", "postgres://u@h/d"]).is_ok());
     }
 }

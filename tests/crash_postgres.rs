@@ -183,18 +183,23 @@ fn main() -> std::process::ExitCode {
     let pg = postgres();
     // Killing the postmaster needs a cluster of our own.
     let own_cluster = match &pg {
-        Ok(_) if std::env::var_os("OPSD_TEST_PG_URL").is_some() => {
-            Err("kill -9 of the postmaster needs the tests' own cluster (OPSD_TEST_PG_URL is set)".to_owned())
-        }
+        Ok(_) if std::env::var_os("OPSD_TEST_PG_URL").is_some() => Err(
+            "kill -9 of the postmaster needs the tests' own cluster (OPSD_TEST_PG_URL is set)"
+                .to_owned(),
+        ),
         other => other.clone(),
     };
     let mut trials = vec![
-        outside::test("kill_9_of_the_replicas_loses_nothing_acknowledged", &pg, |pg| {
-            positive(pg, Fault::Replicas)
-        }),
-        outside::test("kill_9_of_the_postmaster_loses_nothing_acknowledged", &own_cluster, |pg| {
-            positive(pg, Fault::Postmaster)
-        }),
+        outside::test(
+            "kill_9_of_the_replicas_loses_nothing_acknowledged",
+            &pg,
+            |pg| positive(pg, Fault::Replicas),
+        ),
+        outside::test(
+            "kill_9_of_the_postmaster_loses_nothing_acknowledged",
+            &own_cluster,
+            |pg| positive(pg, Fault::Postmaster),
+        ),
         outside::test("terminated_backends_lose_nothing_acknowledged", &pg, |pg| {
             positive(pg, Fault::Backends)
         }),

@@ -20,13 +20,15 @@ use std::{
 use common::{
     calls::{cancel, get, next_event, respond},
     create, eventually, op,
-    outside::{self, block_on},
-    postgres::{connect, postgres, Postgres},
+    postgres::{connect, main_with, trial, Postgres},
     postgres_config, TestServer,
 };
 use opsd::pb::{
     google::longrunning::WaitOperationRequest,
-    opsd::v1::{operation_event::Type as EventType, CancelPolicy, CreateOperationRequest, WatchOperationsRequest},
+    opsd::v1::{
+        operation_event::Type as EventType, CancelPolicy, CreateOperationRequest,
+        WatchOperationsRequest,
+    },
 };
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -102,7 +104,11 @@ async fn a_cut_replica_acknowledges_nothing_and_catches_up(pg: Arc<Postgres>) {
         .and_then(|p| p.parse().ok())
         .expect("the test database's URL has a port");
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
-    let through_proxy = url.replacen(&format!(":{port}/"), &format!(":{}/", proxy.address.port()), 1);
+    let through_proxy = url.replacen(
+        &format!(":{port}/"),
+        &format!(":{}/", proxy.address.port()),
+        1,
+    );
     let mut config = postgres_config(&through_proxy);
     config.postgres.statement_timeout = Duration::from_secs(1);
     config.postgres.pool_timeout = Duration::from_secs(1);
@@ -120,7 +126,9 @@ async fn a_cut_replica_acknowledges_nothing_and_catches_up(pg: Arc<Postgres>) {
         .await
         .unwrap()
         .into_inner();
-    let finished_on_b = create(&mut workers_b, op("projects/cut", "finished")).await.name;
+    let finished_on_b = create(&mut workers_b, op("projects/cut", "finished"))
+        .await
+        .name;
     let cancelled_on_b = create(
         &mut workers_b,
         CreateOperationRequest {
@@ -145,7 +153,10 @@ async fn a_cut_replica_acknowledges_nothing_and_catches_up(pg: Arc<Postgres>) {
             (op, Instant::now())
         })
     };
-    eventually("the Wait is parked on A", || async { a.registry.waiter_count() == 1 }).await;
+    eventually("the Wait is parked on A", || async {
+        a.registry.waiter_count() == 1
+    })
+    .await;
 
     proxy.cut();
     // A acknowledges nothing: its writes fail UNAVAILABLE within the bound.
@@ -155,8 +166,15 @@ async fn a_cut_replica_acknowledges_nothing_and_catches_up(pg: Arc<Postgres>) {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    assert!(started.elapsed() < bound + Duration::from_secs(2), "{:?}", started.elapsed());
-    let refused = ops_a.cancel_operation(cancel(&cancelled_on_b)).await.unwrap_err();
+    assert!(
+        started.elapsed() < bound + Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let refused = ops_a
+        .cancel_operation(cancel(&cancelled_on_b))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable);
     // Reads fail the same way, never hang.
     let refused = ops_a.get_operation(get(&finished_on_b)).await.unwrap_err();
@@ -174,14 +192,23 @@ async fn a_cut_replica_acknowledges_nothing_and_catches_up(pg: Arc<Postgres>) {
         Err(status) => assert_eq!(status.code(), Code::Unavailable),
     }
     assert!(started.elapsed() < bound * 2 + Duration::from_secs(2));
-    eventually("A's health turns NOT_SERVING", || async { healthz(&a).await == 503 }).await;
+    eventually("A's health turns NOT_SERVING", || async {
+        healthz(&a).await == 503
+    })
+    .await;
     // Meanwhile B works on.
     workers_b
         .complete_operation(respond(&finished_on_b, "done"))
         .await
         .unwrap();
-    ops_b.cancel_operation(cancel(&cancelled_on_b)).await.unwrap();
-    assert!(!parked.is_finished(), "the parked Wait cannot have seen the completion");
+    ops_b
+        .cancel_operation(cancel(&cancelled_on_b))
+        .await
+        .unwrap();
+    assert!(
+        !parked.is_finished(),
+        "the parked Wait cannot have seen the completion"
+    );
 
     proxy.restore();
     let restored = Instant::now();
@@ -190,14 +217,20 @@ async fn a_cut_replica_acknowledges_nothing_and_catches_up(pg: Arc<Postgres>) {
     assert!(waited.done, "{waited:?}");
     let event = next_event(&mut events_a).await;
     let heard = restored.elapsed();
-    assert_eq!((event.name.as_str(), event.r#type()), (cancelled_on_b.as_str(), EventType::CancelRequested));
+    assert_eq!(
+        (event.name.as_str(), event.r#type()),
+        (cancelled_on_b.as_str(), EventType::CancelRequested)
+    );
     let caught_up = returned.duration_since(restored);
     eprintln!("after the path returned: the Wait returned in {caught_up:?}, the cancel reached the worker in {heard:?}");
     assert!(
         caught_up < Duration::from_millis(1500) && heard < Duration::from_millis(1500),
         "A caught up late: Wait {caught_up:?}, worker {heard:?}"
     );
-    eventually("A's health is SERVING again", || async { healthz(&a).await == 200 }).await;
+    eventually("A's health is SERVING again", || async {
+        healthz(&a).await == 200
+    })
+    .await;
     // Nothing A refused was written.
     let db = connect(&url).await;
     let never: i64 = db
@@ -216,15 +249,11 @@ async fn a_cut_replica_acknowledges_nothing_and_catches_up(pg: Arc<Postgres>) {
 }
 
 fn main() -> std::process::ExitCode {
-    let pg = postgres();
-    let trials = vec![outside::test(
-        "a_cut_replica_acknowledges_nothing_and_catches_up",
-        &pg,
-        |pg| block_on(a_cut_replica_acknowledges_nothing_and_catches_up(pg)),
-    )];
-    let code = outside::run(trials);
-    if let Ok(pg) = &pg {
-        pg.stop();
-    }
-    code
+    main_with(|pg| {
+        vec![trial(
+            "a_cut_replica_acknowledges_nothing_and_catches_up",
+            pg,
+            |pg| Box::pin(a_cut_replica_acknowledges_nothing_and_catches_up(pg)),
+        )]
+    })
 }

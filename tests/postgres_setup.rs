@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::Command, sync::Arc, time::Duration};
 
 use common::{
     outside::{self, block_on, Tool},
-    postgres::{connect, postgres, Postgres},
+    postgres::{connect, main_with, trial, Postgres},
     postgres_config,
 };
 use opsd::{
@@ -31,16 +31,23 @@ fn migrate(url: &str) -> (bool, String) {
 }
 
 async fn connect_store(url: &str) -> Result<PostgresStore, String> {
-    PostgresStore::connect(&url.parse().unwrap(), PostgresSettings::default(), Clock::System)
-        .await
-        .map_err(|e| e.to_string())
+    PostgresStore::connect(
+        &url.parse().unwrap(),
+        PostgresSettings::default(),
+        Clock::System,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 async fn opsd_migrate_creates_the_schema_once(pg: Arc<Postgres>) {
     let url = pg.database("migrate").await;
     let (ok, text) = migrate(&url);
     assert!(ok, "{text}");
-    assert!(text.contains(&format!("from version 0 to {SCHEMA_VERSION}")), "{text}");
+    assert!(
+        text.contains(&format!("from version 0 to {SCHEMA_VERSION}")),
+        "{text}"
+    );
     assert!(!text.contains("secret"));
     let (ok, text) = migrate(&url);
     assert!(ok, "{text}");
@@ -73,7 +80,10 @@ async fn replicas_starting_together_migrate_once(pg: Arc<Postgres>) {
     assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
     // One page token key for all.
     let keys: i64 = db
-        .query_one("SELECT count(*) FROM opsd_meta WHERE key = 'page-token-key'", &[])
+        .query_one(
+            "SELECT count(*) FROM opsd_meta WHERE key = 'page-token-key'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -113,9 +123,20 @@ async fn an_unreachable_database_fails_start_up_in_bounded_time(_pg: Arc<Postgre
     config.postgres.connect_timeout = Duration::from_secs(1);
     config.postgres.pool_timeout = Duration::from_secs(1);
     let started = std::time::Instant::now();
-    let err = opsd::server::Server::new(config).await.err().unwrap().to_string();
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    assert!(!err.contains("secret"), "the password stays out of messages: {err}");
+    let err = opsd::server::Server::new(config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !err.contains("secret"),
+        "the password stays out of messages: {err}"
+    );
     assert!(err.contains("127.0.0.1"), "{err}");
 }
 
@@ -124,7 +145,9 @@ async fn sslmodes_are_honoured(pg: Arc<Postgres>, ca: PathBuf) {
     let on = |host: &str, query: &str| url.replacen("127.0.0.1", host, 1) + query;
     let ca = ca.display();
     // Encrypted, certificate unchecked (as libpq without a root file).
-    let store = connect_store(&on("127.0.0.1", "?sslmode=require")).await.unwrap();
+    let store = connect_store(&on("127.0.0.1", "?sslmode=require"))
+        .await
+        .unwrap();
     let db = connect(&url).await;
     let encrypted: i64 = db
         .query_one(
@@ -138,68 +161,82 @@ async fn sslmodes_are_honoured(pg: Arc<Postgres>, ca: PathBuf) {
     assert!(encrypted > 0, "sslmode=require connected without TLS");
     drop(store);
     // The chain and the name are checked.
-    connect_store(&on("127.0.0.1", &format!("?sslmode=verify-full&sslrootcert={ca}")))
-        .await
-        .unwrap();
-    connect_store(&on("localhost", &format!("?sslmode=verify-full&sslrootcert={ca}")))
-        .await
-        .unwrap();
-    let err = connect_store(&on("127.0.0.2", &format!("?sslmode=verify-full&sslrootcert={ca}")))
-        .await
-        .err()
-        .expect("the certificate does not name 127.0.0.2");
+    connect_store(&on(
+        "127.0.0.1",
+        &format!("?sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await
+    .unwrap();
+    connect_store(&on(
+        "localhost",
+        &format!("?sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await
+    .unwrap();
+    let err = connect_store(&on(
+        "127.0.0.2",
+        &format!("?sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await
+    .err()
+    .expect("the certificate does not name 127.0.0.2");
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     // verify-ca checks the chain only.
-    connect_store(&on("127.0.0.2", &format!("?sslmode=verify-ca&sslrootcert={ca}")))
-        .await
-        .unwrap();
+    connect_store(&on(
+        "127.0.0.2",
+        &format!("?sslmode=verify-ca&sslrootcert={ca}"),
+    ))
+    .await
+    .unwrap();
     // The Mozilla roots do not know the test CA.
     let err = connect_store(&on("127.0.0.1", "?sslmode=verify-full"))
         .await
         .err()
         .expect("an unknown issuer is refused");
     assert!(err.to_lowercase().contains("certificate"), "{err}");
-    let err = connect_store(&on("127.0.0.1", "?sslmode=verify-ca&sslrootcert=/nonexistent.pem"))
-        .await
-        .err()
-        .unwrap();
+    let err = connect_store(&on(
+        "127.0.0.1",
+        "?sslmode=verify-ca&sslrootcert=/nonexistent.pem",
+    ))
+    .await
+    .err()
+    .unwrap();
     assert!(err.contains("sslrootcert"), "{err}");
     // disable: plain.
-    connect_store(&on("127.0.0.1", "?sslmode=disable")).await.unwrap();
+    connect_store(&on("127.0.0.1", "?sslmode=disable"))
+        .await
+        .unwrap();
 }
 
-type Body = fn(Arc<Postgres>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
 fn main() -> std::process::ExitCode {
-    let pg = postgres();
-    let trial = |name: &str, body: Body| outside::test(name, &pg, move |pg| block_on(body(pg)));
-    let tls: Tool<(Arc<Postgres>, PathBuf)> = pg.clone().and_then(|pg| {
-        let ca = pg
-            .with_cluster(|cluster| cluster.ca())
-            .ok_or_else(|| "TLS needs the tests' own cluster (OPSD_TEST_PG_URL is set)".to_owned())?
-            .ok_or_else(|| "TLS needs openssl to make the test certificates".to_owned())?;
-        Ok((pg, ca))
-    });
-    let trials = vec![
-        trial("opsd_migrate_creates_the_schema_once", |pg| {
-            Box::pin(opsd_migrate_creates_the_schema_once(pg))
-        }),
-        trial("replicas_starting_together_migrate_once", |pg| {
-            Box::pin(replicas_starting_together_migrate_once(pg))
-        }),
-        trial("a_schema_newer_than_the_binary_is_refused", |pg| {
-            Box::pin(a_schema_newer_than_the_binary_is_refused(pg))
-        }),
-        trial("an_unreachable_database_fails_start_up_in_bounded_time", |pg| {
-            Box::pin(an_unreachable_database_fails_start_up_in_bounded_time(pg))
-        }),
-        outside::test("sslmodes_are_honoured", &tls, |(pg, ca)| {
-            block_on(sslmodes_are_honoured(pg, ca))
-        }),
-    ];
-    let code = outside::run(trials);
-    if let Ok(pg) = &pg {
-        pg.stop();
-    }
-    code
+    main_with(|pg| {
+        let tls: Tool<(Arc<Postgres>, PathBuf)> = pg.clone().and_then(|pg| {
+            let ca = pg
+                .with_cluster(|cluster| cluster.ca())
+                .ok_or_else(|| {
+                    "TLS needs the tests' own cluster (OPSD_TEST_PG_URL is set)".to_owned()
+                })?
+                .ok_or_else(|| "TLS needs openssl to make the test certificates".to_owned())?;
+            Ok((pg, ca))
+        });
+        vec![
+            trial("opsd_migrate_creates_the_schema_once", pg, |pg| {
+                Box::pin(opsd_migrate_creates_the_schema_once(pg))
+            }),
+            trial("replicas_starting_together_migrate_once", pg, |pg| {
+                Box::pin(replicas_starting_together_migrate_once(pg))
+            }),
+            trial("a_schema_newer_than_the_binary_is_refused", pg, |pg| {
+                Box::pin(a_schema_newer_than_the_binary_is_refused(pg))
+            }),
+            trial(
+                "an_unreachable_database_fails_start_up_in_bounded_time",
+                pg,
+                |pg| Box::pin(an_unreachable_database_fails_start_up_in_bounded_time(pg)),
+            ),
+            outside::test("sslmodes_are_honoured", &tls, |(pg, ca)| {
+                block_on(sslmodes_are_honoured(pg, ca))
+            }),
+        ]
+    })
 }

@@ -13,8 +13,7 @@ use std::{sync::Arc, time::Duration};
 use common::{
     calls::{cancel, get, next_event, respond},
     create, eventually, manual_clock, op,
-    outside::{self, block_on},
-    postgres::{connect, postgres, Postgres},
+    postgres::{connect, main_with, trial, Postgres},
     postgres_config, TestServer,
 };
 use opsd::{
@@ -74,10 +73,16 @@ async fn waits_and_reads_cross_replicas(pg: Arc<Postgres>) {
         b.registry.waiter_count() == 1
     })
     .await;
-    workers_a.complete_operation(respond(&name, "done")).await.unwrap();
+    workers_a
+        .complete_operation(respond(&name, "done"))
+        .await
+        .unwrap();
     let (waited, took) = waiting.await.unwrap();
     assert!(waited.done, "{waited:?}");
-    assert!(took < Duration::from_secs(10), "the Wait slept past the completion: {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the Wait slept past the completion: {took:?}"
+    );
     // A deletion on A is NOT_FOUND on B (its cache of done operations
     // follows the feed).
     let mut ops_a = a.operations().await;
@@ -145,13 +150,26 @@ async fn page_tokens_and_pages_agree_across_replicas(pg: Arc<Postgres>) {
         page_token: token,
         ..Default::default()
     };
-    let walk = |servers: Vec<opsd::pb::google::longrunning::operations_client::OperationsClient<tonic::transport::Channel>>| async move {
+    let walk = |servers: Vec<
+        opsd::pb::google::longrunning::operations_client::OperationsClient<
+            tonic::transport::Channel,
+        >,
+    >| async move {
         let mut pages = Vec::new();
         let mut token = String::new();
         for i in 0.. {
             let mut client = servers[i % servers.len()].clone();
-            let page = client.list_operations(list(token)).await.unwrap().into_inner();
-            pages.push(page.operations.iter().map(|o| o.name.clone()).collect::<Vec<_>>());
+            let page = client
+                .list_operations(list(token))
+                .await
+                .unwrap()
+                .into_inner();
+            pages.push(
+                page.operations
+                    .iter()
+                    .map(|o| o.name.clone())
+                    .collect::<Vec<_>>(),
+            );
             if page.next_page_token.is_empty() {
                 break;
             }
@@ -192,12 +210,18 @@ async fn complete_versus_cancel_across_replicas_ends_in_one_outcome(pg: Arc<Post
                 let completing = {
                     let name = name.clone();
                     let mut workers = workers.clone();
-                    tokio::spawn(async move { workers.complete_operation(respond(&name, "won")).await })
+                    tokio::spawn(
+                        async move { workers.complete_operation(respond(&name, "won")).await },
+                    )
                 };
                 let cancelled = other_ops.cancel_operation(cancel(&name)).await;
                 let completed = completing.await.unwrap();
                 cancelled.expect("a cancel is OK whether or not the operation was done");
-                let got = own_ops.get_operation(get(&name)).await.unwrap().into_inner();
+                let got = own_ops
+                    .get_operation(get(&name))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 match completed {
                     Ok(_) => {
                         assert!(
@@ -232,7 +256,11 @@ async fn complete_versus_cancel_across_replicas_ends_in_one_outcome(pg: Arc<Post
         )
         .await
         .unwrap();
-    assert!(bad.is_empty(), "{} operations with other than one outcome", bad.len());
+    assert!(
+        bad.is_empty(),
+        "{} operations with other than one outcome",
+        bad.len()
+    );
     let terminal: i64 = db
         .query_one(
             "SELECT count(*) FROM opsd_changes WHERE cause IN ('completed', 'cancelled')",
@@ -258,8 +286,16 @@ async fn deadlines_fire_once_across_replicas(pg: Arc<Postgres>) {
         parent: "projects/d".into(),
         names: vec![],
     };
-    let mut events_a = workers_a.watch_operations(watch()).await.unwrap().into_inner();
-    let mut events_b = workers_b.watch_operations(watch()).await.unwrap().into_inner();
+    let mut events_a = workers_a
+        .watch_operations(watch())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events_b = workers_b
+        .watch_operations(watch())
+        .await
+        .unwrap()
+        .into_inner();
     let leased = create(
         &mut workers_a,
         CreateOperationRequest {
@@ -302,7 +338,10 @@ async fn deadlines_fire_once_across_replicas(pg: Arc<Postgres>) {
     ops_b.cancel_operation(cancel(&coop)).await.unwrap();
     for events in [&mut events_a, &mut events_b] {
         let event = next_event(events).await;
-        assert_eq!((event.name.as_str(), event.r#type()), (coop.as_str(), EventType::CancelRequested));
+        assert_eq!(
+            (event.name.as_str(), event.r#type()),
+            (coop.as_str(), EventType::CancelRequested)
+        );
     }
     clock.advance(Duration::from_secs(1));
     let ops_a = a.operations().await;
@@ -310,7 +349,14 @@ async fn deadlines_fire_once_across_replicas(pg: Arc<Postgres>) {
         eventually("the deadline fired", || {
             let mut ops_a = ops_a.clone();
             let name = name.clone();
-            async move { ops_a.get_operation(get(&name)).await.unwrap().into_inner().done }
+            async move {
+                ops_a
+                    .get_operation(get(&name))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .done
+            }
         })
         .await;
     }
@@ -318,7 +364,12 @@ async fn deadlines_fire_once_across_replicas(pg: Arc<Postgres>) {
         let mut ops_a = ops_a.clone();
         let name = scripted.clone();
         async move {
-            ops_a.get_operation(get(&name)).await.unwrap().into_inner().metadata
+            ops_a
+                .get_operation(get(&name))
+                .await
+                .unwrap()
+                .into_inner()
+                .metadata
                 == Some(common::any_string("half"))
         }
     })
@@ -327,12 +378,24 @@ async fn deadlines_fire_once_across_replicas(pg: Arc<Postgres>) {
     eventually("the script finished", || {
         let mut ops_b = ops_b.clone();
         let name = scripted.clone();
-        async move { ops_b.get_operation(get(&name)).await.unwrap().into_inner().done }
+        async move {
+            ops_b
+                .get_operation(get(&name))
+                .await
+                .unwrap()
+                .into_inner()
+                .done
+        }
     })
     .await;
     // Each replica's worker stream hears of the lapsed lease once.
-    let sentinel = create(&mut workers_b, op("projects/d", "sentinel")).await.name;
-    ops_b.delete_operation(common::calls::delete(&sentinel)).await.unwrap();
+    let sentinel = create(&mut workers_b, op("projects/d", "sentinel"))
+        .await
+        .name;
+    ops_b
+        .delete_operation(common::calls::delete(&sentinel))
+        .await
+        .unwrap();
     for events in [&mut events_a, &mut events_b] {
         let mut lapsed = 0;
         loop {
@@ -369,28 +432,31 @@ async fn deadlines_fire_once_across_replicas(pg: Arc<Postgres>) {
 }
 
 fn main() -> std::process::ExitCode {
-    let pg = postgres();
-    let trial = |name: &str, body: fn(Arc<Postgres>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>| {
-        outside::test(name, &pg, move |pg| block_on(body(pg)))
-    };
-    let trials = vec![
-        trial("waits_and_reads_cross_replicas", |pg| Box::pin(waits_and_reads_cross_replicas(pg))),
-        trial("a_cancel_on_one_replica_reaches_a_worker_on_the_other", |pg| {
-            Box::pin(a_cancel_on_one_replica_reaches_a_worker_on_the_other(pg))
-        }),
-        trial("page_tokens_and_pages_agree_across_replicas", |pg| {
-            Box::pin(page_tokens_and_pages_agree_across_replicas(pg))
-        }),
-        trial("complete_versus_cancel_across_replicas_ends_in_one_outcome", |pg| {
-            Box::pin(complete_versus_cancel_across_replicas_ends_in_one_outcome(pg))
-        }),
-        trial("deadlines_fire_once_across_replicas", |pg| {
-            Box::pin(deadlines_fire_once_across_replicas(pg))
-        }),
-    ];
-    let code = outside::run(trials);
-    if let Ok(pg) = &pg {
-        pg.stop();
-    }
-    code
+    main_with(|pg| {
+        vec![
+            trial("waits_and_reads_cross_replicas", pg, |pg| {
+                Box::pin(waits_and_reads_cross_replicas(pg))
+            }),
+            trial(
+                "a_cancel_on_one_replica_reaches_a_worker_on_the_other",
+                pg,
+                |pg| Box::pin(a_cancel_on_one_replica_reaches_a_worker_on_the_other(pg)),
+            ),
+            trial("page_tokens_and_pages_agree_across_replicas", pg, |pg| {
+                Box::pin(page_tokens_and_pages_agree_across_replicas(pg))
+            }),
+            trial(
+                "complete_versus_cancel_across_replicas_ends_in_one_outcome",
+                pg,
+                |pg| {
+                    Box::pin(complete_versus_cancel_across_replicas_ends_in_one_outcome(
+                        pg,
+                    ))
+                },
+            ),
+            trial("deadlines_fire_once_across_replicas", pg, |pg| {
+                Box::pin(deadlines_fire_once_across_replicas(pg))
+            }),
+        ]
+    })
 }

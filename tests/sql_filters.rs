@@ -17,7 +17,7 @@ use std::{
 
 use common::{
     outside,
-    postgres::{postgres, Postgres},
+    postgres::{main_with, Postgres},
 };
 use opsd::{
     clock::Clock,
@@ -42,8 +42,23 @@ const TYPES: &[&str] = &[
 ];
 
 const TEXTS: &[&str] = &[
-    "", "type", "acme", "Progress", "Empty", "%", "_", "x%", "a*b", "ø", "'", "\"", "/", "op", "l1",
-    "operations/", "projects/",
+    "",
+    "type",
+    "acme",
+    "Progress",
+    "Empty",
+    "%",
+    "_",
+    "x%",
+    "a*b",
+    "ø",
+    "'",
+    "\"",
+    "/",
+    "op",
+    "l1",
+    "operations/",
+    "projects/",
 ];
 
 fn base() -> SystemTime {
@@ -137,8 +152,12 @@ fn restriction() -> impl Strategy<Value = Restriction> {
         (equality(), any::<bool>()).prop_map(|(op, v)| Restriction::Done(op, v)),
         (equality(), pattern(TEXTS)).prop_map(|(op, p)| Restriction::Name(op, p)),
         (op(), -2i64..5).prop_map(|(op, c)| Restriction::ErrorCode(op, c)),
-        prop_oneof![Just(Part::Error), Just(Part::Response), Just(Part::Metadata)]
-            .prop_map(Restriction::Present),
+        prop_oneof![
+            Just(Part::Error),
+            Just(Part::Response),
+            Just(Part::Metadata)
+        ]
+        .prop_map(Restriction::Present),
         (
             prop_oneof![Just(AnyField::Metadata), Just(AnyField::Response)],
             equality(),
@@ -191,9 +210,13 @@ fn differential(pg: Arc<Postgres>) {
         .unwrap();
     let url = runtime.block_on(pg.database("sql_filters"));
     let store = runtime.block_on(async {
-        PostgresStore::connect(&url.parse().unwrap(), PostgresSettings::default(), Clock::System)
-            .await
-            .unwrap()
+        PostgresStore::connect(
+            &url.parse().unwrap(),
+            PostgresSettings::default(),
+            Clock::System,
+        )
+        .await
+        .unwrap()
     });
     let cases = std::env::var("OPSD_SQL_FILTER_CASES")
         .ok()
@@ -215,7 +238,11 @@ fn differential(pg: Arc<Postgres>) {
         runtime.block_on(async {
             let root = format!("projects/c{}", CASES.fetch_add(1, Ordering::Relaxed));
             let memory = MemoryStore::new();
-            let parents = [root.clone(), format!("{root}/locations/l1"), format!("{root}/locations/l2")];
+            let parents = [
+                root.clone(),
+                format!("{root}/locations/l1"),
+                format!("{root}/locations/l2"),
+            ];
             for (parent, id, mut record) in records {
                 record.name = format!("{}/operations/{id}", parents[parent]);
                 let inserted = memory.insert(record.clone()).await;
@@ -223,7 +250,10 @@ fn differential(pg: Arc<Postgres>) {
                 prop_assert_eq!(inserted.is_ok(), in_pg.is_ok());
             }
             let segments: Vec<String> = if wildcard {
-                format!("{root}/locations/-").split('/').map(str::to_owned).collect()
+                format!("{root}/locations/-")
+                    .split('/')
+                    .map(str::to_owned)
+                    .collect()
             } else {
                 root.split('/').map(str::to_owned).collect()
             };
@@ -248,15 +278,11 @@ fn differential(pg: Arc<Postgres>) {
 }
 
 fn main() -> std::process::ExitCode {
-    let pg = postgres();
-    let trials = vec![outside::test(
-        "sql_filters_select_what_the_memory_evaluator_selects",
-        &pg,
-        differential,
-    )];
-    let code = outside::run(trials);
-    if let Ok(pg) = &pg {
-        pg.stop();
-    }
-    code
+    main_with(|pg| {
+        vec![outside::test(
+            "sql_filters_select_what_the_memory_evaluator_selects",
+            pg,
+            differential,
+        )]
+    })
 }

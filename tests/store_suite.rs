@@ -18,7 +18,7 @@ use std::{
 
 use common::{
     outside::{self, block_on},
-    postgres::{postgres, Postgres},
+    postgres::{main_with, Postgres},
 };
 use opsd::{
     clock::Clock,
@@ -125,7 +125,10 @@ async fn conditional_writes_hold(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(updated, 2);
-    assert_eq!(store.get("operations/a").await.unwrap().unwrap().revision, 2);
+    assert_eq!(
+        store.get("operations/a").await.unwrap().unwrap().revision,
+        2
+    );
     assert!(matches!(
         store.update(created.clone(), 1, Cause::Updated).await,
         Err(StoreError::Conflict)
@@ -134,7 +137,10 @@ async fn conditional_writes_hold(backend: Backend) {
         store.delete("operations/a", 1, Cause::Deleted).await,
         Err(StoreError::Conflict)
     ));
-    store.delete("operations/a", 2, Cause::Deleted).await.unwrap();
+    store
+        .delete("operations/a", 2, Cause::Deleted)
+        .await
+        .unwrap();
     assert!(store.get("operations/a").await.unwrap().is_none());
     assert!(matches!(
         store.update(created, 2, Cause::Updated).await,
@@ -175,7 +181,10 @@ async fn insert_refuses_a_taken_name_or_request_id(backend: Backend) {
     store.update(forgetful, 1, Cause::Updated).await.unwrap();
     let kept = store.get("operations/a").await.unwrap().unwrap();
     assert_eq!(kept.request_id.as_deref(), Some("r1"));
-    store.delete("operations/a", 2, Cause::Deleted).await.unwrap();
+    store
+        .delete("operations/a", 2, Cause::Deleted)
+        .await
+        .unwrap();
     assert!(store.find_by_request_id("r1").await.unwrap().is_none());
     // Free again after the delete.
     let mut c = record("operations/c");
@@ -196,7 +205,10 @@ async fn lists_are_keyset_pages_within_the_parent(backend: Backend) {
     ] {
         store.insert(record(name)).await.unwrap();
     }
-    let page = store.list(&query(&["projects", "p"], None, 2)).await.unwrap();
+    let page = store
+        .list(&query(&["projects", "p"], None, 2))
+        .await
+        .unwrap();
     assert_eq!(
         page.resume_after.as_deref(),
         Some("projects/p/operations/b")
@@ -206,14 +218,21 @@ async fn lists_are_keyset_pages_within_the_parent(backend: Backend) {
         ["projects/p/operations/a", "projects/p/operations/b"]
     );
     let page = store
-        .list(&query(&["projects", "p"], Some("projects/p/operations/b"), 2))
+        .list(&query(
+            &["projects", "p"],
+            Some("projects/p/operations/b"),
+            2,
+        ))
         .await
         .unwrap();
     assert!(page.resume_after.is_none());
     assert_eq!(names(page), ["projects/p/operations/c"]);
     let page = store.list(&query(&[], None, 10)).await.unwrap();
     assert_eq!(names(page), ["operations/a"]);
-    let page = store.list(&query(&["projects", "-"], None, 10)).await.unwrap();
+    let page = store
+        .list(&query(&["projects", "-"], None, 10))
+        .await
+        .unwrap();
     assert!(page.resume_after.is_none());
     assert_eq!(
         names(page),
@@ -257,7 +276,10 @@ async fn counts_follow_each_commit_and_changes_carry_both_deadlines(backend: Bac
         }
     );
     let done = finished(leased.clone());
-    store.update(done.clone(), 1, Cause::Completed).await.unwrap();
+    store
+        .update(done.clone(), 1, Cause::Completed)
+        .await
+        .unwrap();
     assert_eq!(
         store.counts().await.unwrap(),
         Counts {
@@ -266,9 +288,18 @@ async fn counts_follow_each_commit_and_changes_carry_both_deadlines(backend: Bac
         }
     );
     // A refused write changes nothing.
-    assert!(store.delete("operations/b", 7, Cause::Deleted).await.is_err());
-    store.delete("operations/a", 2, Cause::Deleted).await.unwrap();
-    store.delete("operations/b", 1, Cause::Deleted).await.unwrap();
+    assert!(store
+        .delete("operations/b", 7, Cause::Deleted)
+        .await
+        .is_err());
+    store
+        .delete("operations/a", 2, Cause::Deleted)
+        .await
+        .unwrap();
+    store
+        .delete("operations/b", 1, Cause::Deleted)
+        .await
+        .unwrap();
     assert_eq!(store.counts().await.unwrap(), Counts::default());
     let created = feed.recv().await.unwrap();
     assert_eq!(
@@ -295,7 +326,10 @@ async fn every_commit_is_published_once_in_order(backend: Backend) {
     let a = record("operations/a");
     store.insert(a.clone()).await.unwrap();
     store.update(a, 1, Cause::Completed).await.unwrap();
-    store.delete("operations/a", 2, Cause::Deleted).await.unwrap();
+    store
+        .delete("operations/a", 2, Cause::Deleted)
+        .await
+        .unwrap();
     let mut causes = Vec::new();
     for _ in 0..3 {
         causes.push(feed.recv().await.unwrap().cause);
@@ -303,7 +337,12 @@ async fn every_commit_is_published_once_in_order(backend: Backend) {
     assert_eq!(causes, [Cause::Created, Cause::Completed, Cause::Deleted]);
     // Nothing more comes (a shared store's own notifications and polls
     // bring the same changes back; they are not delivered twice).
-    tokio::time::sleep(Duration::from_millis(if backend.durable() { 1500 } else { 10 })).await;
+    tokio::time::sleep(Duration::from_millis(if backend.durable() {
+        1500
+    } else {
+        10
+    }))
+    .await;
     assert!(matches!(
         feed.try_recv(),
         Err(tokio::sync::broadcast::error::TryRecvError::Empty)
@@ -338,7 +377,10 @@ async fn deadlines_list_every_record_that_has_one(backend: Backend) {
     let mut all = store.deadlines().await.unwrap();
     all.sort_by(|a, b| a.name.cmp(&b.name));
     let found: Vec<(&str, bool)> = all.iter().map(|d| (&*d.name, d.done)).collect();
-    assert_eq!(found, [("operations/done", true), ("operations/leased", false)]);
+    assert_eq!(
+        found,
+        [("operations/done", true), ("operations/leased", false)]
+    );
     assert_eq!(all[1].at, at);
     assert_eq!(Some(all[0].at), done.next_deadline());
     let running = store.running_deadlines().await.unwrap();
@@ -357,7 +399,10 @@ async fn durable_stores_keep_everything_when_reopened(backend: Backend) {
         let mut a = record("projects/p/operations/a");
         a.request_id = Some("req-a".into());
         store.insert(a.clone()).await.unwrap();
-        store.insert(record("projects/p/operations/b")).await.unwrap();
+        store
+            .insert(record("projects/p/operations/b"))
+            .await
+            .unwrap();
         store
             .update(finished(a), 1, Cause::Completed)
             .await
@@ -372,12 +417,24 @@ async fn durable_stores_keep_everything_when_reopened(backend: Backend) {
     let a = store.get("projects/p/operations/a").await.unwrap().unwrap();
     assert_eq!(a.revision, 2);
     assert!(a.done());
-    assert!(store.get("projects/p/operations/b").await.unwrap().is_none());
+    assert!(store
+        .get("projects/p/operations/b")
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(
-        store.find_by_request_id("req-a").await.unwrap().unwrap().name,
+        store
+            .find_by_request_id("req-a")
+            .await
+            .unwrap()
+            .unwrap()
+            .name,
         a.name
     );
-    let page = store.list(&query(&["projects", "p"], None, 10)).await.unwrap();
+    let page = store
+        .list(&query(&["projects", "p"], None, 10))
+        .await
+        .unwrap();
     assert_eq!(names(page), ["projects/p/operations/a"]);
     assert_eq!(
         store.counts().await.unwrap(),
@@ -446,34 +503,32 @@ fn main() -> std::process::ExitCode {
         durable_stores_keep_everything_when_reopened,
         only_shared_stores_hand_out_claims,
     ];
-    let pg = postgres();
-    let mut trials = Vec::new();
-    for (name, case) in cases {
-        let case = *case;
-        trials.push(outside::plain(&format!("memory::{name}"), move || {
-            block_on(case(Backend::Memory))
-        }));
-        let dir = std::env::temp_dir().join(format!("opsd-suite-{}-{name}", std::process::id()));
-        trials.push(outside::plain(&format!("redb::{name}"), move || {
-            let _ = std::fs::remove_dir_all(&dir);
-            block_on(case(Backend::Redb(dir.join("opsd.redb"))));
-            let _ = std::fs::remove_dir_all(&dir);
-        }));
-        let name = name.to_string();
-        trials.push(outside::test(
-            &format!("postgres::{name}"),
-            &pg,
-            move |pg: Arc<Postgres>| {
-                block_on(async {
-                    let url = pg.database(&name).await;
-                    case(Backend::Postgres(url)).await
-                })
-            },
-        ));
-    }
-    let code = outside::run(trials);
-    if let Ok(pg) = &pg {
-        pg.stop();
-    }
-    code
+    main_with(|pg| {
+        let mut trials = Vec::new();
+        for (name, case) in cases {
+            let case = *case;
+            trials.push(outside::plain(&format!("memory::{name}"), move || {
+                block_on(case(Backend::Memory))
+            }));
+            let dir =
+                std::env::temp_dir().join(format!("opsd-suite-{}-{name}", std::process::id()));
+            trials.push(outside::plain(&format!("redb::{name}"), move || {
+                let _ = std::fs::remove_dir_all(&dir);
+                block_on(case(Backend::Redb(dir.join("opsd.redb"))));
+                let _ = std::fs::remove_dir_all(&dir);
+            }));
+            let name = name.to_string();
+            trials.push(outside::test(
+                &format!("postgres::{name}"),
+                pg,
+                move |pg: Arc<Postgres>| {
+                    block_on(async {
+                        let url = pg.database(&name).await;
+                        case(Backend::Postgres(url)).await
+                    })
+                },
+            ));
+        }
+        trials
+    })
 }

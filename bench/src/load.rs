@@ -63,7 +63,9 @@ pub struct LoadOptions {
 impl LoadOptions {
     /// The first target: where single-server workloads go.
     pub fn target(&self) -> &str {
-        self.targets.first().map_or("http://127.0.0.1:50051", String::as_str)
+        self.targets
+            .first()
+            .map_or("http://127.0.0.1:50051", String::as_str)
     }
 
     /// The last target: where cross-replica workloads watch and wait.

@@ -211,7 +211,11 @@ async fn measure(
         return Ok(());
     };
     // The same operation exists on both (a ceiling answers any name).
-    bench_target(reference, matches!(workload, load::Workload::Get { done: true, .. })).await?;
+    bench_target(
+        reference,
+        matches!(workload, load::Workload::Get { done: true, .. }),
+    )
+    .await?;
     let mut reference_options = load.options();
     reference_options.targets = vec![reference.clone()];
     reference_options.server_pids = ceiling.ceiling_pid.into_iter().collect();
@@ -245,8 +249,12 @@ async fn bench(command: BenchCommand) -> Result<(), load::BenchError> {
             ceiling,
             done,
         } => {
-            let name = bench_target(&load.options().target().to_owned(), done).await?;
-            let what = if done { "a done operation" } else { "a running operation" };
+            let name = bench_target(load.options().target(), done).await?;
+            let what = if done {
+                "a done operation"
+            } else {
+                "a running operation"
+            };
             let label = format!("GetOperation of {what}, {}", mode(&load));
             measure(&load, &ceiling, &Workload::Get { name, done }, &label).await?;
         }

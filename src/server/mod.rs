@@ -57,12 +57,12 @@ use crate::{
         operations::OperationsService, rest::RestService, types::TypeRegistry,
         workers::WorkersService,
     },
+    clock::Clock,
     config::{Config, ConfigError, StoreConfig},
     pb::{
         google::longrunning::operations_server::OperationsServer,
         opsd::v1::workers_server::WorkersServer, FILE_DESCRIPTOR_SET,
     },
-    clock::Clock,
     registry::{
         scenario::{self, LoadedScenario, ScenarioError},
         Registry,

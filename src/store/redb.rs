@@ -360,6 +360,10 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(e.to_string())
 }
 
+/// A committed record for the cache: its name and new encoding, or `None`
+/// for a deletion.
+type Cached = (Arc<str>, Option<Arc<[u8]>>);
+
 /// The single writer: drains the queue into group commits.
 struct Writer {
     db: Arc<Database>,
@@ -439,9 +443,8 @@ impl Writer {
         let size = batch.len();
         let mut results = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
-        // What the cache learns once the commit succeeded: name → the new
-        // encoding, or `None` for a deletion.
-        let mut cached: Vec<(Arc<str>, Option<Arc<[u8]>>)> = Vec::new();
+        // What the cache learns once the commit succeeded.
+        let mut cached: Vec<Cached> = Vec::new();
         let mut counts = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let outcome = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write().map_err(internal)?;

@@ -448,4 +448,3 @@ impl Server {
         self.child.wait().unwrap();
     }
 }
-

@@ -148,7 +148,7 @@ pub fn reason(status: &tonic::Status) -> String {
 /// The test configuration on the PostgreSQL database at `url`.
 pub fn postgres_config(url: &str) -> Config {
     let mut config = Config::for_tests();
-    config.store = opsd::config::StoreConfig::Postgres(url.parse().unwrap());
+    config.store = url.parse().unwrap();
     config
 }
 

@@ -22,7 +22,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::outside::Tool;
+use libtest_mimic::Trial;
+
+use super::outside::{self, Tool};
+
+/// The async body of a test that needs PostgreSQL.
+pub type Body =
+    fn(Arc<Postgres>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A trial that runs `body` on its own runtime with the server (ignored
+/// locally, failed under CI, without PostgreSQL).
+pub fn trial(name: &str, pg: &Tool<Arc<Postgres>>, body: Body) -> Trial {
+    outside::test(name, pg, move |pg| outside::block_on(body(pg)))
+}
+
+/// The `main` of a test file whose trials need PostgreSQL: finds it, runs
+/// the trials `make` returns, and stops the cluster at the end.
+pub fn main_with(make: impl FnOnce(&Tool<Arc<Postgres>>) -> Vec<Trial>) -> std::process::ExitCode {
+    let pg = postgres();
+    let code = outside::run(make(&pg));
+    if let Ok(pg) = &pg {
+        pg.stop();
+    }
+    code
+}
 
 /// A PostgreSQL server the tests may create databases in.
 pub struct Postgres {
@@ -59,7 +82,11 @@ pub fn postgres() -> Tool<Arc<Postgres>> {
     let bindir = Command::new("pg_config")
         .arg("--bindir")
         .output()
-        .map_err(|e| format!("PostgreSQL is not installed (pg_config: {e}); set OPSD_TEST_PG_URL or install it"))?;
+        .map_err(|e| {
+            format!(
+                "PostgreSQL is not installed (pg_config: {e}); set OPSD_TEST_PG_URL or install it"
+            )
+        })?;
     if !bindir.status.success() {
         return Err("pg_config --bindir failed".into());
     }
@@ -72,7 +99,12 @@ pub fn postgres() -> Tool<Arc<Postgres>> {
             ));
         }
     }
-    if is_root() && !Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success()) {
+    if is_root()
+        && !Command::new("id")
+            .arg("postgres")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
         return Err("running as root, and there is no postgres user to run PostgreSQL as".into());
     }
     Ok(Arc::new(Postgres::new(Source::Binaries(bindir))))
@@ -97,9 +129,7 @@ fn as_postgres(program: &Path) -> Command {
 }
 
 fn run(mut command: Command, what: &str) {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
         "{what} failed: {}{}",
@@ -173,10 +203,16 @@ impl Cluster {
             tls: false,
         };
         let mut initdb = as_postgres(&bindir.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(cluster.data())
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        initdb.arg("-D").arg(cluster.data()).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
         run(initdb, "initdb");
         // Trust the whole loopback range (the tests also use 127.0.0.2).
         let hba = cluster.data().join("pg_hba.conf");
@@ -204,19 +240,66 @@ impl Cluster {
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let made = std::fs::write(
             dir.join("san.ext"),
             "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
         )
         .is_ok()
             && openssl(
-                &[&["req", "-x509"], &ec[..], &["-keyout", "ca.key", "-out", "ca.pem", "-days", "30", "-subj", "/CN=opsd test CA"]].concat(),
+                &[
+                    &["req", "-x509"],
+                    &ec[..],
+                    &[
+                        "-keyout",
+                        "ca.key",
+                        "-out",
+                        "ca.pem",
+                        "-days",
+                        "30",
+                        "-subj",
+                        "/CN=opsd test CA",
+                    ],
+                ]
+                .concat(),
             )
-            && openssl(&[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat())
+            && openssl(
+                &[
+                    &["req"],
+                    &ec[..],
+                    &[
+                        "-keyout",
+                        "server.key",
+                        "-out",
+                        "server.csr",
+                        "-subj",
+                        "/CN=localhost",
+                    ],
+                ]
+                .concat(),
+            )
             && openssl(&[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", "server.crt", "-days", "30", "-extfile", "san.ext",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "30",
+                "-extfile",
+                "san.ext",
             ]);
         if !made {
             return false;
@@ -227,7 +310,10 @@ impl Cluster {
                 .current_dir(dir)
                 .status();
         }
-        let _ = Command::new("chmod").args(["600", "server.key"]).current_dir(dir).status();
+        let _ = Command::new("chmod")
+            .args(["600", "server.key"])
+            .current_dir(dir)
+            .status();
         true
     }
 
@@ -351,7 +437,13 @@ impl Postgres {
     pub async fn database(&self, name: &str) -> String {
         let clean: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .take(40)
             .collect();
         let db = format!(
@@ -361,7 +453,9 @@ impl Postgres {
         );
         let admin = self.admin().await;
         admin
-            .batch_execute(&format!("CREATE DATABASE \"{db}\" ENCODING 'UTF8' TEMPLATE template0"))
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{db}\" ENCODING 'UTF8' TEMPLATE template0"
+            ))
             .await
             .unwrap();
         self.created.lock().unwrap().push(db.clone());

@@ -388,7 +388,8 @@ impl Feed {
                 self.publish(Change::resync(SystemTime::now()));
             }
         }
-        self.health.send_if_modified(|healthy| !std::mem::replace(healthy, true));
+        self.health
+            .send_if_modified(|healthy| !std::mem::replace(healthy, true));
     }
 
     fn poll_failed(&self, err: &StoreError) {
@@ -857,7 +858,10 @@ mod tests {
     fn every_change_is_delivered_once_whatever_brings_it() {
         let (feed, mut rx) = feed();
         feed.committed(logged(3, "a"));
-        feed.notified(&format!("{}\n{}\np", logged(3, "a").line(), logged(5, "b").line()), None);
+        feed.notified(
+            &format!("{}\n{}\np", logged(3, "a").line(), logged(5, "b").line()),
+            None,
+        );
         // The poll sees 1..=5 except 2 (in flight) and 4 (in flight).
         feed.polled(vec![logged(1, "x"), logged(3, "a"), logged(5, "b")], true);
         let names: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())

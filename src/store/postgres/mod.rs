@@ -202,8 +202,7 @@ fn from_row(
     Ok(record)
 }
 
-const GET_SQL: &str =
-    "SELECT revision, request_id, record FROM opsd_operations WHERE name = $1";
+const GET_SQL: &str = "SELECT revision, request_id, record FROM opsd_operations WHERE name = $1";
 
 const FIND_SQL: &str =
     "SELECT name, revision, request_id, record FROM opsd_operations WHERE request_id = $1";
@@ -309,7 +308,11 @@ impl PostgresStore {
             .map_err(pool_error)?;
         let migrated = schema::migrate(&mut client).await?;
         if migrated.from != migrated.to {
-            tracing::info!(from = migrated.from, to = migrated.to, "database schema migrated");
+            tracing::info!(
+                from = migrated.from,
+                to = migrated.to,
+                "database schema migrated"
+            );
         }
         let page_token_key = page_token_key(&client).await?;
         let schema: String = client
@@ -563,7 +566,8 @@ impl Store for PostgresStore {
         for row in &rows {
             let name: &str = row.get(0);
             if row.get::<_, bool>(4) {
-                scan.records.push(from_row(name, row.get(1), row.get(2), row.get(3))?);
+                scan.records
+                    .push(from_row(name, row.get(1), row.get(2), row.get(3))?);
             }
             if row.get::<_, i64>(5) == budget {
                 budget_end = Some(name.to_owned());
@@ -695,7 +699,13 @@ impl Store for PostgresStore {
         let rows = self
             .write(
                 DELETE_SQL,
-                &[&name, &expected, &cause.as_str(), &nanos(time), &self.slot()],
+                &[
+                    &name,
+                    &expected,
+                    &cause.as_str(),
+                    &nanos(time),
+                    &self.slot(),
+                ],
             )
             .await?;
         let Some(row) = rows.first() else {
@@ -745,16 +755,15 @@ impl Store for PostgresStore {
     ) -> Result<Option<Claimed>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
-            .query(
-                CLAIM_SQL,
-                &[&nanos(now), &limit, &nanos(now + hold)],
-            )
+            .query(CLAIM_SQL, &[&nanos(now), &limit, &nanos(now + hold)])
             .await?;
         let mut claimed = Claimed::default();
         let mut due: Vec<(i64, Arc<str>)> = Vec::new();
         for row in &rows {
             match row.get::<_, Option<&str>>(0) {
-                Some(name) => due.push((row.get::<_, Option<i64>>(1).unwrap_or(0), Arc::from(name))),
+                Some(name) => {
+                    due.push((row.get::<_, Option<i64>>(1).unwrap_or(0), Arc::from(name)))
+                }
                 None => claimed.next = row.get::<_, Option<i64>>(2).map(from_nanos),
             }
         }
@@ -813,11 +822,17 @@ mod tests {
     fn rows_keep_the_record_without_its_name_and_request_id() {
         let mut r = done(record("projects/p/operations/a"));
         let columns = Columns::of(&mut r);
-        assert_eq!(r.name, "projects/p/operations/a", "the record is left as it was");
+        assert_eq!(
+            r.name, "projects/p/operations/a",
+            "the record is left as it was"
+        );
         assert_eq!(columns.parent, "projects/p");
         assert!(columns.done);
         assert_eq!(columns.error_code, Some(1));
-        assert_eq!(columns.request_id.as_deref(), Some(b"req-projects/p/operations/a".as_slice()));
+        assert_eq!(
+            columns.request_id.as_deref(),
+            Some(b"req-projects/p/operations/a".as_slice())
+        );
         let back = from_row(&r.name, 3, columns.request_id.clone(), &columns.record).unwrap();
         assert_eq!(back, r);
         assert_eq!(columns.next_deadline.map(from_nanos), r.next_deadline());

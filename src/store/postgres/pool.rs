@@ -83,12 +83,7 @@ impl std::fmt::Display for Target {
                 tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
             })
             .collect();
-        let ports: Vec<String> = self
-            .config
-            .get_ports()
-            .iter()
-            .map(u16::to_string)
-            .collect();
+        let ports: Vec<String> = self.config.get_ports().iter().map(u16::to_string).collect();
         write!(
             f,
             "postgres://{}@{}:{}/{} (sslmode={})",
@@ -251,13 +246,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -408,7 +400,9 @@ pub(super) fn pool(target: &Target, settings: &PostgresSettings) -> Result<Pool,
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(settings.pool_timeout))
         .create_timeout(Some(settings.connect_timeout))
-        .recycle_timeout(Some(settings.connect_timeout.min(settings.statement_timeout)))
+        .recycle_timeout(Some(
+            settings.connect_timeout.min(settings.statement_timeout),
+        ))
         .post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
             let session = session.clone();
             Box::pin(async move {
@@ -439,9 +433,11 @@ pub(super) fn pg_error(err: tokio_postgres::Error) -> StoreError {
         return StoreError::Unavailable(message);
     };
     let code = db.code().code();
-    let passing = ["08", "40", "53", "55P03", "57", "58", "25006", "3D000", "28"]
-        .iter()
-        .any(|prefix| code.starts_with(prefix));
+    let passing = [
+        "08", "40", "53", "55P03", "57", "58", "25006", "3D000", "28",
+    ]
+    .iter()
+    .any(|prefix| code.starts_with(prefix));
     let message = format!("database: {} ({code})", db.message());
     if passing {
         StoreError::Unavailable(message)
@@ -476,16 +472,24 @@ mod tests {
         assert_eq!(t.config.get_dbname(), Some("ops"));
         assert_eq!(t.config.get_ports(), [6432]);
         assert!(!t.to_string().contains("secret"), "{t}");
-        let t = parse("postgresql://u@h/d?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=x")
-            .unwrap();
+        let t = parse(
+            "postgresql://u@h/d?sslmode=verify-full&sslrootcert=/etc/ca.pem&application_name=x",
+        )
+        .unwrap();
         assert_eq!(t.tls, TlsMode::VerifyFull);
         assert_eq!(t.root_cert, Some(PathBuf::from("/etc/ca.pem")));
-        assert_eq!(t.config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert_eq!(
+            t.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
         assert_eq!(t.config.get_application_name(), Some("x"));
         let t = parse("postgres://u@h/d?sslmode=verify-ca&sslrootcert=system").unwrap();
         assert_eq!((t.tls, t.root_cert), (TlsMode::VerifyCa, None));
         let t = parse("postgres://u@h/d?sslmode=disable").unwrap();
-        assert_eq!(t.config.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
+        assert_eq!(
+            t.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
         assert!(parse("postgres://u@h/d?sslmode=sometimes")
             .unwrap_err()
             .contains("sslmode"));
@@ -511,6 +515,9 @@ mod tests {
         );
         let config = connection_config(&parse("postgres://u@h/d").unwrap(), &settings);
         assert_eq!(config.get_application_name(), Some("opsd"));
-        assert_eq!(config.get_connect_timeout(), Some(&settings.connect_timeout));
+        assert_eq!(
+            config.get_connect_timeout(),
+            Some(&settings.connect_timeout)
+        );
     }
 }

@@ -306,7 +306,14 @@ mod tests {
         assert_eq!(split_time(at(5, 7)), (5, 7));
         assert_eq!(split_time(at(-5, 0)), (-5, 0));
         assert_eq!(split_time(at(-5, 250)), (-5, 250));
-        let times = [at(-3, 10), at(-3, 0), at(-2, 999_999_999), at(0, 0), at(0, 1), at(9, 0)];
+        let times = [
+            at(-3, 10),
+            at(-3, 0),
+            at(-2, 999_999_999),
+            at(0, 0),
+            at(0, 1),
+            at(9, 0),
+        ];
         for a in times {
             for b in times {
                 assert_eq!(a.cmp(&b), split_time(a).cmp(&split_time(b)), "{a:?} {b:?}");
@@ -317,7 +324,10 @@ mod tests {
 
     #[test]
     fn prefix_ends_bound_every_name_under_the_prefix() {
-        assert_eq!(prefix_end("projects/p/operations/").as_deref(), Some("projects/p/operations0"));
+        assert_eq!(
+            prefix_end("projects/p/operations/").as_deref(),
+            Some("projects/p/operations0")
+        );
         assert_eq!(prefix_end(""), None);
         assert_eq!(prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
         assert_eq!(prefix_end("\u{10FFFF}"), None);
