@@ -34,6 +34,20 @@ fn secs(s: f64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration::try_from(Duration::from_secs_f64(s)).unwrap())
 }
 
+/// The operation as `ops` reads it.
+async fn read(
+    ops: &opsd::pb::google::longrunning::operations_client::OperationsClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+) -> opsd::pb::google::longrunning::Operation {
+    ops.clone()
+        .get_operation(get(name))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Two replicas on a fresh database.
 async fn replicas(pg: &Postgres, name: &str) -> (TestServer, TestServer, String) {
     let url = pg.database(name).await;
@@ -346,46 +360,18 @@ async fn deadlines_fire_once_across_replicas(pg: Arc<Postgres>) {
     clock.advance(Duration::from_secs(1));
     let ops_a = a.operations().await;
     for name in [&leased, &coop] {
-        eventually("the deadline fired", || {
-            let mut ops_a = ops_a.clone();
-            let name = name.clone();
-            async move {
-                ops_a
-                    .get_operation(get(&name))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .done
-            }
+        eventually("the deadline fired", || async {
+            read(&ops_a, name).await.done
         })
         .await;
     }
-    eventually("the script's step ran", || {
-        let mut ops_a = ops_a.clone();
-        let name = scripted.clone();
-        async move {
-            ops_a
-                .get_operation(get(&name))
-                .await
-                .unwrap()
-                .into_inner()
-                .metadata
-                == Some(common::any_string("half"))
-        }
+    eventually("the script's step ran", || async {
+        read(&ops_a, &scripted).await.metadata == Some(common::any_string("half"))
     })
     .await;
     clock.advance(Duration::from_secs(1));
-    eventually("the script finished", || {
-        let mut ops_b = ops_b.clone();
-        let name = scripted.clone();
-        async move {
-            ops_b
-                .get_operation(get(&name))
-                .await
-                .unwrap()
-                .into_inner()
-                .done
-        }
+    eventually("the script finished", || async {
+        read(&ops_b, &scripted).await.done
     })
     .await;
     // Each replica's worker stream hears of the lapsed lease once.

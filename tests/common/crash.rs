@@ -246,6 +246,27 @@ async fn check_one(channel: Channel, name: String, known: Known) -> (String, Fou
     (name, found, retried)
 }
 
+/// A call's answer within [`CALL_TIMEOUT`]; a call that takes longer is
+/// a server that died (`None`: the client stops), or one whose database
+/// stalls (with `until`: a failure like any other).
+async fn timed<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    until: Option<Instant>,
+) -> Option<Result<T, tonic::Status>> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(answer) => Some(answer),
+        Err(_) if until.is_none() => None,
+        Err(_) => Some(Err(tonic::Status::deadline_exceeded("call timed out"))),
+    }
+}
+
+/// Notes a fact about `name` in the model.
+fn note(model: &Mutex<Model>, name: &str, fact: impl FnOnce(&mut Known)) {
+    if let Some(known) = model.lock().unwrap().ops.get_mut(name) {
+        fact(known);
+    }
+}
+
 /// One client's work: until the server dies under it (`until` is `None`),
 /// or until `until`, carrying on past failed calls (the server lives, its
 /// database fails under it).
@@ -268,7 +289,7 @@ pub async fn client(url: String, model: Arc<Mutex<Model>>, seed: u64, until: Opt
             (pick, m.counter)
         };
         let action = rng.below(100);
-        let result: Result<(), tonic::Status> = match (action, pick) {
+        let answer: Option<Result<(), tonic::Status>> = match (action, pick) {
             (0..=29, _) | (_, None) => {
                 let request_id = format!("req-{seed}-{n}");
                 let request = CreateOperationRequest {
@@ -277,48 +298,34 @@ pub async fn client(url: String, model: Arc<Mutex<Model>>, seed: u64, until: Opt
                     metadata: Some(prost_types::Any::from_msg(&format!("m{n}")).unwrap()),
                     ..Default::default()
                 };
-                match tokio::time::timeout(CALL_TIMEOUT, workers.create_operation(request)).await {
-                    Ok(Ok(op)) => {
-                        let name = op.into_inner().name;
+                timed(workers.create_operation(request), until)
+                    .await
+                    .map(|answer| {
+                        let name = answer?.into_inner().name;
                         let mut m = model.lock().unwrap();
                         if !m.ops.contains_key(&name) {
                             m.names.push(name.clone());
-                            m.ops.insert(
-                                name,
-                                Known {
-                                    request_id,
-                                    ..Default::default()
-                                },
-                            );
+                            let known = Known {
+                                request_id,
+                                ..Default::default()
+                            };
+                            m.ops.insert(name, known);
                         }
                         Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) if until.is_none() => return,
-                    Err(_) => Err(tonic::Status::deadline_exceeded("call timed out")),
-                }
+                    })
             }
             (30..=44, Some(name)) => {
                 let request = UpdateOperationRequest {
                     name,
                     metadata: Some(prost_types::Any::from_msg(&format!("u{n}")).unwrap()),
                 };
-                match tokio::time::timeout(CALL_TIMEOUT, workers.update_operation(request)).await {
-                    Ok(r) => r.map(drop),
-                    Err(_) if until.is_none() => return,
-                    Err(_) => Err(tonic::Status::deadline_exceeded("call timed out")),
-                }
+                timed(workers.update_operation(request), until)
+                    .await
+                    .map(|answer| answer.map(drop))
             }
             (45..=69, Some(name)) => {
                 let p = format!("p{seed}-{n}");
-                model
-                    .lock()
-                    .unwrap()
-                    .ops
-                    .get_mut(&name)
-                    .unwrap()
-                    .attempted
-                    .push(p.clone());
+                note(&model, &name, |k| k.attempted.push(p.clone()));
                 let request = CompleteOperationRequest {
                     name: name.clone(),
                     result: Some(complete_operation_request::Result::Response(
@@ -326,69 +333,46 @@ pub async fn client(url: String, model: Arc<Mutex<Model>>, seed: u64, until: Opt
                     )),
                     metadata: None,
                 };
-                match tokio::time::timeout(CALL_TIMEOUT, workers.complete_operation(request)).await
-                {
-                    Ok(Ok(_)) => {
-                        model.lock().unwrap().ops.get_mut(&name).unwrap().completed = Some(p);
+                timed(workers.complete_operation(request), until)
+                    .await
+                    .map(|answer| {
+                        answer?;
+                        note(&model, &name, |k| k.completed = Some(p));
                         Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) if until.is_none() => return,
-                    Err(_) => Err(tonic::Status::deadline_exceeded("call timed out")),
-                }
+                    })
             }
             (70..=89, Some(name)) => {
                 let request = CancelOperationRequest { name: name.clone() };
-                match tokio::time::timeout(CALL_TIMEOUT, ops.cancel_operation(request)).await {
-                    Ok(Ok(_)) => {
-                        model
-                            .lock()
-                            .unwrap()
-                            .ops
-                            .get_mut(&name)
-                            .unwrap()
-                            .cancel_acked = true;
+                timed(ops.cancel_operation(request), until)
+                    .await
+                    .map(|answer| {
+                        answer?;
+                        note(&model, &name, |k| k.cancel_acked = true);
                         Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) if until.is_none() => return,
-                    Err(_) => Err(tonic::Status::deadline_exceeded("call timed out")),
-                }
+                    })
             }
             (_, Some(name)) => {
-                model
-                    .lock()
-                    .unwrap()
-                    .ops
-                    .get_mut(&name)
-                    .unwrap()
-                    .delete_sent = true;
+                note(&model, &name, |k| k.delete_sent = true);
                 let request = DeleteOperationRequest { name: name.clone() };
-                match tokio::time::timeout(CALL_TIMEOUT, ops.delete_operation(request)).await {
-                    Ok(Ok(_)) => {
-                        model
-                            .lock()
-                            .unwrap()
-                            .ops
-                            .get_mut(&name)
-                            .unwrap()
-                            .delete_acked = true;
+                timed(ops.delete_operation(request), until)
+                    .await
+                    .map(|answer| {
+                        answer?;
+                        note(&model, &name, |k| k.delete_acked = true);
                         Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) if until.is_none() => return,
-                    Err(_) => Err(tonic::Status::deadline_exceeded("call timed out")),
-                }
+                    })
             }
         };
-        match result {
-            Ok(()) => {}
+        match answer {
+            // The server stalled: it died.
+            None => return,
+            Some(Ok(())) => {}
             // Expected answers of a busy registry.
-            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
+            Some(Err(s)) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
             // The database failed under a living server: carry on.
-            Err(_) if until.is_some() => tokio::time::sleep(Duration::from_millis(10)).await,
+            Some(Err(_)) if until.is_some() => tokio::time::sleep(Duration::from_millis(10)).await,
             // The server died: this client's work for the cycle is over.
-            Err(_) => return,
+            Some(Err(_)) => return,
         }
     }
 }

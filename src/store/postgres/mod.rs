@@ -151,6 +151,23 @@ struct Columns {
 }
 
 impl Columns {
+    /// The columns inserts and updates both write, in their statements'
+    /// order (`INSERT_SQL` $4–$13, `UPDATE_SQL` $3–$12).
+    fn written(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.done,
+            &self.error_code,
+            &self.metadata_type,
+            &self.response_type,
+            &self.create_s,
+            &self.create_ns,
+            &self.update_s,
+            &self.update_ns,
+            &self.next_deadline,
+            &self.record,
+        ]
+    }
+
     fn of(record: &mut StoredRecord) -> Self {
         let time = |t: Option<&prost_types::Timestamp>| {
             t.and_then(|t| SystemTime::try_from(*t).ok())
@@ -587,28 +604,18 @@ impl Store for PostgresStore {
         let time = self.clock.now();
         loop {
             let ticket = self.cache.ticket();
-            let rows = self
-                .write(
-                    INSERT_SQL,
-                    &[
-                        &record.name,
-                        &columns.parent,
-                        &columns.request_id,
-                        &columns.done,
-                        &columns.error_code,
-                        &columns.metadata_type,
-                        &columns.response_type,
-                        &columns.create_s,
-                        &columns.create_ns,
-                        &columns.update_s,
-                        &columns.update_ns,
-                        &columns.next_deadline,
-                        &columns.record,
-                        &nanos(time),
-                        &self.slot(),
-                    ],
-                )
-                .await?;
+            let (time_ns, slot) = (nanos(time), self.slot());
+            let params = [
+                &[
+                    &record.name as &(dyn ToSql + Sync),
+                    &columns.parent,
+                    &columns.request_id,
+                ][..],
+                &columns.written(),
+                &[&time_ns, &slot],
+            ]
+            .concat();
+            let rows = self.write(INSERT_SQL, &params).await?;
             if let Some(row) = rows.first() {
                 record.revision = 1;
                 self.feed.committed(Logged {
@@ -647,28 +654,14 @@ impl Store for PostgresStore {
         let time = self.clock.now();
         let expected = i64::try_from(expected).map_err(|_| StoreError::Conflict)?;
         let ticket = self.cache.ticket();
-        let rows = self
-            .write(
-                UPDATE_SQL,
-                &[
-                    &record.name,
-                    &expected,
-                    &columns.done,
-                    &columns.error_code,
-                    &columns.metadata_type,
-                    &columns.response_type,
-                    &columns.create_s,
-                    &columns.create_ns,
-                    &columns.update_s,
-                    &columns.update_ns,
-                    &columns.next_deadline,
-                    &columns.record,
-                    &cause.as_str(),
-                    &nanos(time),
-                    &self.slot(),
-                ],
-            )
-            .await?;
+        let (cause_name, time_ns, slot) = (cause.as_str(), nanos(time), self.slot());
+        let params = [
+            &[&record.name as &(dyn ToSql + Sync), &expected][..],
+            &columns.written(),
+            &[&cause_name, &time_ns, &slot],
+        ]
+        .concat();
+        let rows = self.write(UPDATE_SQL, &params).await?;
         let Some(row) = rows.first() else {
             return Err(StoreError::Conflict);
         };
