@@ -9,7 +9,9 @@
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
 # ROUNDS (default 5) for more alternating rounds, SERVER_CPU and LOAD_CPU to
-# pin elsewhere. Builds the release binaries first.
+# pin elsewhere. Builds the release binaries first. On a shared machine, run it
+# as `flock -o /work/bench.lock benches/suite.sh ...` (-o: the servers it
+# starts, the PostgreSQL cluster too, do not inherit the lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
