@@ -1,4 +1,5 @@
 //! The subcommands of the `opsd` binary.
 
+pub mod migrate;
 pub mod ops;
 pub mod serve;
