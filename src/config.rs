@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::Path, path::PathBuf, time::Duration};
 use crate::{
     api::{operations::OperationsSettings, rest::RestSettings},
     registry::RegistrySettings,
+    store::postgres::{is_postgres_url, PostgresSettings, Target},
 };
 
 /// Where operations are kept.
@@ -19,6 +20,9 @@ pub enum StoreConfig {
     Memory,
     /// A redb file: durable, the default.
     Redb(PathBuf),
+    /// A PostgreSQL database that any number of replicas share
+    /// (`postgres://USER@HOST:PORT/DB`; its Debug form has no password).
+    Postgres(Box<Target>),
 }
 
 impl StoreConfig {
@@ -35,14 +39,22 @@ impl Default for StoreConfig {
 impl std::str::FromStr for StoreConfig {
     type Err = ConfigError;
 
-    /// `memory`, `redb` (the default path) or `redb:PATH`.
+    /// `memory`, `redb` (the default path), `redb:PATH`, or a PostgreSQL
+    /// URL (`postgres://…` or `postgresql://…`, libpq's form).
     fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if is_postgres_url(value) {
+            return value
+                .parse::<Target>()
+                .map(|target| StoreConfig::Postgres(Box::new(target)))
+                .map_err(ConfigError);
+        }
         match value.split_once(':') {
             None if value == "memory" => Ok(StoreConfig::Memory),
             None if value == "redb" => Ok(StoreConfig::default()),
             Some(("redb", path)) if !path.is_empty() => Ok(StoreConfig::Redb(PathBuf::from(path))),
             _ => Err(ConfigError(format!(
-                "unknown store {value:?}: use `redb:PATH`, `redb` or `memory`"
+                "unknown store {value:?}: use `redb:PATH`, `redb`, `memory` or \
+                 `postgres://USER@HOST:PORT/DB`"
             ))),
         }
     }
@@ -123,6 +135,8 @@ pub struct Config {
     /// The one port for every protocol.
     pub listen: SocketAddr,
     pub store: StoreConfig,
+    /// The PostgreSQL store's pool and timeouts (with `StoreConfig::Postgres`).
+    pub postgres: PostgresSettings,
     pub registry: RegistrySettings,
     pub operations: OperationsSettings,
     pub rest: RestSettings,
@@ -143,6 +157,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             store: StoreConfig::default(),
+            postgres: PostgresSettings::default(),
             registry: RegistrySettings::default(),
             operations: OperationsSettings::default(),
             rest: RestSettings::default(),
@@ -197,6 +212,9 @@ impl Config {
             ("--keepalive-timeout", limits.keepalive_timeout),
             ("--header-read-timeout", limits.header_read_timeout),
             ("--body-read-timeout", self.rest.body_read_timeout),
+            ("--pg-connect-timeout", self.postgres.connect_timeout),
+            ("--pg-statement-timeout", self.postgres.statement_timeout),
+            ("--pg-pool-timeout", self.postgres.pool_timeout),
         ] {
             if value.is_zero() {
                 return fail(format!("{flag} must be greater than zero"));
@@ -210,6 +228,9 @@ impl Config {
         }
         if self.traces.queue_size == 0 {
             return fail("--otlp-queue-size must be at least 1".into());
+        }
+        if self.postgres.pool_size == 0 {
+            return fail("--pg-pool-size must be at least 1".into());
         }
         let room = Limits::message_room(limits.max_message_size);
         if registry.max_operation_bytes > room || registry.max_page_bytes > room {
@@ -281,6 +302,9 @@ mod tests {
         };
         assert!(refused(&|c| c.registry.retention = Duration::ZERO).contains("--retention"));
         assert!(refused(&|c| c.limits.max_connections = 0).contains("--max-connections"));
+        assert!(refused(&|c| c.postgres.pool_size = 0).contains("--pg-pool-size"));
+        assert!(refused(&|c| c.postgres.statement_timeout = Duration::ZERO)
+            .contains("--pg-statement-timeout"));
         // A smaller message without smaller operations cannot work.
         assert!(refused(&|c| c.limits.max_message_size = 100_000).contains("fit in a message"));
         let mut config = Config::default();
@@ -321,6 +345,17 @@ mod tests {
         );
         assert!("redb:".parse::<StoreConfig>().is_err());
         assert!("postgres".parse::<StoreConfig>().is_err());
+        let Ok(StoreConfig::Postgres(target)) =
+            "postgres://opsd:pw@db:5433/ops?sslmode=require".parse::<StoreConfig>()
+        else {
+            panic!("a PostgreSQL URL is a store");
+        };
+        assert!(!format!("{target:?}").contains("pw"), "{target:?}");
+        assert!("postgresql://u@h/d".parse::<StoreConfig>().is_ok());
+        let err = "postgres://u@h/d?sslmode=nope"
+            .parse::<StoreConfig>()
+            .unwrap_err();
+        assert!(err.to_string().contains("sslmode"), "{err}");
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //! - [`error`]: the one error type and its mappings to `tonic::Status` and
 //!   to Google's JSON error envelope.
 //! - [`store`]: durable records ([`store::StoredRecord`]) with conditional
-//!   writes and a change feed: memory and redb.
+//!   writes and a change feed: memory, redb, and PostgreSQL
+//!   ([`store::postgres`], shared by any number of replicas).
 //! - [`clock`]: the one clock of the registry and the stores, and the
 //!   manual clock tests advance.
 //! - [`pb`]: the generated protobuf and gRPC code.
@@ -76,4 +77,4 @@ pub use config::{Config, ConfigError};
 pub use error::Error;
 pub use registry::{Registry, RegistrySettings};
 pub use server::{run, Server, ServerError};
-pub use store::{MemoryStore, RedbStore, Store, StoreError};
+pub use store::{MemoryStore, PostgresStore, RedbStore, Store, StoreError};

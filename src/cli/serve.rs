@@ -8,6 +8,7 @@ use opsd::{
     config::{read_page_token_key, Config, StoreConfig},
     registry::PollingReports,
     server::trace::Traces,
+    store::PostgresSettings,
 };
 use tokio::net::TcpListener;
 
@@ -22,8 +23,29 @@ pub struct ServeArgs {
     /// Where operations are kept. `redb:PATH` (the default): a durable file,
     /// its directory created if needed; `redb` alone uses the default path.
     /// `memory`: in process, lost on exit (tests, ephemeral use).
-    #[arg(long, default_value = "redb:./opsd-data/opsd.redb")]
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=...`: a PostgreSQL
+    /// database that any number of replicas share (the schema is created
+    /// and migrated at start-up).
+    #[arg(long, default_value = "redb:./opsd-data/opsd.redb", env = "OPSD_STORE")]
     store: StoreConfig,
+
+    /// PostgreSQL store: connections in the pool.
+    #[arg(long, default_value_t = 16)]
+    pg_pool_size: usize,
+
+    /// PostgreSQL store: how long opening a connection may take.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pg_connect_timeout: Duration,
+
+    /// PostgreSQL store: the longest a statement runs on the server
+    /// (statement_timeout and lock_timeout).
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pg_statement_timeout: Duration,
+
+    /// PostgreSQL store: how long a call may wait for a free connection. A
+    /// call fails UNAVAILABLE after this plus the statement timeout.
+    #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
+    pg_pool_timeout: Duration,
 
     /// How long done operations are kept before they are deleted (AIP-151),
     /// e.g. `30d`, `12h`, `90s`.
@@ -177,7 +199,7 @@ enum RoutesArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
+pub(super) enum LogFormat {
     Text,
     Json,
 }
@@ -196,6 +218,12 @@ impl ServeArgs {
             ..Config::default()
         };
         config.operations.disabled_methods = self.disable_methods.into_iter().collect();
+        config.postgres = PostgresSettings {
+            pool_size: self.pg_pool_size,
+            connect_timeout: self.pg_connect_timeout,
+            statement_timeout: self.pg_statement_timeout,
+            pool_timeout: self.pg_pool_timeout,
+        };
         let rest = &mut config.rest;
         rest.http_rules = self.http_rules;
         rest.strict_clients = self.strict_rest_clients;
@@ -260,7 +288,7 @@ fn resolve_listen(listen: &str) -> Result<SocketAddr, String> {
 
 /// A duration flag that must be positive (clap reports a bad one with the
 /// usage, before anything starts).
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+pub(super) fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value).map_err(|e| e.to_string())?;
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
@@ -271,7 +299,7 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 /// Logs to stderr, filtered by `RUST_LOG`; with `traces`, also the calls'
 /// spans to the OTLP exporter (each layer with its own filter, so the log
 /// level does not decide which calls are traced).
-fn init_logging(format: LogFormat, traces: Option<&Traces>) {
+pub(super) fn init_logging(format: LogFormat, traces: Option<&Traces>) {
     use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -432,6 +460,41 @@ mod tests {
         };
         assert_eq!(one.into_config().unwrap().limits.max_connections, 1);
         assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
+        let postgres = parse(&[
+            "opsd",
+            "serve",
+            "--store",
+            "postgres://opsd@127.0.0.1:5432/ops",
+        ]);
+        assert!(matches!(postgres, StoreConfig::Postgres(_)), "{postgres:?}");
+        let Command::Serve(pg) = Cli::try_parse_from([
+            "opsd",
+            "serve",
+            "--pg-pool-size",
+            "4",
+            "--pg-statement-timeout",
+            "750ms",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("serve")
+        };
+        let config = pg.into_config().unwrap();
+        assert_eq!(config.postgres.pool_size, 4);
+        assert_eq!(
+            config.postgres.statement_timeout,
+            Duration::from_millis(750)
+        );
+        assert!(
+            Cli::try_parse_from(["opsd", "serve", "--pg-pool-size", "0"])
+                .map(|cli| match cli.command {
+                    Command::Serve(args) => args.into_config().is_err(),
+                    _ => false,
+                })
+                .unwrap_or(true)
+        );
+        assert!(Cli::try_parse_from(["opsd", "migrate", "--store", "postgres://u@h/d"]).is_ok());
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tonic::Code;
 
 use crate::{
     registry::Registry,
-    store::{Change, CommitObserver},
+    store::{Cause, Change, CommitObserver},
 };
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -159,6 +159,8 @@ pub(super) fn count_transitions(mut feed: broadcast::Receiver<Change>, stop: Can
                 () = stop.cancelled() => return,
             };
             match change {
+                // A marker, not a transition.
+                Ok(change) if change.cause == Cause::Resync => {}
                 Ok(change) => metrics::counter!(
                     "opsd_operation_transitions_total",
                     "cause" => change.cause.as_str()

@@ -16,6 +16,11 @@
 //! connections; each permit moves into its connection's task, and a client
 //! beyond the cap is closed at once.
 //!
+//! Health (`grpc.health.v1` for "" and both services, and `/healthz`)
+//! follows the store's where the store has one (PostgreSQL: NOT_SERVING
+//! while the database is unreachable, SERVING again when it answers), in one
+//! place, `follow_store_health`.
+//!
 //! [`Server::serve`] takes an already bound listener (tests bind port 0) and
 //! a shutdown future. When the future resolves, the listener closes, health
 //! turns NOT_SERVING, the registry starts draining (open Waits return their
@@ -35,10 +40,13 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Semaphore},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{body::Body, service::Routes};
-use tonic_health::ServingStatus;
+use tonic_health::{server::HealthReporter, ServingStatus};
 use tower::ServiceExt;
 
 use bytes::Bytes;
@@ -51,6 +59,7 @@ use crate::{
         console::ConsoleService, operations::OperationsService, rest::RestService,
         types::TypeRegistry, workers::WorkersService,
     },
+    clock::Clock,
     config::{Config, ConfigError, StoreConfig},
     pb::{
         google::longrunning::operations_server::OperationsServer,
@@ -61,7 +70,7 @@ use crate::{
         scenario::{self, LoadedScenario, ScenarioError},
         Registry,
     },
-    store::{MemoryStore, RedbStore, Store},
+    store::{MemoryStore, PostgresStore, RedbStore, Store},
 };
 
 mod metrics;
@@ -108,16 +117,19 @@ pub struct Server {
     scenarios: Vec<LoadedScenario>,
     /// The Prometheus recorder's handle, when `/metrics` is served.
     metrics: Option<PrometheusHandle>,
+    /// The store's health, for stores that can lose their backend.
+    store_health: Option<watch::Receiver<bool>>,
 }
 
 impl Server {
-    /// Checks the configuration, opens the store, starts the registry
-    /// (needs a Tokio runtime), loads descriptor sets, HTTP rules and
-    /// scenarios.
-    pub fn new(config: Config) -> Result<Self, ServerError> {
+    /// Checks the configuration, opens (or connects to) the store, starts
+    /// the registry (needs a Tokio runtime), loads descriptor sets, HTTP
+    /// rules and scenarios.
+    pub async fn new(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
         let metrics = config.metrics.then(metrics::install).flatten();
         let clock = config.registry.clock.clone();
+        let mut settings = config.registry.clone();
         let store: Arc<dyn Store> = match &config.store {
             StoreConfig::Memory => Arc::new(MemoryStore::with_clock(clock)),
             StoreConfig::Redb(path) => {
@@ -126,8 +138,21 @@ impl Server {
                 tracing::info!(path = %path.display(), "durable store opened");
                 Arc::new(store)
             }
+            StoreConfig::Postgres(target) => {
+                let store = PostgresStore::connect(target, config.postgres.clone(), clock)
+                    .await
+                    .map_err(|e| ServerError::Store(format!("{target}: {e}")))?;
+                tracing::info!(database = %target, "PostgreSQL store connected");
+                // Every replica reads the database's time (unless a test
+                // runs the registry on its own clock).
+                if matches!(settings.clock, Clock::System) {
+                    settings.clock = store.clock();
+                }
+                Arc::new(store)
+            }
         };
-        let registry = Registry::new(store.clone(), config.registry.clone());
+        let store_health = store.health();
+        let registry = Registry::new(store.clone(), settings);
         if config.metrics {
             metrics::count_transitions(store.subscribe(), registry.shutdown_token());
         }
@@ -173,6 +198,7 @@ impl Server {
             console,
             scenarios,
             metrics,
+            store_health,
         })
     }
 
@@ -196,6 +222,7 @@ impl Server {
             console,
             scenarios,
             metrics,
+            store_health,
         } = self;
         let limits = &config.limits;
         for scenario in &scenarios {
@@ -206,6 +233,9 @@ impl Server {
         health.set_serving::<OperationsServer<Operations>>().await;
         health.set_serving::<WorkersServer<Workers>>().await;
         health.set_serving::<ConsoleServer<Console>>().await;
+        if let Some(store_health) = &store_health {
+            follow_store_health(health.clone(), store_health.clone(), &registry);
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -242,6 +272,7 @@ impl Server {
             registry: registry.clone(),
             metrics,
             ui: config.ui,
+            store_health,
         };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -341,6 +372,37 @@ const OPERATIONS_SERVICE: &str = "google.longrunning.Operations";
 const WORKERS_SERVICE: &str = "opsd.v1.Workers";
 const CONSOLE_SERVICE: &str = "opsd.v1.Console";
 
+/// Turns the gRPC health of "" and both services NOT_SERVING while the
+/// store is unhealthy and SERVING when it recovers, until the drain starts
+/// (which sets NOT_SERVING for good).
+fn follow_store_health(
+    health: HealthReporter,
+    mut healthy: watch::Receiver<bool>,
+    registry: &Registry,
+) {
+    let stop = registry.shutdown_token();
+    tokio::spawn(async move {
+        loop {
+            let serving = *healthy.borrow_and_update();
+            if stop.is_cancelled() {
+                return;
+            }
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in ["", OPERATIONS_SERVICE, WORKERS_SERVICE, CONSOLE_SERVICE] {
+                health.set_service_status(service, status).await;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = healthy.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+}
+
 /// Routes each request to gRPC, the server's own endpoints or REST.
 /// Cloning it is shallow.
 #[derive(Clone)]
@@ -352,6 +414,8 @@ struct App {
     metrics: Option<PrometheusHandle>,
     /// Whether `/ui/` serves the operator page.
     ui: bool,
+    /// For `/healthz`: the store's health, where it has one.
+    store_health: Option<watch::Receiver<bool>>,
 }
 
 /// The future of one request. A gRPC call holds only the router's future;
@@ -384,9 +448,11 @@ impl App {
         }))
     }
 
-    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining.
+    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining or
+    /// while the store is unhealthy.
     fn health(&self, query: Option<&str>) -> Response<Full<Bytes>> {
-        let (status, text) = if self.registry.is_shutting_down() {
+        let store_down = self.store_health.as_ref().is_some_and(|h| !*h.borrow());
+        let (status, text) = if self.registry.is_shutting_down() || store_down {
             (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
         } else {
             (http::StatusCode::OK, "SERVING")
@@ -416,5 +482,5 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    Server::new(config)?.serve(listener, shutdown).await
+    Server::new(config).await?.serve(listener, shutdown).await
 }

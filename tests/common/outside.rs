@@ -69,6 +69,14 @@ pub fn run(trials: Vec<Trial>) -> ExitCode {
     libtest_mimic::run(&args, trials).exit_code()
 }
 
+/// [`run`], one trial at a time (for trials that share a fault, such as
+/// a database one of them kills).
+pub fn run_serially(trials: Vec<Trial>) -> ExitCode {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
 /// Runs `future` to completion on a fresh multi-threaded Tokio runtime: the
 /// async body of one trial.
 pub fn block_on<F: Future>(future: F) -> F::Output {
