@@ -166,16 +166,21 @@ impl Traces {
     }
 }
 
-/// `service.name` from `OTEL_SERVICE_NAME`, else `opsd`; the other
-/// resource attributes the SDK reads (`OTEL_RESOURCE_ATTRIBUTES`).
+/// `service.name` from `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES`,
+/// else `opsd`; the other attributes of `OTEL_RESOURCE_ATTRIBUTES`.
 fn resource() -> Resource {
-    let builder = Resource::builder()
-        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
-    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some_and(|v| !v.is_empty());
-    if named {
-        builder.build()
+    let version = KeyValue::new("service.version", env!("CARGO_PKG_VERSION"));
+    let detected = Resource::builder().with_attribute(version.clone()).build();
+    let unnamed = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_none_or(|name| name.as_str().starts_with("unknown_service"));
+    if unnamed {
+        Resource::builder()
+            .with_attribute(version)
+            .with_service_name("opsd")
+            .build()
     } else {
-        builder.with_service_name("opsd").build()
+        detected
     }
 }
 
