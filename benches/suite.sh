@@ -4,7 +4,7 @@
 #   benches/suite.sh [section ...]
 #
 # Sections (all by default): ratios open-loop notify waiters memory list
-# durable churn callgrind readcache postgres. Servers run pinned to core 0 and the load generator to core 1
+# durable churn callgrind readcache postgres traces. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
@@ -19,7 +19,7 @@ ROUNDS=${ROUNDS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind readcache postgres)
+[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind readcache postgres traces)
 
 cargo build --release --quiet -p opsd -p opsd-bench
 opsd=target/release/opsd
@@ -269,4 +269,23 @@ if has postgres; then
   echo -n "1M store,  projects/big       "; load list --target $t --parent projects/big --page-size 100 --duration 5s
   echo -n "1M store,  big, filtered      "; load list --target $t --parent projects/big --page-size 100 --duration 5s --filter "done = true AND response:*"
   stop "$pid_redb"; stop "$pid_pga"; stop "$pid_pgb"
+fi
+
+if has traces; then
+  # Every call traced (no traceparent: each is a sampled root span) and
+  # exported to a sink that takes everything at once, against traces off
+  # as the ceiling. The sink runs on the load core: it is the collector, not
+  # opsd.
+  echo "## traces: GetOperation, every call a span exported over OTLP vs traces off, $ROUNDS rounds"
+  taskset -c "$LOAD_CPU" target/release/opsd-otlp-sink 127.0.0.1:50131 >"$work/sink.log" 2>&1 &
+  pids+=("$!")
+  serve traced 50114 "$opsd" serve --listen 127.0.0.1:50114 --store memory \
+    --otlp-endpoint http://127.0.0.1:50131
+  serve untraced 50115 "$opsd" serve --listen 127.0.0.1:50115 --store memory
+  load get --target http://127.0.0.1:50114 --server-pid "$pid_traced" \
+    --ceiling http://127.0.0.1:50115 --ceiling-pid "$pid_untraced" \
+    --rounds "$ROUNDS" --concurrency 16 --duration 4s
+  sleep 2 # the last batch reaches the sink
+  curl -s http://127.0.0.1:50114/metrics | grep '^opsd_trace_spans' || true
+  echo "sink: $(tail -1 "$work/sink.log")"
 fi

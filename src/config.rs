@@ -94,6 +94,26 @@ impl Default for Limits {
     }
 }
 
+/// OpenTelemetry traces over OTLP/gRPC (`server::trace::Traces` exports
+/// them; the binary starts it).
+#[derive(Clone, Debug)]
+pub struct TraceSettings {
+    /// The collector, `http://HOST:PORT`; `None`: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// Ended spans waiting for export at most; beyond it spans are dropped
+    /// (and counted), never waited for.
+    pub queue_size: usize,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            queue_size: 2048,
+        }
+    }
+}
+
 /// Room kept in a message for the envelope around an operation or a page.
 const ENVELOPE_ROOM: usize = 64 * 1024;
 
@@ -129,6 +149,7 @@ pub struct Config {
     /// Serve the operator page at `/ui/` (`--no-ui` turns it off).
     pub ui: bool,
     pub limits: Limits,
+    pub traces: TraceSettings,
 }
 
 impl Default for Config {
@@ -145,6 +166,7 @@ impl Default for Config {
             metrics: true,
             ui: true,
             limits: Limits::default(),
+            traces: TraceSettings::default(),
         }
     }
 }
@@ -201,6 +223,12 @@ impl Config {
         if limits.max_connections == 0 {
             return fail("--max-connections must be at least 1".into());
         }
+        if let Some(endpoint) = &self.traces.otlp_endpoint {
+            check_otlp_endpoint(endpoint)?;
+        }
+        if self.traces.queue_size == 0 {
+            return fail("--otlp-queue-size must be at least 1".into());
+        }
         if self.postgres.pool_size == 0 {
             return fail("--pg-pool-size must be at least 1".into());
         }
@@ -214,6 +242,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An OTLP/gRPC collector's address: `http://HOST:PORT`. TLS to the
+/// collector is not built in (a collector beside opsd is reached in plain).
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), ConfigError> {
+    let fail = |why: &str| {
+        Err(ConfigError(format!(
+            "--otlp-endpoint {endpoint:?}: {why}; give http://HOST:PORT, e.g. http://127.0.0.1:4317"
+        )))
+    };
+    let Ok(uri) = endpoint.parse::<http::Uri>() else {
+        return fail("not a URL");
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return fail("TLS to the collector is not supported"),
+        _ => return fail("the scheme must be http"),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return fail("no host");
+    }
+    Ok(())
 }
 
 /// Reads a page token key file: at least 32 bytes, of which the first 32
@@ -263,6 +313,26 @@ mod tests {
         assert_eq!(config.registry.max_operation_bytes, 100_000 - 65_536);
         config.set_max_message_size(2000);
         assert_eq!(config.registry.max_page_bytes, 1024);
+    }
+
+    #[test]
+    fn otlp_endpoints_are_plain_http_urls() {
+        let check = |endpoint: &str| {
+            let mut config = Config::default();
+            config.traces.otlp_endpoint = Some(endpoint.to_owned());
+            config.validate().map_err(|e| e.to_string())
+        };
+        check("http://127.0.0.1:4317").unwrap();
+        check("http://collector.observability:4317").unwrap();
+        assert!(check("https://collector:4317").unwrap_err().contains("TLS"));
+        assert!(check("collector:4317")
+            .unwrap_err()
+            .contains("http://HOST:PORT"));
+        assert!(check("http://").is_err());
+        assert!(check("not a url").is_err());
+        let mut config = Config::default();
+        config.traces.queue_size = 0;
+        assert!(config.validate().is_err());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - `main.rs` (the binary): flags → [`Config`] → [`server::run`].
 //! - [`server`]: one port for gRPC, REST, health, reflection and
 //!   `/metrics`; limits; drain; [`server::observe`], the one wrapper that
-//!   times, counts, traces and reports every call.
+//!   times, counts, traces and reports every call; [`server::trace`], the
+//!   OTLP export of those traces.
 //! - [`config`]: one [`Config`] assembled from the layers' settings, checked
 //!   by [`Config::validate`].
 //! - [`api`]: the protocol faces. [`api::operations`] serves

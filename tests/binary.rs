@@ -91,6 +91,8 @@ fn help_documents_every_serve_flag() {
         "--drain-timeout",
         "--rest-routes",
         "--operation-error-details",
+        "--otlp-endpoint",
+        "--otlp-queue-size",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }

@@ -25,7 +25,7 @@ use opsd::{
     pb::google::rpc,
     store::{
         Cause, Counts, ListQuery, MemoryStore, ParentPattern, PostgresSettings, PostgresStore,
-        RedbStore, Scan, Store, StoreError, StoredOutcome, StoredRecord,
+        RedbStore, Scan, Store, StoreError, StoredOutcome, StoredRecord, StoredTrace,
     },
 };
 
@@ -118,8 +118,20 @@ fn names(scan: Scan) -> Vec<String> {
 
 async fn conditional_writes_hold(backend: Backend) {
     let store = backend.open().await;
-    let created = record("operations/a");
+    // With the trace it was created in (a field newer than the schema's
+    // first version), which every store keeps as it keeps the rest.
+    let created = StoredRecord {
+        trace: Some(StoredTrace {
+            trace_id: vec![7; 16],
+            span_id: vec![9; 8],
+            flags: 1,
+            state: "vendor=x".into(),
+        }),
+        ..record("operations/a")
+    };
     assert_eq!(store.insert(created.clone()).await.unwrap(), 1);
+    let stored = store.get("operations/a").await.unwrap().unwrap();
+    assert_eq!(stored.trace, created.trace);
     let updated = store
         .update(created.clone(), 1, Cause::Updated)
         .await

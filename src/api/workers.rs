@@ -7,7 +7,7 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    api::types::TypeRegistry,
+    api::{linked, types::TypeRegistry},
     error::Error,
     pb::{
         google::longrunning::Operation,
@@ -22,7 +22,7 @@ use crate::{
     },
     registry::{
         model::wire_duration, operation, CancelPolicy, CreateParams, EventKind, Outcome, Registry,
-        ScriptSpec, WatchFilter, WorkerEvent,
+        ScriptSpec, TraceLink, WatchFilter, WorkerEvent,
     },
 };
 
@@ -69,6 +69,9 @@ impl Workers for WorkersService {
         &self,
         request: Request<CreateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        // The caller's trace, read from its `traceparent` by the server's
+        // observing wrapper.
+        let trace = request.extensions().get::<TraceLink>().cloned();
         let request = request.into_inner();
         let params = CreateParams {
             parent: request.parent,
@@ -91,6 +94,7 @@ impl Workers for WorkersService {
                 .as_ref()
                 .map(ScriptSpec::from_wire)
                 .transpose()?,
+            trace,
         };
         let record = self.registry.create(params).await?;
         Ok(Response::new(operation(&record)))
@@ -105,7 +109,7 @@ impl Workers for WorkersService {
             .registry
             .update(&request.name, request.metadata)
             .await?;
-        Ok(Response::new(operation(&record)))
+        Ok(linked(Response::new(operation(&record)), [&record]))
     }
 
     async fn complete_operation(
@@ -126,7 +130,7 @@ impl Workers for WorkersService {
             .registry
             .complete(&request.name, outcome, request.metadata)
             .await?;
-        Ok(Response::new(operation(&record)))
+        Ok(linked(Response::new(operation(&record)), [&record]))
     }
 
     type WatchOperationsStream = EventStream;

@@ -23,7 +23,7 @@ pub struct MigrateArgs {
 }
 
 pub async fn run(args: MigrateArgs) -> ExitCode {
-    super::serve::init_logging(super::serve::LogFormat::Text);
+    super::serve::init_logging(super::serve::LogFormat::Text, None);
     let StoreConfig::Postgres(target) = args.store else {
         eprintln!(
             "opsd migrate: the store is not PostgreSQL (postgres://...); a redb file \

@@ -7,6 +7,7 @@ use opsd::{
     api::{operations::Method, rest::RestRoutes},
     config::{read_page_token_key, Config, StoreConfig},
     registry::PollingReports,
+    server::trace::Traces,
     store::PostgresSettings,
 };
 use tokio::net::TcpListener;
@@ -171,6 +172,17 @@ pub struct ServeArgs {
     /// the remaining connections are closed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+
+    /// Export OpenTelemetry traces (a span per call) to this OTLP/gRPC
+    /// collector, e.g. `http://127.0.0.1:4317`. Unset (or empty): no traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// Ended spans waiting for export at most; when the collector falls
+    /// behind, further spans are dropped (and counted in
+    /// opsd_trace_spans_dropped_total), never waited for.
+    #[arg(long, default_value_t = 2048)]
+    otlp_queue_size: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -247,6 +259,8 @@ impl ServeArgs {
         limits.drain_timeout = self.drain_timeout;
         limits.header_read_timeout = self.header_read_timeout;
         limits.max_connections = self.max_connections.max(1);
+        config.traces.otlp_endpoint = self.otlp_endpoint.filter(|e| !e.is_empty());
+        config.traces.queue_size = self.otlp_queue_size;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -282,7 +296,11 @@ pub(super) fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-pub(super) fn init_logging(format: LogFormat) {
+/// Logs to stderr, filtered by `RUST_LOG`; with `traces`, also the calls'
+/// spans to the OTLP exporter (each layer with its own filter, so the log
+/// level does not decide which calls are traced).
+pub(super) fn init_logging(format: LogFormat, traces: Option<&Traces>) {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal, and never when NO_COLOR is set
@@ -290,14 +308,17 @@ pub(super) fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let colour = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces.map(Traces::layer))
+        .init();
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -330,14 +351,37 @@ async fn shutdown_signal() {
 
 /// Runs `opsd serve` until SIGTERM or SIGINT and a drain.
 pub async fn run(args: ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
+    let format = args.log_format;
     let config = match args.into_config() {
         Ok(config) => config,
         Err(err) => {
+            init_logging(format, None);
             tracing::error!(cause = %err, "invalid configuration");
             return ExitCode::FAILURE;
         }
     };
+    let traces = match Traces::start(&config.traces) {
+        Ok(traces) => traces,
+        Err(err) => {
+            init_logging(format, None);
+            tracing::error!(cause = %err, "cannot start traces");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(format, traces.as_ref());
+    if let (Some(endpoint), Some(_)) = (&config.traces.otlp_endpoint, &traces) {
+        tracing::info!(%endpoint, queue = config.traces.queue_size, "exporting traces over OTLP");
+    }
+    let code = serve(config).await;
+    if let Some(traces) = traces {
+        // Exports what is queued; blocks (up to 5 s), so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    code
+}
+
+/// Binds the listener and serves until a signal and a drain.
+async fn serve(config: Config) -> ExitCode {
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -451,6 +495,35 @@ mod tests {
                 .unwrap_or(true)
         );
         assert!(Cli::try_parse_from(["opsd", "migrate", "--store", "postgres://u@h/d"]).is_ok());
+    }
+
+    #[test]
+    fn otlp_flags_reach_the_config() {
+        let config = |args: &[&str]| {
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let traced = config(&[
+            "opsd",
+            "serve",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--otlp-queue-size",
+            "16",
+        ])
+        .unwrap();
+        assert_eq!(
+            traced.traces.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(traced.traces.queue_size, 16);
+        // Empty (as an unset variable often is) means off.
+        let off = config(&["opsd", "serve", "--otlp-endpoint", ""]).unwrap();
+        assert_eq!(off.traces.otlp_endpoint, None);
+        let tls = config(&["opsd", "serve", "--otlp-endpoint", "https://c:4317"]);
+        assert!(tls.unwrap_err().contains("TLS"));
     }
 
     #[test]

@@ -26,6 +26,9 @@
 //!   through [`StoreCommits`].
 //! - `opsd_operation_transitions_total{cause}`: committed changes by cause,
 //!   counted by [`count_transitions`].
+//! - `opsd_trace_spans_exported_total`, `opsd_trace_spans_dropped_total`
+//!   and `opsd_trace_spans_failed_total`: the OTLP export, recorded by
+//!   `super::trace` (only while traces are on).
 
 use std::{
     collections::HashMap,

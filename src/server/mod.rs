@@ -6,6 +6,8 @@
 //!   timing, metrics, spans and polling reports, for gRPC and REST alike.
 //! - `metrics`: `/metrics` (Prometheus), the store's commit observer and
 //!   the transition counter.
+//! - [`trace`]: OpenTelemetry traces of the calls over OTLP (started by the
+//!   binary, which owns the global subscriber), and the W3C trace context.
 //!
 //! Connections are accepted here and served by hyper (HTTP/1.1 and HTTP/2,
 //! detected per connection). Each request goes to gRPC when its content type
@@ -73,6 +75,7 @@ use crate::{
 
 mod metrics;
 pub mod observe;
+pub mod trace;
 mod ui;
 
 /// The Operations service as the server mounts it (gRPC and REST).

@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, watch};
 
 pub use self::postgres::{PostgresSettings, PostgresStore};
 pub use self::redb::RedbStore;
-pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep};
+pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep, StoredTrace};
 pub use memory::MemoryStore;
 
 /// A monotonically increasing version of one record; 1 after creation.
