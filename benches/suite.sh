@@ -4,12 +4,14 @@
 #   benches/suite.sh [section ...]
 #
 # Sections (all by default): ratios open-loop notify waiters memory list
-# durable churn overload callgrind. Servers run pinned to core 0 and the load generator to core 1
+# durable churn overload callgrind readcache postgres traces. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
 # ROUNDS (default 5) for more alternating rounds, SERVER_CPU and LOAD_CPU to
-# pin elsewhere. Builds the release binaries first.
+# pin elsewhere. Builds the release binaries first. On a shared machine, run it
+# as `flock -o /work/bench.lock benches/suite.sh ...` (-o: the servers it
+# starts, the PostgreSQL cluster too, do not inherit the lock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +19,7 @@ ROUNDS=${ROUNDS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn overload callgrind)
+[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn overload callgrind readcache postgres traces)
 
 cargo build --release --quiet -p opsd -p opsd-bench
 opsd=target/release/opsd
@@ -30,7 +32,8 @@ cleanup() {
   wait 2>/dev/null || true
   rm -rf "$work"
 }
-trap cleanup EXIT
+pg_cleanup=:
+trap 'cleanup; eval "$pg_cleanup"' EXIT
 
 # serve NAME PORT COMMAND...: starts a pinned server, waits for its port,
 # and records its pid in the variable pid_NAME.
@@ -217,4 +220,102 @@ if has callgrind; then
   counted opsd-grpc-redb 50164 get "$opsd" serve --listen 127.0.0.1:50164 --store "redb:$work/cg/opsd.redb"
   counted ceiling-rest 50166 rest-get "$ceiling" --grpc 127.0.0.1:50165 --rest 127.0.0.1:50166
   counted opsd-rest-memory 50167 rest-get "$opsd" serve --listen 127.0.0.1:50167 --store memory
+fi
+
+if has readcache; then
+  # The redb store's read cache: GetOperation CPU per call against the
+  # memory store's, alternating rounds (the memory store as the reference).
+  echo "## GetOperation: redb (read cache) vs the memory store, 16 clients, $ROUNDS rounds of 4 s"
+  serve memory 50191 "$opsd" serve --listen 127.0.0.1:50191 --store memory
+  serve redb 50192 "$opsd" serve --listen 127.0.0.1:50192 --store "redb:$work/readcache/opsd.redb"
+  load get --target http://127.0.0.1:50192 --server-pid "$pid_redb" --ceiling http://127.0.0.1:50191 \
+    --ceiling-pid "$pid_memory" --rounds "$ROUNDS" --concurrency 16 --duration 4s
+  stop "$pid_memory"; stop "$pid_redb"
+fi
+
+if has postgres; then
+  # A PostgreSQL cluster of its own (the machine's, `pg_config --bindir`;
+  # fsync on), started pinned to the servers' core like opsd, under target/.
+  pgbin=$(pg_config --bindir)
+  pgdir="$PWD/target/bench-pg"
+  pgport=55432
+  as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+  as_pg "$pgbin/pg_ctl" -D "$pgdir/data" stop -m immediate >/dev/null 2>&1 || true
+  rm -rf "$pgdir"
+  mkdir -p "$pgdir"
+  [ "$(id -u)" = 0 ] && chown postgres "$pgdir"
+  as_pg "$pgbin/initdb" -D "$pgdir/data" -U postgres -A trust -E UTF8 --locale=C >/dev/null
+  pg_ctl=("$pgbin/pg_ctl")
+  [ "$(id -u)" = 0 ] && pg_ctl=(runuser -u postgres -- "$pgbin/pg_ctl")
+  taskset -c "$SERVER_CPU" "${pg_ctl[@]}" -D "$pgdir/data" -l "$pgdir/log" -w \
+    -o "-p $pgport -k $pgdir -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=256MB" \
+    start >/dev/null
+  pg_cleanup='as_pg "$pgbin/pg_ctl" -D "$pgdir/data" stop -m fast >/dev/null 2>&1 || true'
+  psql() { "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -qAt "$@"; }
+  echo "## PostgreSQL: $("$pgbin/postgres" --version), one replica and two replicas (both on core $SERVER_CPU with the database)"
+  pgurl() { psql -c "CREATE DATABASE $1" postgres; echo "postgres://postgres@127.0.0.1:$pgport/$1"; }
+  db=$(pgurl opsd_bench)
+  serve redb 50201 "$opsd" serve --listen 127.0.0.1:50201 --store "redb:$work/pg/opsd.redb"
+  serve pga 50202 "$opsd" serve --listen 127.0.0.1:50202 --store "$db"
+  serve pgb 50203 "$opsd" serve --listen 127.0.0.1:50203 --store "$db"
+  redb=(--target http://127.0.0.1:50201 --server-pid "$pid_redb")
+  pg1=(--target http://127.0.0.1:50202 --server-pid "$pid_pga")
+  pg2=(--target http://127.0.0.1:50202 --target http://127.0.0.1:50203 --server-pid "$pid_pga" --server-pid "$pid_pgb")
+  echo "### GetOperation, 16 clients, 5 s (server CPU is opsd's, not PostgreSQL's)"
+  for what in "" --done; do
+    for round in $(seq 1 "$ROUNDS"); do
+      echo -n "redb          "; load get "${redb[@]}" --concurrency 16 --duration 5s $what
+      echo -n "postgres, 1   "; load get "${pg1[@]}" --concurrency 16 --duration 5s $what
+      echo -n "postgres, 2   "; load get "${pg2[@]}" --concurrency 16 --duration 5s $what
+    done
+  done
+  echo "### durable create+complete, 10 s"
+  for clients in 1 64; do
+    echo -n "redb, $clients          "; load create-complete "${redb[@]}" --concurrency $clients --duration 10s
+    echo -n "postgres 1, $clients    "; load create-complete "${pg1[@]}" --concurrency $clients --duration 10s
+    echo -n "postgres 2, $clients    "; load create-complete "${pg2[@]}" --concurrency $clients --duration 10s
+  done
+  echo "### wake-up: the operation finished on A, its Wait parked on B (1,000 parked)"
+  echo -n "postgres, A = B   "; load waiters --target http://127.0.0.1:50202 --waiters 1000 --sample 1000
+  echo -n "postgres, A ≠ B   "; load waiters --target http://127.0.0.1:50202 --target http://127.0.0.1:50203 --waiters 1000 --sample 1000
+  echo "### cancel on B → worker stream on A"
+  echo -n "postgres, A = B   "; load cancel-notify --target http://127.0.0.1:50202 --count 1000
+  echo -n "postgres, A ≠ B   "; load cancel-notify --target http://127.0.0.1:50202 --target http://127.0.0.1:50203 --count 1000
+  echo "### List pages of 100 (postgres): cost at 10,000 and at 1,000,000 operations"
+  t=http://127.0.0.1:50202
+  load fill --target $t --concurrency 16 --count 10000 --parent projects/small >/dev/null
+  echo -n "10k store, projects/small     "; load list --target $t --parent projects/small --page-size 100 --duration 5s
+  # 990,000 more rows, copies of one that opsd wrote, by SQL (opsd would
+  # take several minutes to create them one by one).
+  psql -d opsd_bench -c "INSERT INTO opsd_operations (name, parent, revision, done, error_code,
+      metadata_type, response_type, create_s, create_ns, update_s, update_ns, next_deadline, record)
+    SELECT 'projects/big/operations/' || lpad(i::text, 7, '0'), 'projects/big', revision, done,
+      error_code, metadata_type, response_type, create_s, create_ns, update_s, update_ns,
+      next_deadline, record
+    FROM generate_series(1, 990000) AS i,
+      (SELECT * FROM opsd_operations WHERE parent = 'projects/small' LIMIT 1) AS t;
+    ANALYZE opsd_operations;"
+  echo -n "1M store,  projects/small     "; load list --target $t --parent projects/small --page-size 100 --duration 5s
+  echo -n "1M store,  projects/big       "; load list --target $t --parent projects/big --page-size 100 --duration 5s
+  echo -n "1M store,  big, filtered      "; load list --target $t --parent projects/big --page-size 100 --duration 5s --filter "done = true AND response:*"
+  stop "$pid_redb"; stop "$pid_pga"; stop "$pid_pgb"
+fi
+
+if has traces; then
+  # Every call traced (no traceparent: each is a sampled root span) and
+  # exported to a sink that takes everything at once, against traces off
+  # as the ceiling. The sink runs on the load core: it is the collector, not
+  # opsd.
+  echo "## traces: GetOperation, every call a span exported over OTLP vs traces off, $ROUNDS rounds"
+  taskset -c "$LOAD_CPU" target/release/opsd-otlp-sink 127.0.0.1:50131 >"$work/sink.log" 2>&1 &
+  pids+=("$!")
+  serve traced 50114 "$opsd" serve --listen 127.0.0.1:50114 --store memory \
+    --otlp-endpoint http://127.0.0.1:50131
+  serve untraced 50115 "$opsd" serve --listen 127.0.0.1:50115 --store memory
+  load get --target http://127.0.0.1:50114 --server-pid "$pid_traced" \
+    --ceiling http://127.0.0.1:50115 --ceiling-pid "$pid_untraced" \
+    --rounds "$ROUNDS" --concurrency 16 --duration 4s
+  sleep 2 # the last batch reaches the sink
+  curl -s http://127.0.0.1:50114/metrics | grep '^opsd_trace_spans' || true
+  echo "sink: $(tail -1 "$work/sink.log")"
 fi

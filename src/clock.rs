@@ -5,7 +5,12 @@
 //! task sleeps on it. It sits below both layers, so the store that stamps a
 //! change and the registry that stamps a record read the same time.
 //!
-//! [`Clock::System`] is the real clock. [`Clock::Manual`] moves only when a
+//! [`Clock::System`] is the real clock. [`Clock::Offset`] is the real clock
+//! plus an offset that a store keeps in step with another clock: the
+//! PostgreSQL store measures the database's `clock_timestamp()` against it,
+//! so every replica sharing a database reads the database's time (leases
+//! and retention then do not depend on replicas' clocks agreeing).
+//! [`Clock::Manual`] moves only when a
 //! test tells it to ([`ManualClock::advance`]), so lease, grace, retention
 //! and script tests advance time instead of sleeping, and the deadline task
 //! wakes the moment the clock passes a deadline. Two waits are not on this
@@ -15,7 +20,10 @@
 //! clock does).
 
 use std::{
-    sync::Arc,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -27,6 +35,8 @@ pub enum Clock {
     /// `SystemTime::now()`; sleeps on Tokio's timer.
     #[default]
     System,
+    /// The system clock plus an offset kept in step with another clock.
+    Offset(OffsetClock),
     /// A clock that moves only when told (tests).
     Manual(ManualClock),
 }
@@ -36,6 +46,7 @@ impl Clock {
     pub fn now(&self) -> SystemTime {
         match self {
             Clock::System => SystemTime::now(),
+            Clock::Offset(clock) => clock.now(),
             Clock::Manual(clock) => clock.now(),
         }
     }
@@ -43,10 +54,11 @@ impl Clock {
     /// Resolves once [`Clock::now`] has reached `at`.
     pub async fn sleep_until(&self, at: SystemTime) {
         match self {
-            Clock::System => {
-                let wait = at
-                    .duration_since(SystemTime::now())
-                    .unwrap_or(Duration::ZERO);
+            Clock::System | Clock::Offset(_) => {
+                // An offset that moves while this sleeps moves the wake-up by
+                // as much (milliseconds at most): deadlines are re-read when
+                // they fire, so an early wake is harmless.
+                let wait = at.duration_since(self.now()).unwrap_or(Duration::ZERO);
                 tokio::time::sleep(wait).await;
             }
             Clock::Manual(clock) => {
@@ -58,6 +70,45 @@ impl Clock {
                 }
             }
         }
+    }
+}
+
+/// The system clock plus an offset in nanoseconds, which its owner keeps in
+/// step with another clock ([`OffsetClock::set_offset`]). Cloning it is
+/// shallow: every clone reads the same offset.
+#[derive(Clone, Debug, Default)]
+pub struct OffsetClock {
+    /// Nanoseconds added to the system time (negative: subtracted).
+    offset: Arc<AtomicI64>,
+}
+
+impl OffsetClock {
+    /// The system time plus the offset.
+    pub fn now(&self) -> SystemTime {
+        let offset = self.offset.load(Ordering::Relaxed);
+        let system = SystemTime::now();
+        if offset >= 0 {
+            system + Duration::from_nanos(offset.unsigned_abs())
+        } else {
+            system - Duration::from_nanos(offset.unsigned_abs())
+        }
+    }
+
+    /// The offset in nanoseconds.
+    pub fn offset(&self) -> i64 {
+        self.offset.load(Ordering::Relaxed)
+    }
+
+    /// Sets the offset: from now on [`OffsetClock::now`] reads the system
+    /// time plus `nanos`.
+    pub fn set_offset(&self, nanos: i64) {
+        self.offset.store(nanos, Ordering::Relaxed);
+    }
+}
+
+impl From<OffsetClock> for Clock {
+    fn from(clock: OffsetClock) -> Self {
+        Clock::Offset(clock)
     }
 }
 
@@ -127,5 +178,22 @@ mod tests {
         assert_eq!(clock.now(), start + Duration::from_secs(10));
         // A time already passed is no wait at all.
         clock.sleep_until(start).await;
+    }
+
+    #[test]
+    fn an_offset_clock_reads_the_system_time_moved_by_its_offset() {
+        let offset = OffsetClock::default();
+        let clock = Clock::from(offset.clone());
+        offset.set_offset(-3_600_000_000_000);
+        let behind = SystemTime::now().duration_since(clock.now());
+        assert!(
+            behind
+                .as_ref()
+                .is_ok_and(|d| *d >= Duration::from_secs(3599)),
+            "{behind:?}"
+        );
+        offset.set_offset(7_200_000_000_000);
+        assert!(clock.now() > SystemTime::now() + Duration::from_secs(7199));
+        assert_eq!(offset.offset(), 7_200_000_000_000);
     }
 }

@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::Path, path::PathBuf, time::Duration};
 use crate::{
     api::{operations::OperationsSettings, rest::RestSettings},
     registry::RegistrySettings,
+    store::postgres::{is_postgres_url, PostgresSettings, Target},
 };
 
 /// Where operations are kept.
@@ -19,6 +20,9 @@ pub enum StoreConfig {
     Memory,
     /// A redb file: durable, the default.
     Redb(PathBuf),
+    /// A PostgreSQL database that any number of replicas share
+    /// (`postgres://USER@HOST:PORT/DB`; its Debug form has no password).
+    Postgres(Box<Target>),
 }
 
 impl StoreConfig {
@@ -35,14 +39,22 @@ impl Default for StoreConfig {
 impl std::str::FromStr for StoreConfig {
     type Err = ConfigError;
 
-    /// `memory`, `redb` (the default path) or `redb:PATH`.
+    /// `memory`, `redb` (the default path), `redb:PATH`, or a PostgreSQL
+    /// URL (`postgres://…` or `postgresql://…`, libpq's form).
     fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if is_postgres_url(value) {
+            return value
+                .parse::<Target>()
+                .map(|target| StoreConfig::Postgres(Box::new(target)))
+                .map_err(ConfigError);
+        }
         match value.split_once(':') {
             None if value == "memory" => Ok(StoreConfig::Memory),
             None if value == "redb" => Ok(StoreConfig::default()),
             Some(("redb", path)) if !path.is_empty() => Ok(StoreConfig::Redb(PathBuf::from(path))),
             _ => Err(ConfigError(format!(
-                "unknown store {value:?}: use `redb:PATH`, `redb` or `memory`"
+                "unknown store {value:?}: use `redb:PATH`, `redb`, `memory` or \
+                 `postgres://USER@HOST:PORT/DB`"
             ))),
         }
     }
@@ -98,6 +110,26 @@ impl Default for Limits {
     }
 }
 
+/// OpenTelemetry traces over OTLP/gRPC (`server::trace::Traces` exports
+/// them; the binary starts it).
+#[derive(Clone, Debug)]
+pub struct TraceSettings {
+    /// The collector, `http://HOST:PORT`; `None`: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// Ended spans waiting for export at most; beyond it spans are dropped
+    /// (and counted), never waited for.
+    pub queue_size: usize,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            queue_size: 2048,
+        }
+    }
+}
+
 /// Room kept in a message for the envelope around an operation or a page.
 const ENVELOPE_ROOM: usize = 64 * 1024;
 
@@ -122,6 +154,8 @@ pub struct Config {
     /// The one port for every protocol.
     pub listen: SocketAddr,
     pub store: StoreConfig,
+    /// The PostgreSQL store's pool and timeouts (with `StoreConfig::Postgres`).
+    pub postgres: PostgresSettings,
     pub registry: RegistrySettings,
     pub operations: OperationsSettings,
     pub rest: RestSettings,
@@ -134,6 +168,7 @@ pub struct Config {
     /// Serve the operator page at `/ui/` (`--no-ui` turns it off).
     pub ui: bool,
     pub limits: Limits,
+    pub traces: TraceSettings,
 }
 
 impl Default for Config {
@@ -141,6 +176,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             store: StoreConfig::default(),
+            postgres: PostgresSettings::default(),
             registry: RegistrySettings::default(),
             operations: OperationsSettings::default(),
             rest: RestSettings::default(),
@@ -149,6 +185,7 @@ impl Default for Config {
             metrics: true,
             ui: true,
             limits: Limits::default(),
+            traces: TraceSettings::default(),
         }
     }
 }
@@ -196,6 +233,9 @@ impl Config {
             ("--idle-timeout", limits.idle_timeout),
             ("--min-ping-interval", limits.min_ping_interval),
             ("--body-read-timeout", self.rest.body_read_timeout),
+            ("--pg-connect-timeout", self.postgres.connect_timeout),
+            ("--pg-statement-timeout", self.postgres.statement_timeout),
+            ("--pg-pool-timeout", self.postgres.pool_timeout),
         ] {
             if value.is_zero() {
                 return fail(format!("{flag} must be greater than zero"));
@@ -203,6 +243,15 @@ impl Config {
         }
         if limits.max_connections == 0 {
             return fail("--max-connections must be at least 1".into());
+        }
+        if let Some(endpoint) = &self.traces.otlp_endpoint {
+            check_otlp_endpoint(endpoint)?;
+        }
+        if self.traces.queue_size == 0 {
+            return fail("--otlp-queue-size must be at least 1".into());
+        }
+        if self.postgres.pool_size == 0 {
+            return fail("--pg-pool-size must be at least 1".into());
         }
         let room = Limits::message_room(limits.max_message_size);
         if registry.max_operation_bytes > room || registry.max_page_bytes > room {
@@ -214,6 +263,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An OTLP/gRPC collector's address: `http://HOST:PORT`. TLS to the
+/// collector is not built in (a collector beside opsd is reached in plain).
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), ConfigError> {
+    let fail = |why: &str| {
+        Err(ConfigError(format!(
+            "--otlp-endpoint {endpoint:?}: {why}; give http://HOST:PORT, e.g. http://127.0.0.1:4317"
+        )))
+    };
+    let Ok(uri) = endpoint.parse::<http::Uri>() else {
+        return fail("not a URL");
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return fail("TLS to the collector is not supported"),
+        _ => return fail("the scheme must be http"),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return fail("no host");
+    }
+    Ok(())
 }
 
 /// Reads a page token key file: at least 32 bytes, of which the first 32
@@ -252,6 +323,9 @@ mod tests {
         };
         assert!(refused(&|c| c.registry.retention = Duration::ZERO).contains("--retention"));
         assert!(refused(&|c| c.limits.max_connections = 0).contains("--max-connections"));
+        assert!(refused(&|c| c.postgres.pool_size = 0).contains("--pg-pool-size"));
+        assert!(refused(&|c| c.postgres.statement_timeout = Duration::ZERO)
+            .contains("--pg-statement-timeout"));
         // A smaller message without smaller operations cannot work.
         assert!(refused(&|c| c.limits.max_message_size = 100_000).contains("fit in a message"));
         let mut config = Config::default();
@@ -260,6 +334,26 @@ mod tests {
         assert_eq!(config.registry.max_operation_bytes, 100_000 - 65_536);
         config.set_max_message_size(2000);
         assert_eq!(config.registry.max_page_bytes, 1024);
+    }
+
+    #[test]
+    fn otlp_endpoints_are_plain_http_urls() {
+        let check = |endpoint: &str| {
+            let mut config = Config::default();
+            config.traces.otlp_endpoint = Some(endpoint.to_owned());
+            config.validate().map_err(|e| e.to_string())
+        };
+        check("http://127.0.0.1:4317").unwrap();
+        check("http://collector.observability:4317").unwrap();
+        assert!(check("https://collector:4317").unwrap_err().contains("TLS"));
+        assert!(check("collector:4317")
+            .unwrap_err()
+            .contains("http://HOST:PORT"));
+        assert!(check("http://").is_err());
+        assert!(check("not a url").is_err());
+        let mut config = Config::default();
+        config.traces.queue_size = 0;
+        assert!(config.validate().is_err());
     }
 
     #[test]
@@ -272,6 +366,17 @@ mod tests {
         );
         assert!("redb:".parse::<StoreConfig>().is_err());
         assert!("postgres".parse::<StoreConfig>().is_err());
+        let Ok(StoreConfig::Postgres(target)) =
+            "postgres://opsd:pw@db:5433/ops?sslmode=require".parse::<StoreConfig>()
+        else {
+            panic!("a PostgreSQL URL is a store");
+        };
+        assert!(!format!("{target:?}").contains("pw"), "{target:?}");
+        assert!("postgresql://u@h/d".parse::<StoreConfig>().is_ok());
+        let err = "postgres://u@h/d?sslmode=nope"
+            .parse::<StoreConfig>()
+            .unwrap_err();
+        assert!(err.to_string().contains("sslmode"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - `main.rs` (the binary): flags → [`Config`] → [`server::run`].
 //! - [`server`]: one port for gRPC, REST, health, reflection and
 //!   `/metrics`; limits; drain; [`server::observe`], the one wrapper that
-//!   times, counts, traces and reports every call.
+//!   times, counts, traces and reports every call; [`server::trace`], the
+//!   OTLP export of those traces.
 //! - [`config`]: one [`Config`] assembled from the layers' settings, checked
 //!   by [`Config::validate`].
 //! - [`api`]: the protocol faces. [`api::operations`] serves
@@ -22,7 +23,8 @@
 //! - [`error`]: the one error type and its mappings to `tonic::Status` and
 //!   to Google's JSON error envelope.
 //! - [`store`]: durable records ([`store::StoredRecord`]) with conditional
-//!   writes and a change feed: memory and redb.
+//!   writes and a change feed: memory, redb, and PostgreSQL
+//!   ([`store::postgres`], shared by any number of replicas).
 //! - [`clock`]: the one clock of the registry and the stores, and the
 //!   manual clock tests advance.
 //! - [`pb`]: the generated protobuf and gRPC code.
@@ -77,4 +79,4 @@ pub use config::{Config, ConfigError};
 pub use error::Error;
 pub use registry::{Registry, RegistrySettings};
 pub use server::{run, Server, ServerError};
-pub use store::{MemoryStore, RedbStore, Store, StoreError};
+pub use store::{MemoryStore, PostgresStore, RedbStore, Store, StoreError};

@@ -33,6 +33,9 @@ enum Command {
     /// Call a running server: list, get, cancel, delete, wait for and watch
     /// operations (gRPC). A failed call exits with 64 + its gRPC code.
     Ops(cli::ops::OpsArgs),
+    /// Create or migrate the schema of a PostgreSQL store, and nothing else
+    /// (`opsd serve` also migrates at start-up; both take an advisory lock).
+    Migrate(cli::migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
             match cli.command {
                 Command::Serve(args) => cli::serve::run(*args).await,
                 Command::Ops(args) => cli::ops::run(args).await,
+                Command::Migrate(args) => cli::migrate::run(args).await,
             }
         }),
         Err(err) => {

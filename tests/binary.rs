@@ -97,6 +97,8 @@ fn help_documents_every_serve_flag() {
         "--min-ping-interval",
         "--max-connections",
         "--max-in-flight",
+        "--otlp-endpoint",
+        "--otlp-queue-size",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }

@@ -20,400 +20,15 @@
 //! cargo test --release --features failpoints --test crash_durability
 //! ```
 
+mod common;
+
 use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use opsd::pb::{
-    google::longrunning::{
-        operation::Result as OpResult, operations_client::OperationsClient, CancelOperationRequest,
-        DeleteOperationRequest, GetOperationRequest, Operation,
-    },
-    opsd::v1::{
-        complete_operation_request, workers_client::WorkersClient, CompleteOperationRequest,
-        CreateOperationRequest, UpdateOperationRequest,
-    },
-};
-use tonic::{transport::Channel, Code};
-
-const CLIENTS: usize = 8;
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A small deterministic generator (xorshift64*), seeded per run.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// What clients know about one operation.
-#[derive(Clone, Debug, Default)]
-struct Known {
-    request_id: String,
-    /// The response payload of an acknowledged CompleteOperation.
-    completed: Option<String>,
-    /// Payloads of completions sent but not acknowledged (they may have landed).
-    attempted: Vec<String>,
-    cancel_acked: bool,
-    delete_acked: bool,
-    /// A delete was sent; it may have landed.
-    delete_sent: bool,
-    /// The first done state seen; it must never change.
-    first_done: Option<Operation>,
-    /// The request-id retry was checked.
-    retried: bool,
-}
-
-#[derive(Default)]
-struct Model {
-    ops: HashMap<String, Known>,
-    names: Vec<String>,
-    counter: u64,
-}
-
-/// What the harness found.
-#[derive(Debug, Default)]
-struct Report {
-    cycles: usize,
-    acked_creates: usize,
-    acked_completions: usize,
-    acked_cancels: usize,
-    acked_deletes: usize,
-    lost_creates: usize,
-    lost_or_changed_results: usize,
-    resurrected: usize,
-    duplicates: usize,
-    impossible: usize,
-}
-
-impl Report {
-    fn violations(&self) -> usize {
-        self.lost_creates
-            + self.lost_or_changed_results
-            + self.resurrected
-            + self.duplicates
-            + self.impossible
-    }
-}
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(store: &Path, negative_control: bool) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_opsd"));
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--store",
-            ])
-            .arg(format!("redb:{}", store.display()))
-            .env("RUST_LOG", "warn,opsd::server=info")
-            .stderr(Stdio::piped());
-        if negative_control {
-            command.env("OPSD_FAILPOINT_NON_DURABLE_ACK", "1");
-        } else {
-            command.env_remove("OPSD_FAILPOINT_NON_DURABLE_ACK");
-        }
-        let mut child = command.spawn().expect("opsd starts");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let address = loop {
-            let Some(line) = lines.next() else {
-                let status = child.wait().unwrap();
-                panic!("opsd exited before listening: {status}");
-            };
-            let line = line.unwrap();
-            if let Some(rest) = line.split("\"address\":\"").nth(1) {
-                break rest.split('"').next().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Self {
-            child,
-            url: format!("http://{address}"),
-        }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-fn payload(any: &prost_types::Any) -> String {
-    any.to_msg::<String>().unwrap_or_default()
-}
-
-/// Checks every acknowledged fact against the restarted server, 32
-/// operations at a time.
-async fn verify(url: &str, model: &Arc<Mutex<Model>>, report: &mut Report) {
-    let channel = Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let names: Vec<String> = model.lock().unwrap().names.clone();
-    for chunk in names.chunks(32) {
-        let mut checks = tokio::task::JoinSet::new();
-        for name in chunk {
-            let known = model.lock().unwrap().ops[name].clone();
-            checks.spawn(check_one(channel.clone(), name.clone(), known));
-        }
-        while let Some(checked) = checks.join_next().await {
-            let (name, found, retried) = checked.unwrap();
-            report.lost_creates += found.lost_creates;
-            report.lost_or_changed_results += found.lost_or_changed_results;
-            report.resurrected += found.resurrected;
-            report.duplicates += found.duplicates;
-            report.impossible += found.impossible;
-            let mut m = model.lock().unwrap();
-            let known = m.ops.get_mut(&name).unwrap();
-            known.retried |= retried;
-            if let Some(done) = found.first_done {
-                known.first_done.get_or_insert(done);
-            }
-        }
-    }
-}
-
-/// The violations found on one operation, and its done state if any.
-#[derive(Default)]
-struct Found {
-    lost_creates: usize,
-    lost_or_changed_results: usize,
-    resurrected: usize,
-    duplicates: usize,
-    impossible: usize,
-    first_done: Option<Operation>,
-}
-
-async fn check_one(channel: Channel, name: String, known: Known) -> (String, Found, bool) {
-    let mut ops = OperationsClient::new(channel.clone());
-    let mut workers = WorkersClient::new(channel);
-    let mut found = Found::default();
-    let op = match ops
-        .get_operation(GetOperationRequest { name: name.clone() })
-        .await
-    {
-        Err(status) if status.code() == Code::NotFound => {
-            if !known.delete_sent {
-                eprintln!("LOST CREATE: {name}");
-                found.lost_creates += 1;
-            }
-            return (name, found, false);
-        }
-        Err(status) => panic!("get {name}: {status}"),
-        Ok(op) => op.into_inner(),
-    };
-    if known.delete_acked {
-        eprintln!("RESURRECTED: {name}");
-        found.resurrected += 1;
-        return (name, found, false);
-    }
-    if op.done != op.result.is_some() {
-        eprintln!("IMPOSSIBLE: {name}: {op:?}");
-        found.impossible += 1;
-    }
-    if let Some(first) = &known.first_done {
-        if *first != op {
-            eprintln!("CHANGED AFTER DONE: {name}: {first:?} → {op:?}");
-            found.impossible += 1;
-        }
-    }
-    let result_ok = match (&known.completed, known.cancel_acked, &op.result) {
-        (Some(p), _, Some(OpResult::Response(r))) => payload(r) == *p,
-        (Some(_), _, _) => false,
-        (None, true, Some(OpResult::Error(e))) => e.code == 1,
-        (None, true, Some(OpResult::Response(r))) => known.attempted.contains(&payload(r)),
-        (None, true, None) => false,
-        (None, false, Some(OpResult::Response(r))) => known.attempted.contains(&payload(r)),
-        (None, false, _) => true,
-    };
-    if !result_ok {
-        eprintln!("LOST OR CHANGED RESULT: {name}: {known:?} but {op:?}");
-        found.lost_or_changed_results += 1;
-    }
-    if op.done {
-        found.first_done = Some(op.clone());
-    }
-    // A retried create with the same request id returns this operation
-    // (checked once per operation, which keeps the harness linear).
-    let mut retried = false;
-    if !known.delete_sent && !known.retried {
-        retried = true;
-        let retry = CreateOperationRequest {
-            parent: "projects/crash".into(),
-            request_id: known.request_id.clone(),
-            ..Default::default()
-        };
-        match workers.create_operation(retry).await {
-            Ok(again) if again.get_ref().name == name => {}
-            other => {
-                eprintln!("DUPLICATE for request id of {name}: {other:?}");
-                found.duplicates += 1;
-            }
-        }
-    }
-    (name, found, retried)
-}
-
-/// One client's work until the server dies under it.
-async fn client(url: String, model: Arc<Mutex<Model>>, seed: u64) {
-    let Ok(channel) = Channel::from_shared(url).unwrap().connect().await else {
-        return;
-    };
-    let mut ops = OperationsClient::new(channel.clone());
-    let mut workers = WorkersClient::new(channel);
-    let mut rng = Rng::new(seed);
-    loop {
-        let (pick, n) = {
-            let mut m = model.lock().unwrap();
-            m.counter += 1;
-            let pick = (!m.names.is_empty())
-                .then(|| m.names[rng.below(m.names.len() as u64) as usize].clone());
-            (pick, m.counter)
-        };
-        let action = rng.below(100);
-        let result: Result<(), tonic::Status> = match (action, pick) {
-            (0..=29, _) | (_, None) => {
-                let request_id = format!("req-{seed}-{n}");
-                let request = CreateOperationRequest {
-                    parent: "projects/crash".into(),
-                    request_id: request_id.clone(),
-                    metadata: Some(prost_types::Any::from_msg(&format!("m{n}")).unwrap()),
-                    ..Default::default()
-                };
-                match tokio::time::timeout(CALL_TIMEOUT, workers.create_operation(request)).await {
-                    Ok(Ok(op)) => {
-                        let name = op.into_inner().name;
-                        let mut m = model.lock().unwrap();
-                        if !m.ops.contains_key(&name) {
-                            m.names.push(name.clone());
-                            m.ops.insert(
-                                name,
-                                Known {
-                                    request_id,
-                                    ..Default::default()
-                                },
-                            );
-                        }
-                        Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) => return,
-                }
-            }
-            (30..=44, Some(name)) => {
-                let request = UpdateOperationRequest {
-                    name,
-                    metadata: Some(prost_types::Any::from_msg(&format!("u{n}")).unwrap()),
-                };
-                match tokio::time::timeout(CALL_TIMEOUT, workers.update_operation(request)).await {
-                    Ok(r) => r.map(drop),
-                    Err(_) => return,
-                }
-            }
-            (45..=69, Some(name)) => {
-                let p = format!("p{seed}-{n}");
-                model
-                    .lock()
-                    .unwrap()
-                    .ops
-                    .get_mut(&name)
-                    .unwrap()
-                    .attempted
-                    .push(p.clone());
-                let request = CompleteOperationRequest {
-                    name: name.clone(),
-                    result: Some(complete_operation_request::Result::Response(
-                        prost_types::Any::from_msg(&p).unwrap(),
-                    )),
-                    metadata: None,
-                };
-                match tokio::time::timeout(CALL_TIMEOUT, workers.complete_operation(request)).await
-                {
-                    Ok(Ok(_)) => {
-                        model.lock().unwrap().ops.get_mut(&name).unwrap().completed = Some(p);
-                        Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) => return,
-                }
-            }
-            (70..=89, Some(name)) => {
-                let request = CancelOperationRequest { name: name.clone() };
-                match tokio::time::timeout(CALL_TIMEOUT, ops.cancel_operation(request)).await {
-                    Ok(Ok(_)) => {
-                        model
-                            .lock()
-                            .unwrap()
-                            .ops
-                            .get_mut(&name)
-                            .unwrap()
-                            .cancel_acked = true;
-                        Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) => return,
-                }
-            }
-            (_, Some(name)) => {
-                model
-                    .lock()
-                    .unwrap()
-                    .ops
-                    .get_mut(&name)
-                    .unwrap()
-                    .delete_sent = true;
-                let request = DeleteOperationRequest { name: name.clone() };
-                match tokio::time::timeout(CALL_TIMEOUT, ops.delete_operation(request)).await {
-                    Ok(Ok(_)) => {
-                        model
-                            .lock()
-                            .unwrap()
-                            .ops
-                            .get_mut(&name)
-                            .unwrap()
-                            .delete_acked = true;
-                        Ok(())
-                    }
-                    Ok(Err(status)) => Err(status),
-                    Err(_) => return,
-                }
-            }
-        };
-        match result {
-            Ok(()) => {}
-            // Expected answers of a busy registry.
-            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
-            // The server died: this client's work for the cycle is over.
-            Err(_) => return,
-        }
-    }
-}
+use common::crash::{client, verify, Model, Report, Rng, Server, CLIENTS};
 
 fn store_path(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("opsd-crash-{tag}-{}", std::process::id()));
@@ -433,10 +48,11 @@ async fn run_harness(cycles: usize, negative_control: bool) -> Report {
         .as_nanos() as u64;
     eprintln!("crash harness: {cycles} cycles, seed {seed}, negative control: {negative_control}");
     let mut rng = Rng::new(seed);
+    let store = format!("redb:{}", path.display());
     let model = Arc::new(Mutex::new(Model::default()));
     let mut report = Report::default();
     for cycle in 0..cycles {
-        let server = Server::start(&path, negative_control);
+        let server = Server::start(&store, &[], negative_control);
         verify(&server.url, &model, &mut report).await;
         let clients: Vec<_> = (0..CLIENTS)
             .map(|i| {
@@ -444,6 +60,7 @@ async fn run_harness(cycles: usize, negative_control: bool) -> Report {
                     server.url.clone(),
                     model.clone(),
                     seed ^ ((cycle * CLIENTS + i) as u64 + 1),
+                    None,
                 ))
             })
             .collect();
@@ -455,15 +72,10 @@ async fn run_harness(cycles: usize, negative_control: bool) -> Report {
         report.cycles += 1;
     }
     // A last restart checks the final cycle's acknowledgements.
-    let server = Server::start(&path, negative_control);
+    let server = Server::start(&store, &[], negative_control);
     verify(&server.url, &model, &mut report).await;
     server.kill();
-    let m = model.lock().unwrap();
-    report.acked_creates = m.ops.len();
-    report.acked_completions = m.ops.values().filter(|k| k.completed.is_some()).count();
-    report.acked_cancels = m.ops.values().filter(|k| k.cancel_acked).count();
-    report.acked_deletes = m.ops.values().filter(|k| k.delete_acked).count();
-    drop(m);
+    model.lock().unwrap().count_acknowledged(&mut report);
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
     eprintln!("{report:#?}");
     report

@@ -11,15 +11,14 @@ mod common;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use common::{
-    create, op,
-    outside::{self, Tool},
-    TestServer,
-};
+use common::{create, op, outside, TestServer};
 use opsd::Config;
 
 fn main() -> ExitCode {
-    let python = find_python();
+    let python = outside::find_python(
+        "google.api_core.operations_v1, grpc",
+        "pip install \"google-api-core[grpc]\"",
+    );
     outside::run(vec![
         outside::test(
             "google_api_core_operation_futures_on_scripted_operations",
@@ -36,26 +35,6 @@ fn main() -> ExitCode {
             |python| outside::block_on(google_api_core_lists_gets_cancels_and_deletes(python)),
         ),
     ])
-}
-
-/// A Python with google-api-core: `$OPSD_PYTHON`, else the virtualenv
-/// `.ci/run` makes, else `python3`; or why there is none.
-fn find_python() -> Tool<PathBuf> {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/python");
-    std::env::var_os("OPSD_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([venv, PathBuf::from("python3")])
-        .find(|candidate| {
-            outside::probe(
-                candidate.as_os_str(),
-                &["-c", "import google.api_core.operations_v1, grpc"],
-            )
-        })
-        .ok_or_else(|| {
-            "no Python with google-api-core (pip install \"google-api-core[grpc]\", or set OPSD_PYTHON)"
-                .to_owned()
-        })
 }
 
 async fn run_script(python: &PathBuf, script: &str, server: &TestServer) {

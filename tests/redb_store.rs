@@ -41,7 +41,7 @@ fn config(path: &Path) -> Config {
 async fn start(config: Config) -> TestServer {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match opsd::server::Server::new(config.clone()) {
+        match opsd::server::Server::new(config.clone()).await {
             Ok(server) => return TestServer::serve(server).await,
             Err(err) if Instant::now() < deadline && err.to_string().contains("in use") => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -191,6 +191,7 @@ async fn a_store_in_use_is_refused() {
     let dir = store_dir("in-use");
     let server = start(config(&dir.join("opsd.redb"))).await;
     let err = opsd::server::Server::new(config(&dir.join("opsd.redb")))
+        .await
         .err()
         .unwrap()
         .to_string();

@@ -181,7 +181,11 @@ async fn descriptor_set_files_are_loaded_at_start_up() {
     std::fs::write(&junk, b"\xff\xff\xff").unwrap();
     let mut config = Config::for_tests();
     config.descriptor_sets = vec![junk.clone()];
-    let err = opsd::server::Server::new(config).err().unwrap().to_string();
+    let err = opsd::server::Server::new(config)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("opsd-fds-junk"), "{err}");
     let _ = std::fs::remove_file(&junk);
 }

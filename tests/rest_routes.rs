@@ -165,6 +165,7 @@ async fn an_unparsable_rule_stops_start_up_naming_file_and_rule() {
     let mut config = Config::for_tests();
     config.rest.http_rules = vec![file];
     let err = opsd::server::Server::new(config)
+        .await
         .err()
         .expect("start-up fails")
         .to_string();

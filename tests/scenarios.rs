@@ -171,7 +171,7 @@ async fn scripts_survive_a_restart_and_scenarios_reapply_idempotently() {
     // Restart on the same file with the same scenario: nothing is reset or
     // duplicated, and the slow operation still finishes on its original schedule.
     let server = loop {
-        match opsd::server::Server::new(config.clone()) {
+        match opsd::server::Server::new(config.clone()).await {
             Ok(server) => break TestServer::serve(server).await,
             Err(err) if err.to_string().contains("in use") => {
                 tokio::time::sleep(Duration::from_millis(20)).await

@@ -41,8 +41,10 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 /// Where and how hard to push.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// The server, e.g. `http://127.0.0.1:50051`.
-    pub target: String,
+    /// The servers, e.g. `http://127.0.0.1:50051`: replicas of one store,
+    /// which clients are spread over round-robin. The cross-replica
+    /// workloads act on the first and watch or wait on the last.
+    pub targets: Vec<String>,
     /// Concurrent clients, each with its own connection (closed loop), or
     /// the connections the open loop spreads its calls over.
     pub concurrency: usize,
@@ -53,15 +55,43 @@ pub struct LoadOptions {
     /// Open loop: calls per second on a fixed schedule, latency measured
     /// from each call's intended send time. `None`: closed loop.
     pub rate: Option<f64>,
-    /// A local server's pid, to report its CPU seconds per call and its RSS.
-    pub server_pid: Option<u32>,
+    /// Local servers' pids, to report their CPU seconds per call and their
+    /// RSS (summed).
+    pub server_pids: Vec<u32>,
+}
+
+impl LoadOptions {
+    /// The first target: where single-server workloads go.
+    pub fn target(&self) -> &str {
+        self.targets
+            .first()
+            .map_or("http://127.0.0.1:50051", String::as_str)
+    }
+
+    /// The last target: where cross-replica workloads watch and wait.
+    pub fn last_target(&self) -> &str {
+        self.targets.last().map_or(self.target(), String::as_str)
+    }
+
+    /// The servers' CPU time and RSS, summed.
+    fn usage(&self) -> Option<(Duration, u64)> {
+        if self.server_pids.is_empty() {
+            return None;
+        }
+        self.server_pids
+            .iter()
+            .map(|pid| server_usage(*pid))
+            .try_fold((Duration::ZERO, 0), |(cpu, rss), usage| {
+                usage.map(|(c, r)| (cpu + c, rss + r))
+            })
+    }
 }
 
 /// What a run does, call by call.
 #[derive(Clone, Debug)]
 pub enum Workload {
-    /// GetOperation of one existing operation.
-    Get { name: String },
+    /// GetOperation of one existing operation (`done`: a finished one).
+    Get { name: String, done: bool },
     /// GET /v1/{name} over HTTP/1.1.
     RestGet { name: String },
     /// CreateOperation then CompleteOperation (two durable writes).
@@ -177,7 +207,7 @@ impl Clients {
     async fn call(&mut self, workload: &Workload, parent: &str) -> Result<(), String> {
         let code = |s: tonic::Status| format!("{:?}", s.code());
         match workload {
-            Workload::Get { name } => self
+            Workload::Get { name, .. } => self
                 .ops
                 .get_operation(opsd::pb::google::longrunning::GetOperationRequest {
                     name: name.clone(),
@@ -318,10 +348,15 @@ pub async fn run(
 ) -> Result<LoadReport, BenchError> {
     let tally = Arc::new(Tally::default());
     let mut clients = Vec::new();
-    for _ in 0..options.concurrency.max(1) {
-        clients.push(Clients::new(&options.target).await?);
+    let targets = if options.targets.is_empty() {
+        vec![options.target().to_owned()]
+    } else {
+        options.targets.clone()
+    };
+    for i in 0..options.concurrency.max(1) {
+        clients.push(Clients::new(&targets[i % targets.len()]).await?);
     }
-    let before = options.server_pid.and_then(server_usage);
+    let before = options.usage();
     let started = Instant::now();
     let until = started + options.duration;
     let mut send_lag = None;
@@ -424,7 +459,7 @@ pub async fn run(
     }
     ticker.abort();
     let elapsed = started.elapsed();
-    let after = options.server_pid.and_then(server_usage);
+    let after = options.usage();
     let iterations = tally.iterations.load(Ordering::Relaxed);
     let server_cpu_per_call = match (before, after) {
         (Some((a, _)), Some((b, _))) if iterations > 0 => {
@@ -550,11 +585,12 @@ pub async fn compare(
 pub async fn fill(options: &LoadOptions, count: u64) -> Result<FillReport, BenchError> {
     use prost::Message;
     let next = Arc::new(AtomicU64::new(0));
-    let before = options.server_pid.and_then(server_usage);
+    let before = options.usage();
     let started = Instant::now();
     let mut clients = Vec::new();
-    for _ in 0..options.concurrency.max(1) {
-        let mut workers = WorkersClient::new(connect(&options.target).await?);
+    for i in 0..options.concurrency.max(1) {
+        let target = &options.targets[i % options.targets.len().max(1)];
+        let mut workers = WorkersClient::new(connect(target).await?);
         let next = next.clone();
         let parent = options.parent.clone();
         clients.push(tokio::spawn(async move {
@@ -570,10 +606,10 @@ pub async fn fill(options: &LoadOptions, count: u64) -> Result<FillReport, Bench
         sample = client.await??.or(sample);
     }
     let elapsed = started.elapsed();
-    let after = options.server_pid.and_then(server_usage);
+    let after = options.usage();
     let encoded_size = match sample {
         Some(name) => {
-            let mut ops = OperationsClient::new(connect(&options.target).await?);
+            let mut ops = OperationsClient::new(connect(options.target()).await?);
             let request = opsd::pb::google::longrunning::GetOperationRequest { name };
             Some(ops.get_operation(request).await?.into_inner().encoded_len())
         }
@@ -656,7 +692,9 @@ pub fn file_size(path: &PathBuf) -> u64 {
 
 /// Cancel → watching worker: creates an operation, cancels it and times
 /// how long the worker's `WatchOperations` stream takes to report it, `count`
-/// times in a row. Returns the latency histogram (µs).
+/// times in a row. Returns the latency histogram (µs). The worker (its
+/// stream and its creates) is on the first target, the cancelling client
+/// on the last (another replica, when there are two).
 pub async fn cancel_notify(
     options: &LoadOptions,
     count: u64,
@@ -665,9 +703,8 @@ pub async fn cancel_notify(
         google::longrunning::CancelOperationRequest,
         opsd::v1::{operation_event, WatchOperationsRequest},
     };
-    let channel = connect(&options.target).await?;
-    let mut workers = WorkersClient::new(channel.clone());
-    let mut ops = OperationsClient::new(channel);
+    let mut workers = WorkersClient::new(connect(options.target()).await?);
+    let mut ops = OperationsClient::new(connect(options.last_target()).await?);
     let mut events = workers
         .watch_operations(WatchOperationsRequest {
             parent: options.parent.clone(),
@@ -737,7 +774,9 @@ async fn parked_waiters(http: &HttpClient, target: &str) -> Option<u64> {
 /// them all parked (or 3 s when it serves no `/metrics`), measures the
 /// server's RSS growth, then finishes `sample` of the operations one at a
 /// time, alternately completing and cancelling them, and times how long
-/// each one's Wait takes to answer while the others stay parked.
+/// each one's Wait takes to answer while the others stay parked. The Waits
+/// are parked on the last target; the operations are created, completed
+/// and cancelled on the first (another replica, when there are two).
 pub async fn waiters(
     options: &LoadOptions,
     waiters: usize,
@@ -745,7 +784,8 @@ pub async fn waiters(
 ) -> Result<WaitersReport, BenchError> {
     use opsd::pb::google::longrunning::{CancelOperationRequest, WaitOperationRequest};
     const PER_CONNECTION: usize = 1000;
-    let clients = Clients::new(&options.target).await?;
+    let clients = Clients::new(options.target()).await?;
+    let waiting = options.last_target();
     let mut workers = clients.workers.clone();
     let mut ops = clients.ops.clone();
     let mut names = Vec::with_capacity(waiters);
@@ -756,17 +796,14 @@ pub async fn waiters(
         };
         names.push(workers.create_operation(request).await?.into_inner().name);
     }
-    let already = parked_waiters(&clients.http, &options.target).await;
-    let before = options
-        .server_pid
-        .and_then(server_usage)
-        .map(|(_, rss)| rss);
+    let already = parked_waiters(&clients.http, waiting).await;
+    let before = options.usage().map(|(_, rss)| rss);
     let (woken_tx, mut woken) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut channel = connect(&options.target).await?;
+    let mut channel = connect(waiting).await?;
     for (i, name) in names.iter().enumerate() {
         if i > 0 && i % PER_CONNECTION == 0 {
-            channel = connect(&options.target).await?;
+            channel = connect(waiting).await?;
         }
         let mut ops = OperationsClient::new(channel.clone());
         let (name, woken_tx) = (name.clone(), woken_tx.clone());
@@ -795,7 +832,7 @@ pub async fn waiters(
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                parked = parked_waiters(&clients.http, &options.target).await;
+                parked = parked_waiters(&clients.http, waiting).await;
                 if parked.is_some_and(|p| p >= already + waiters as u64) {
                     break;
                 }
@@ -806,10 +843,7 @@ pub async fn waiters(
         }
         None => tokio::time::sleep(Duration::from_secs(3)).await,
     }
-    let after = options
-        .server_pid
-        .and_then(server_usage)
-        .map(|(_, rss)| rss);
+    let after = options.usage().map(|(_, rss)| rss);
     let bytes_per_waiter = match (before, after) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / waiters.max(1) as f64),
         _ => None,

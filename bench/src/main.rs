@@ -31,6 +31,9 @@ enum BenchCommand {
         load: LoadArgs,
         #[command(flatten)]
         ceiling: CeilingArgs,
+        /// Complete the operation first, so every Get reads a done one.
+        #[arg(long)]
+        done: bool,
     },
     /// GET /v1/{name} of one operation over HTTP/1.1 (REST).
     RestGet {
@@ -71,7 +74,8 @@ enum BenchCommand {
         filter: String,
     },
     /// Cancel → worker: times how long a cancel takes to reach a worker's
-    /// WatchOperations stream, COUNT times in a row.
+    /// WatchOperations stream, COUNT times in a row. With two --target
+    /// replicas, the worker is on the first and the cancel goes to the last.
     CancelNotify {
         #[command(flatten)]
         load: LoadArgs,
@@ -81,7 +85,9 @@ enum BenchCommand {
     /// Parks WAITERS WaitOperation calls, one per operation, reports the
     /// server's memory per parked Wait (with --server-pid), then finishes
     /// SAMPLE operations one at a time, alternately completing and
-    /// cancelling them, and times each one's wake-up.
+    /// cancelling them, and times each one's wake-up. With two --target
+    /// replicas, the Waits park on the last and the operations are finished
+    /// on the first.
     Waiters {
         #[command(flatten)]
         load: LoadArgs,
@@ -130,9 +136,10 @@ enum BenchCommand {
 
 #[derive(clap::Args, Debug)]
 struct LoadArgs {
-    /// The server to load.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    target: String,
+    /// The server to load. Repeatable: replicas of one store, which the
+    /// clients are spread over round-robin.
+    #[arg(long = "target", default_value = "http://127.0.0.1:50051")]
+    targets: Vec<String>,
     /// Concurrent clients, one connection each (closed loop); connections
     /// the calls are spread over (open loop).
     #[arg(long, default_value_t = 1)]
@@ -148,8 +155,9 @@ struct LoadArgs {
     #[arg(long)]
     rate: Option<f64>,
     /// A local server's pid: report its CPU seconds per call and its RSS.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Repeatable (one per replica): the figures are their sums.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
 }
 
 /// A reference server measured in the same run: rounds alternate between it
@@ -170,28 +178,45 @@ struct CeilingArgs {
 impl LoadArgs {
     fn options(&self) -> load::LoadOptions {
         load::LoadOptions {
-            target: self.target.clone(),
+            targets: self.targets.clone(),
             concurrency: self.concurrency,
             duration: self.duration,
             parent: self.parent.clone(),
             rate: self.rate,
-            server_pid: self.server_pid,
+            server_pids: self.server_pids.clone(),
         }
     }
 }
 
 /// Creates the operation the Get workloads read on `target` (unless it
-/// exists).
-async fn bench_target(target: &str) -> Result<String, load::BenchError> {
-    use opsd::pb::opsd::v1::{workers_client::WorkersClient, CreateOperationRequest};
+/// exists); with `done`, a second one that is completed.
+async fn bench_target(target: &str, done: bool) -> Result<String, load::BenchError> {
+    use opsd::pb::opsd::v1::{
+        complete_operation_request, workers_client::WorkersClient, CompleteOperationRequest,
+        CreateOperationRequest,
+    };
     let mut workers = WorkersClient::connect(target.to_owned()).await?;
+    let id = if done { "bench-get-done" } else { "bench-get" };
     let request = CreateOperationRequest {
-        operation_id: "bench-get".into(),
-        request_id: "bench-get".into(),
+        operation_id: id.into(),
+        request_id: id.into(),
         ..Default::default()
     };
     match workers.create_operation(request).await {
-        Ok(op) => Ok(op.into_inner().name),
+        Ok(op) => {
+            let op = op.into_inner();
+            if done && !op.done {
+                let response = prost_types::Any::from_msg(&())?;
+                workers
+                    .complete_operation(CompleteOperationRequest {
+                        name: op.name.clone(),
+                        result: Some(complete_operation_request::Result::Response(response)),
+                        metadata: None,
+                    })
+                    .await?;
+            }
+            Ok(op.name)
+        }
         // A no-op ceiling server has no worker API: any name will do.
         Err(status) if status.code() == tonic::Code::Unimplemented => {
             Ok("operations/bench-get".into())
@@ -214,10 +239,14 @@ async fn measure(
         return Ok(());
     };
     // The same operation exists on both (a ceiling answers any name).
-    bench_target(reference).await?;
+    bench_target(
+        reference,
+        matches!(workload, load::Workload::Get { done: true, .. }),
+    )
+    .await?;
     let mut reference_options = load.options();
-    reference_options.target = reference.clone();
-    reference_options.server_pid = ceiling.ceiling_pid;
+    reference_options.targets = vec![reference.clone()];
+    reference_options.server_pids = ceiling.ceiling_pid.into_iter().collect();
     let comparison = load::compare(
         &load.options(),
         &reference_options,
@@ -243,13 +272,22 @@ async fn bench(command: BenchCommand) -> Result<(), load::BenchError> {
         None => format!("{} clients", load.concurrency),
     };
     match command {
-        BenchCommand::Get { load, ceiling } => {
-            let name = bench_target(&load.target).await?;
-            let label = format!("GetOperation, {}", mode(&load));
-            measure(&load, &ceiling, &Workload::Get { name }, &label).await?;
+        BenchCommand::Get {
+            load,
+            ceiling,
+            done,
+        } => {
+            let name = bench_target(load.options().target(), done).await?;
+            let what = if done {
+                "a done operation"
+            } else {
+                "a running operation"
+            };
+            let label = format!("GetOperation of {what}, {}", mode(&load));
+            measure(&load, &ceiling, &Workload::Get { name, done }, &label).await?;
         }
         BenchCommand::RestGet { load, ceiling } => {
-            let name = bench_target(&load.target).await?;
+            let name = bench_target(load.options().target(), false).await?;
             let label = format!("REST GET, {}", mode(&load));
             measure(&load, &ceiling, &Workload::RestGet { name }, &label).await?;
         }
@@ -354,7 +392,7 @@ async fn bench(command: BenchCommand) -> Result<(), load::BenchError> {
             duration,
             server_pid,
         } => {
-            let name = bench_target(&target).await?;
+            let name = bench_target(&target, false).await?;
             let options = overload::OverloadOptions {
                 address: target
                     .trim_start_matches("http://")

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::list_request;
+use super::{linked, list_request};
 use crate::{
     api::grpc::console_server::{Console, ConsoleServer},
     pb::{
@@ -84,7 +84,7 @@ impl Console for ConsoleService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<OperationInfo>, Status> {
         let record = self.registry.get(&request.get_ref().name).await?;
-        Ok(Response::new(operation_info(&record)))
+        Ok(linked(Response::new(operation_info(&record)), [&record]))
     }
 
     type WatchOperationChangesStream = ChangeStream;

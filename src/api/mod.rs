@@ -5,10 +5,11 @@
 //! [`Registry`] method and converts the result. Errors are
 //! [`crate::error::Error`]s, turned into `tonic::Status` in one place,
 //! `src/error.rs`. What every call shares (timing, metrics, spans, polling
-//! reports) is not here: the server wraps these services once
+//! reports, traces) is not here: the server wraps these services once
 //! (`server::observe`), for gRPC and REST alike, and reads what a handler
-//! leaves for it in the response ([`Polled`]) and the request ([`ViaRest`],
-//! [`Resource`]).
+//! leaves for it in the response ([`Polled`], `Linked`) and the request
+//! ([`ViaRest`], [`Resource`]); it leaves the caller's trace in the request
+//! for CreateOperation to keep ([`TraceLink`]).
 
 pub mod codec;
 pub mod console;
@@ -24,7 +25,7 @@ use tonic::{metadata::MetadataMap, Request, Response};
 
 use crate::{
     pb::{google::longrunning as lro, opsd::v1 as wapi},
-    registry::{Record, Registry},
+    registry::{Record, Registry, TraceLink},
 };
 
 /// The registry's List request for a `ListOperationsRequest` (the
@@ -95,6 +96,27 @@ pub(crate) fn polled<'r, T>(
         .collect();
     if !names.is_empty() {
         response.extensions_mut().insert(Polled(names));
+    }
+    response
+}
+
+/// The traces the operations of a response were created in (a response
+/// extension, set only when there are some): the server's observing wrapper
+/// links the call's span to them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Linked(pub Vec<TraceLink>);
+
+/// `response`, marked with the traces `records` were created in.
+pub(crate) fn linked<'r, T>(
+    mut response: Response<T>,
+    records: impl IntoIterator<Item = &'r Record>,
+) -> Response<T> {
+    let links: Vec<TraceLink> = records
+        .into_iter()
+        .filter_map(|record| record.trace.clone())
+        .collect();
+    if !links.is_empty() {
+        response.extensions_mut().insert(Linked(links));
     }
     response
 }

@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, fmt, str::FromStr, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use super::{list_request, polled, rpc_deadline};
+use super::{linked, list_request, polled, rpc_deadline};
 use crate::{
     api::grpc::operations_server::{Operations, OperationsServer},
     error::Error,
@@ -129,7 +129,7 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         let record = self.registry.get(&request.get_ref().name).await?;
-        let response = Response::new(operation(&record));
+        let response = linked(Response::new(operation(&record)), [&record]);
         Ok(polled(response, &self.registry, [&record]))
     }
 
@@ -149,7 +149,8 @@ impl Operations for OperationsService {
     ) -> Result<Response<()>, Status> {
         self.enabled(Method::Cancel)?;
         let record = self.registry.cancel(&request.get_ref().name).await?;
-        Ok(polled(Response::new(()), &self.registry, [&record]))
+        let response = linked(Response::new(()), [&record]);
+        Ok(polled(response, &self.registry, [&record]))
     }
 
     async fn wait_operation(
@@ -166,7 +167,7 @@ impl Operations for OperationsService {
             .transpose()?;
         let budget = wait_budget(timeout, deadline, self.registry.settings().wait_cap);
         let record = self.registry.wait(&request.name, budget).await?;
-        let response = Response::new(operation(&record));
+        let response = linked(Response::new(operation(&record)), [&record]);
         Ok(polled(response, &self.registry, [&record]))
     }
 }

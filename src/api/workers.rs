@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     api::{
         grpc::workers_server::{Workers, WorkersServer},
+        linked,
         types::TypeRegistry,
     },
     error::Error,
@@ -23,7 +24,7 @@ use crate::{
     },
     registry::{
         model::wire_duration, operation, CancelPolicy, CreateParams, EventKind, Outcome, Registry,
-        ScriptSpec, WatchFilter, WorkerEvent,
+        ScriptSpec, TraceLink, WatchFilter, WorkerEvent,
     },
 };
 
@@ -70,6 +71,9 @@ impl Workers for WorkersService {
         &self,
         request: Request<CreateOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        // The caller's trace, read from its `traceparent` by the server's
+        // observing wrapper.
+        let trace = request.extensions().get::<TraceLink>().cloned();
         let request = request.into_inner();
         let params = CreateParams {
             parent: request.parent,
@@ -92,6 +96,7 @@ impl Workers for WorkersService {
                 .as_ref()
                 .map(ScriptSpec::from_wire)
                 .transpose()?,
+            trace,
         };
         let record = self.registry.create(params).await?;
         Ok(Response::new(operation(&record)))
@@ -106,7 +111,7 @@ impl Workers for WorkersService {
             .registry
             .update(&request.name, request.metadata)
             .await?;
-        Ok(Response::new(operation(&record)))
+        Ok(linked(Response::new(operation(&record)), [&record]))
     }
 
     async fn complete_operation(
@@ -127,7 +132,7 @@ impl Workers for WorkersService {
             .registry
             .complete(&request.name, outcome, request.metadata)
             .await?;
-        Ok(Response::new(operation(&record)))
+        Ok(linked(Response::new(operation(&record)), [&record]))
     }
 
     type WatchOperationsStream = EventStream;

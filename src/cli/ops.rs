@@ -6,6 +6,7 @@
 //! opsd ops get NAME | cancel NAME | delete NAME
 //! opsd ops wait NAME [--timeout D]      prints progress while it waits
 //! opsd ops watch [PARENT] [--filter F]  follows changes live
+//! opsd ops health                       GET /healthz: exit 0 when serving
 //! ```
 //!
 //! Text output is a table for lists and a one-line summary per operation
@@ -114,6 +115,10 @@ enum OpsCommand {
         #[arg(long)]
         initial: bool,
     },
+    /// Check the server's health (`GET /healthz`): print its status and exit
+    /// 0 when it serves, 78 (64 + UNAVAILABLE) when it does not or cannot be
+    /// reached within 5 s. For container health checks: no curl needed.
+    Health,
 }
 
 /// Why a command stopped early.
@@ -144,18 +149,23 @@ fn exit_code(code: Code) -> u8 {
 }
 
 pub async fn run(args: OpsArgs) -> ExitCode {
-    let result = async {
-        let channel = connect(&args.server).await?;
-        let mut session = Session {
-            console: ConsoleClient::new(channel.clone()),
-            operations: OperationsClient::new(channel),
-            output: args.output,
-            pool: base_pool(),
-            out: std::io::stdout().lock(),
-        };
-        session.run(args.command).await
-    }
-    .await;
+    let result = match args.command {
+        OpsCommand::Health => health(&args.server, args.output).await,
+        command => {
+            async {
+                let channel = connect(&args.server).await?;
+                let mut session = Session {
+                    console: ConsoleClient::new(channel.clone()),
+                    operations: OperationsClient::new(channel),
+                    output: args.output,
+                    pool: base_pool(),
+                    out: std::io::stdout().lock(),
+                };
+                session.run(command).await
+            }
+            .await
+        }
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Call(status)) => {
@@ -169,6 +179,17 @@ pub async fn run(args: OpsArgs) -> ExitCode {
         Err(Failure::StillRunning) => ExitCode::from(3),
         Err(Failure::Output) => ExitCode::SUCCESS,
     }
+}
+
+/// `opsd ops health`: plain HTTP, not a gRPC channel (see `cli::health`).
+async fn health(server: &str, output: Output) -> Result<(), Failure> {
+    let status = super::health::check(server).await?;
+    let mut out = std::io::stdout().lock();
+    match output {
+        Output::Json => writeln!(out, "{}", json!({ "status": status }))?,
+        Output::Text => writeln!(out, "{status}")?,
+    }
+    Ok(())
 }
 
 /// A channel to the server; a server that cannot be reached is UNAVAILABLE.
@@ -233,6 +254,8 @@ impl Session {
                 filter,
                 initial,
             } => self.watch(parent, filter, initial).await,
+            // Plain HTTP, answered by `run` before any gRPC session.
+            OpsCommand::Health => unreachable!("`opsd ops health` needs no session"),
         }
     }
 

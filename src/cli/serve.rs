@@ -7,6 +7,8 @@ use opsd::{
     api::{operations::Method, rest::RestRoutes},
     config::{read_page_token_key, Config, StoreConfig},
     registry::PollingReports,
+    server::trace::Traces,
+    store::PostgresSettings,
 };
 
 #[derive(clap::Args, Debug)]
@@ -20,8 +22,29 @@ pub struct ServeArgs {
     /// Where operations are kept. `redb:PATH` (the default): a durable file,
     /// its directory created if needed; `redb` alone uses the default path.
     /// `memory`: in process, lost on exit (tests, ephemeral use).
-    #[arg(long, default_value = "redb:./opsd-data/opsd.redb")]
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=...`: a PostgreSQL
+    /// database that any number of replicas share (the schema is created
+    /// and migrated at start-up).
+    #[arg(long, default_value = "redb:./opsd-data/opsd.redb", env = "OPSD_STORE")]
     store: StoreConfig,
+
+    /// PostgreSQL store: connections in the pool.
+    #[arg(long, default_value_t = 16)]
+    pg_pool_size: usize,
+
+    /// PostgreSQL store: how long opening a connection may take.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pg_connect_timeout: Duration,
+
+    /// PostgreSQL store: the longest a statement runs on the server
+    /// (statement_timeout and lock_timeout).
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pg_statement_timeout: Duration,
+
+    /// PostgreSQL store: how long a call may wait for a free connection. A
+    /// call fails UNAVAILABLE after this plus the statement timeout.
+    #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
+    pg_pool_timeout: Duration,
 
     /// How long done operations are kept before they are deleted (AIP-151),
     /// e.g. `30d`, `12h`, `90s`.
@@ -175,6 +198,17 @@ pub struct ServeArgs {
     /// are cut, counted and logged.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+
+    /// Export OpenTelemetry traces (a span per call) to this OTLP/gRPC
+    /// collector, e.g. `http://127.0.0.1:4317`. Unset (or empty): no traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// Ended spans waiting for export at most; when the collector falls
+    /// behind, further spans are dropped (and counted in
+    /// opsd_trace_spans_dropped_total), never waited for.
+    #[arg(long, default_value_t = 2048)]
+    otlp_queue_size: usize,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -191,7 +225,7 @@ enum RoutesArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
+pub(super) enum LogFormat {
     Text,
     Json,
 }
@@ -210,6 +244,12 @@ impl ServeArgs {
             ..Config::default()
         };
         config.operations.disabled_methods = self.disable_methods.into_iter().collect();
+        config.postgres = PostgresSettings {
+            pool_size: self.pg_pool_size,
+            connect_timeout: self.pg_connect_timeout,
+            statement_timeout: self.pg_statement_timeout,
+            pool_timeout: self.pg_pool_timeout,
+        };
         let rest = &mut config.rest;
         rest.http_rules = self.http_rules;
         rest.strict_clients = self.strict_rest_clients;
@@ -248,6 +288,8 @@ impl ServeArgs {
         limits.min_ping_interval = self.min_ping_interval;
         limits.max_in_flight = self.max_in_flight;
         limits.max_connections = self.max_connections.max(1);
+        config.traces.otlp_endpoint = self.otlp_endpoint.filter(|e| !e.is_empty());
+        config.traces.queue_size = self.otlp_queue_size;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -275,7 +317,7 @@ fn resolve_listen(listen: &str) -> Result<SocketAddr, String> {
 
 /// A duration flag that must be positive (clap reports a bad one with the
 /// usage, before anything starts).
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+pub(super) fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value).map_err(|e| e.to_string())?;
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
@@ -283,7 +325,11 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, filtered by `RUST_LOG`; with `traces`, also the calls'
+/// spans to the OTLP exporter (each layer with its own filter, so the log
+/// level does not decide which calls are traced).
+pub(super) fn init_logging(format: LogFormat, traces: Option<&Traces>) {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal, and never when NO_COLOR is set
@@ -291,14 +337,17 @@ fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let colour = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces.map(Traces::layer))
+        .init();
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -331,14 +380,37 @@ async fn shutdown_signal() {
 
 /// Runs `opsd serve` until SIGTERM or SIGINT and a drain.
 pub async fn run(args: ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
+    let format = args.log_format;
     let config = match args.into_config() {
         Ok(config) => config,
         Err(err) => {
+            init_logging(format, None);
             tracing::error!(cause = %err, "invalid configuration");
             return ExitCode::FAILURE;
         }
     };
+    let traces = match Traces::start(&config.traces) {
+        Ok(traces) => traces,
+        Err(err) => {
+            init_logging(format, None);
+            tracing::error!(cause = %err, "cannot start traces");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(format, traces.as_ref());
+    if let (Some(endpoint), Some(_)) = (&config.traces.otlp_endpoint, &traces) {
+        tracing::info!(%endpoint, queue = config.traces.queue_size, "exporting traces over OTLP");
+    }
+    let code = serve(config).await;
+    if let Some(traces) = traces {
+        // Exports what is queued; blocks (up to 5 s), so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    code
+}
+
+/// Binds the listener and serves until a signal and a drain.
+async fn serve(config: Config) -> ExitCode {
     let listener = match opsd::server::bind(config.listen) {
         Ok(listener) => listener,
         Err(err) => {
@@ -426,6 +498,70 @@ mod tests {
         };
         assert_eq!(one.into_config().unwrap().limits.max_connections, 1);
         assert!(Cli::try_parse_from(["opsd", "serve", "--disable-method", "get"]).is_err());
+        let postgres = parse(&[
+            "opsd",
+            "serve",
+            "--store",
+            "postgres://opsd@127.0.0.1:5432/ops",
+        ]);
+        assert!(matches!(postgres, StoreConfig::Postgres(_)), "{postgres:?}");
+        let Command::Serve(pg) = Cli::try_parse_from([
+            "opsd",
+            "serve",
+            "--pg-pool-size",
+            "4",
+            "--pg-statement-timeout",
+            "750ms",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("serve")
+        };
+        let config = pg.into_config().unwrap();
+        assert_eq!(config.postgres.pool_size, 4);
+        assert_eq!(
+            config.postgres.statement_timeout,
+            Duration::from_millis(750)
+        );
+        assert!(
+            Cli::try_parse_from(["opsd", "serve", "--pg-pool-size", "0"])
+                .map(|cli| match cli.command {
+                    Command::Serve(args) => args.into_config().is_err(),
+                    _ => false,
+                })
+                .unwrap_or(true)
+        );
+        assert!(Cli::try_parse_from(["opsd", "migrate", "--store", "postgres://u@h/d"]).is_ok());
+    }
+
+    #[test]
+    fn otlp_flags_reach_the_config() {
+        let config = |args: &[&str]| {
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let traced = config(&[
+            "opsd",
+            "serve",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--otlp-queue-size",
+            "16",
+        ])
+        .unwrap();
+        assert_eq!(
+            traced.traces.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(traced.traces.queue_size, 16);
+        // Empty (as an unset variable often is) means off.
+        let off = config(&["opsd", "serve", "--otlp-endpoint", ""]).unwrap();
+        assert_eq!(off.traces.otlp_endpoint, None);
+        let tls = config(&["opsd", "serve", "--otlp-endpoint", "https://c:4317"]);
+        assert!(tls.unwrap_err().contains("TLS"));
     }
 
     #[test]

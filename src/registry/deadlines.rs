@@ -1,16 +1,27 @@
 //! The deadline task: lapsed leases, forced cooperative cancels, retention.
 //!
 //! Deadlines are data in the store ([`StoredRecord::next_deadline`]), not only
-//! timers, so they survive restarts. This task keeps an in-memory index of
-//! them, built by one scan at start-up and kept current from the change feed,
-//! and sleeps until the earliest. When one is due it re-reads the record and
-//! applies whatever is due with the usual conditional write, so a stale or
-//! early timer is harmless.
+//! timers, so they survive restarts. When one is due the task re-reads the
+//! record and applies whatever is due with the usual conditional write, so a
+//! stale or early timer is harmless, and a transition happens once even if
+//! two tasks fire it.
 //!
-//! The index holds every done operation (its retention expiry), so it is kept
-//! small: one ordered set of (time, name) with the name shared with the
-//! store's change feed, and no reverse index by name: each change carries the
-//! record's previous deadline, which finds the entry to drop.
+//! How the task learns what is due depends on the store:
+//!
+//! - A store of one process (memory, redb): the task keeps an in-memory index,
+//!   built by one scan at start-up and kept current from the change feed, and
+//!   sleeps until the earliest. The index holds every done operation (its
+//!   retention expiry), so it is kept small: one ordered set of (time, name)
+//!   with the name shared with the store's change feed, and no reverse index
+//!   by name: each change carries the record's previous deadline, which finds
+//!   the entry to drop.
+//! - A store shared by replicas (PostgreSQL, [`Store::claim_due`]): the
+//!   replicas do not each do all the work. The task claims the due records
+//!   (no other replica gets them while the claim holds; a replica that dies
+//!   loses its claims when they expire), fires them, and sleeps until the
+//!   earliest deadline the claim left, an earlier one seen on the feed, or a
+//!   second at most (deadlines other replicas set arrive on the feed too, but
+//!   a notification may be late).
 
 use std::{
     collections::BTreeSet,
@@ -24,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::{expired, finish, lease_expired_status, Clock, Outcome, Record, Registry, Shared};
 use crate::{
     error::Error,
-    store::{Cause, StoreError},
+    store::{Cause, Claimed, StoreError},
 };
 
 /// What fell due on a running operation.
@@ -41,6 +52,13 @@ const FIRE_BATCH: usize = 256;
 /// How long (real time) to wait before retrying a deadline whose write
 /// failed, or a failed scan of the deadlines.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a claim on due records holds (by the registry's clock): longer
+/// than firing a batch takes; a claim whose replica died expires after it.
+const CLAIM_HOLD: Duration = Duration::from_secs(15);
+
+/// The longest a claiming task sleeps (real time) between claims.
+const CLAIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Deadlines ordered by time: (nanoseconds since the Unix epoch, name).
 /// A name may have stale entries (after missed changes); they only cause a
@@ -97,7 +115,145 @@ pub(super) fn spawn(shared: Weak<Shared>, shutdown: CancellationToken) {
     let feed = registry.shared.store.subscribe();
     let clock = registry.shared.settings.clock.clone();
     drop(registry);
-    tokio::spawn(run(shared, feed, clock, shutdown));
+    tokio::spawn(start(shared, feed, clock, shutdown));
+}
+
+/// Asks the store for due records once: a store that shares deadlines
+/// answers (the claim is the first batch), the others keep a local index.
+async fn start(
+    shared: Weak<Shared>,
+    feed: broadcast::Receiver<Change>,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
+            return;
+        };
+        let claimed = registry
+            .shared
+            .store
+            .claim_due(clock.now(), FIRE_BATCH, CLAIM_HOLD)
+            .await;
+        drop(registry);
+        match claimed {
+            Ok(None) => return run(shared, feed, clock, shutdown).await,
+            Ok(Some(first)) => return run_claims(shared, feed, clock, shutdown, first).await,
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot claim due deadlines; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(RETRY_AFTER) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Fires due names in bounded concurrent batches (so a durable store
+/// commits each batch's expiries together); returns those whose action
+/// failed and the later deadlines of those where nothing was due.
+async fn fire(
+    registry: &Registry,
+    due: Vec<Arc<str>>,
+) -> (Vec<Arc<str>>, Vec<(Arc<str>, SystemTime)>) {
+    let mut failed = Vec::new();
+    let mut later = Vec::new();
+    for batch in due.chunks(FIRE_BATCH) {
+        let mut running = tokio::task::JoinSet::new();
+        for name in batch {
+            let registry = registry.clone();
+            let name = name.clone();
+            running.spawn(async move {
+                let result = registry.on_deadline(&name).await;
+                (name, result)
+            });
+        }
+        while let Some(joined) = running.join_next().await {
+            let Ok((name, result)) = joined else { continue };
+            match result {
+                Ok(Some(next)) => later.push((name, next)),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::error!(name = %name, cause = %err, "deadline action failed; retrying");
+                    failed.push(name);
+                }
+            }
+        }
+    }
+    (failed, later)
+}
+
+/// The task over a store that shares deadlines (see the module docs).
+async fn run_claims(
+    shared: Weak<Shared>,
+    mut feed: broadcast::Receiver<Change>,
+    clock: Clock,
+    shutdown: CancellationToken,
+    first: Claimed,
+) {
+    let mut first = Some(first);
+    loop {
+        let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
+            return;
+        };
+        let claimed = match first.take() {
+            Some(claimed) => Ok(Some(claimed)),
+            None => {
+                registry
+                    .shared
+                    .store
+                    .claim_due(clock.now(), FIRE_BATCH, CLAIM_HOLD)
+                    .await
+            }
+        };
+        // When to claim again, by the clock; a failure waits real time.
+        let mut wake_at = None;
+        let mut cap = CLAIM_EVERY;
+        match claimed {
+            Ok(Some(claimed)) => {
+                let full = claimed.names.len() >= FIRE_BATCH;
+                // A failed action keeps its claim until the hold ends, then
+                // any replica retries it.
+                fire(&registry, claimed.names).await;
+                if full {
+                    continue;
+                }
+                wake_at = claimed.next;
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot claim due deadlines; retrying");
+                cap = RETRY_AFTER;
+            }
+        }
+        drop(registry);
+        let cap = tokio::time::Instant::now() + cap;
+        loop {
+            let due = async {
+                match wake_at {
+                    Some(at) => clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(cap) => break,
+                () = due => break,
+                change = feed.recv() => match change {
+                    Ok(change) => {
+                        if let Some(at) = change.deadline {
+                            if wake_at.is_none_or(|w| at < w) {
+                                wake_at = Some(at);
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
 }
 
 async fn run(
@@ -148,6 +304,10 @@ async fn run(
         tokio::select! {
             () = shutdown.cancelled() => return,
             change = feed.recv() => match change {
+                Ok(change) if change.cause == Cause::Resync => {
+                    tracing::warn!("the change feed may have missed changes; rescanning deadlines");
+                    rescan = true;
+                }
                 Ok(change) => timers.replace(&change.name, change.previous_deadline, change.deadline),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "deadline task fell behind the change feed; rescanning");
@@ -169,30 +329,13 @@ async fn run(
                     return;
                 };
                 let due = timers.take_due(clock.now());
-                // Bounded batches run concurrently, so a durable store commits
-                // each batch's expiries together (group commit).
-                for batch in due.chunks(FIRE_BATCH) {
-                    let mut running = tokio::task::JoinSet::new();
-                    for name in batch {
-                        let registry = registry.clone();
-                        let name = name.clone();
-                        running.spawn(async move {
-                            let result = registry.on_deadline(&name).await;
-                            (name, result)
-                        });
-                    }
-                    while let Some(joined) = running.join_next().await {
-                        let Ok((name, result)) = joined else { continue };
-                        match result {
-                            Ok(Some(next)) => timers.add(name, next),
-                            Ok(None) => {}
-                            Err(err) => {
-                                tracing::error!(name = %name, cause = %err, "deadline action failed; retrying");
-                                retry.push(name);
-                                retry_at.get_or_insert_with(|| tokio::time::Instant::now() + RETRY_AFTER);
-                            }
-                        }
-                    }
+                let (failed, later) = fire(&registry, due).await;
+                for (name, next) in later {
+                    timers.add(name, next);
+                }
+                if !failed.is_empty() {
+                    retry.extend(failed);
+                    retry_at.get_or_insert_with(|| tokio::time::Instant::now() + RETRY_AFTER);
                 }
             }
         }
@@ -201,7 +344,7 @@ async fn run(
 
 use crate::store::Change;
 #[cfg(doc)]
-use crate::store::StoredRecord;
+use crate::store::{Store, StoredRecord};
 
 impl Registry {
     /// Applies whatever is due on `name`. Returns the record's next deadline

@@ -10,7 +10,7 @@
 //! task buffer without bound: changed names wait in a set (in arrival
 //! order, each name once), so a burst of changes to one operation is sent as
 //! its latest state. A follower that falls behind the feed re-sends every
-//! selected operation, so nothing is missed.
+//! selected operation, so nothing is missed; so does a resync on the feed.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::{expired, filter, name::parse_list_target, Record, Registry};
 use crate::{
     error::Error,
-    store::{filter::Filter, parent_of, Change, ListQuery, ParentPattern},
+    store::{filter::Filter, parent_of, Cause, Change, ListQuery, ParentPattern},
 };
 
 /// Changes buffered per follower before it waits for its client.
@@ -127,6 +127,9 @@ impl Registry {
                 () = shutdown.cancelled() => return,
                 () = tx.closed() => return,
                 change = feed.recv() => match change {
+                    // Changes may have been missed (a PostgreSQL listener's
+                    // gap): send everything again.
+                    Ok(change) if change.cause == Cause::Resync => snapshot = true,
                     Ok(change) if selection.covers(&change.name) => pending.push(change.name),
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(missed)) => {

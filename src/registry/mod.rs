@@ -44,7 +44,9 @@ use crate::{
 pub use crate::clock::{Clock, ManualClock};
 pub use follow::Followed;
 pub use list::{ListPage, ListRequest};
-pub use model::{operation, operation_info, CancelPolicy, Outcome, Record, Script, ScriptSpec};
+pub use model::{
+    operation, operation_info, CancelPolicy, Outcome, Record, Script, ScriptSpec, TraceLink,
+};
 pub use name::{check_id, check_parent_name, parse_list_target, NameError, OperationName};
 pub use report::{Call, PollingReports, Report};
 pub use wait::wait_budget;
@@ -126,6 +128,9 @@ pub struct CreateParams {
     pub cancel_grace_period: Option<Duration>,
     /// Makes opsd play the worker.
     pub script: Option<ScriptSpec>,
+    /// The trace of the creating call (its `traceparent`), kept with the
+    /// operation.
+    pub trace: Option<TraceLink>,
 }
 
 /// The Operations methods a script may switch off, by their flag names.
@@ -295,6 +300,7 @@ impl Registry {
             done_time: None,
             expire_time: None,
             script,
+            trace: params.trace.clone(),
         };
         // What a script does at once (steps and outcomes due at 0s) is
         // part of the creation.

@@ -20,7 +20,10 @@ use crate::{
         google::{longrunning::Operation, rpc},
         opsd::v1 as wire,
     },
-    store::{StoreError, StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep},
+    store::{
+        StoreError, StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep,
+        StoredTrace,
+    },
 };
 
 /// What a cancellation does to an operation (chosen by the worker at creation).
@@ -107,6 +110,24 @@ pub struct Record {
     /// For scripted operations: what opsd still has to do to it (boxed:
     /// most operations have none, and the record stays small).
     pub script: Option<Box<Script>>,
+    /// The trace the operation was created in, when the creating call
+    /// carried a `traceparent`.
+    pub trace: Option<TraceLink>,
+}
+
+/// The W3C trace context (`traceparent`, `tracestate`) of the call that
+/// created an operation, kept with it: later calls on the operation link
+/// their spans to it, so a trace backend shows a job's whole life from the
+/// trace that started it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceLink {
+    pub trace_id: [u8; 16],
+    /// The caller's span that made the creating call.
+    pub span_id: [u8; 8],
+    /// The trace flags (bit 0: sampled).
+    pub flags: u8,
+    /// The `tracestate` header as it came; empty for none.
+    pub state: String,
 }
 
 /// The rest of a scripted operation's script, with absolute times.
@@ -164,6 +185,12 @@ impl Record {
             done_time: ts(self.done_time),
             expire_time: ts(self.expire_time),
             script: self.script.as_deref().map(stored_script),
+            trace: self.trace.as_ref().map(|t| StoredTrace {
+                trace_id: t.trace_id.to_vec(),
+                span_id: t.span_id.to_vec(),
+                flags: t.flags.into(),
+                state: t.state.clone(),
+            }),
         }
     }
 
@@ -191,8 +218,21 @@ impl Record {
             done_time: time(stored.done_time)?,
             expire_time: time(stored.expire_time)?,
             script: stored.script.map(script_of).transpose()?.map(Box::new),
+            trace: stored.trace.map(trace_of).transpose()?,
         })
     }
+}
+
+fn trace_of(stored: StoredTrace) -> Result<TraceLink, StoreError> {
+    Ok(TraceLink {
+        trace_id: stored
+            .trace_id
+            .try_into()
+            .map_err(|_| corrupt("trace id"))?,
+        span_id: stored.span_id.try_into().map_err(|_| corrupt("span id"))?,
+        flags: u8::try_from(stored.flags).map_err(|_| corrupt("trace flags"))?,
+        state: stored.state,
+    })
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -404,6 +444,12 @@ pub(crate) mod tests {
             done_time: None,
             expire_time: None,
             script: None,
+            trace: Some(TraceLink {
+                trace_id: [7; 16],
+                span_id: [9; 8],
+                flags: 1,
+                state: "vendor=x".into(),
+            }),
         }
     }
 
@@ -432,6 +478,11 @@ pub(crate) mod tests {
         let mut stored = r.to_stored();
         stored.cancel_policy = 9;
         assert!(Record::from_stored(stored).is_err());
+        let mut stored = r.to_stored();
+        stored.trace.as_mut().unwrap().span_id.pop();
+        assert!(Record::from_stored(stored).is_err());
+        r.trace = None;
+        assert_eq!(round_trip(&r), r);
     }
 
     #[test]
@@ -507,6 +558,7 @@ pub(crate) mod tests {
             update_time: t(1),
             done_time: None,
             expire_time: None,
+            trace: None,
             script: Some(Box::new(Script {
                 steps: vec![(t(2), string_value(&[10, 1, 97]))],
                 outcome: Some((

@@ -283,6 +283,7 @@ mod listing {
             update_time: created + Duration::from_secs(offset % 7),
             expire_time: None,
             script: None,
+            trace: None,
         }
     }
 
@@ -510,6 +511,7 @@ async fn overdue_script_events_and_cancels_apply_in_time_order() {
         update_time: now - 10 * second,
         done_time: None,
         expire_time: None,
+        trace: None,
         script: Some(Box::new(Script {
             steps: vec![
                 (now - 4 * second, any("early")),

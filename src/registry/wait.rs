@@ -145,8 +145,9 @@ impl Drop for WaiterGuard {
 }
 
 /// Follows the change feed and wakes the waiters of each changed operation.
-/// If it falls behind the feed, it wakes everyone: each waiter re-reads its
-/// operation, so nothing is missed.
+/// If it falls behind the feed, or the feed says it may have missed changes
+/// (`Cause::Resync`), it wakes everyone: each waiter re-reads its operation,
+/// so nothing is missed.
 pub(super) fn spawn_dispatcher(
     mut feed: broadcast::Receiver<Change>,
     waiters: Arc<Waiters>,
@@ -160,6 +161,8 @@ pub(super) fn spawn_dispatcher(
                 () = shutdown.cancelled() => break,
             };
             match change {
+                // The feed may have missed changes: everyone re-reads.
+                Ok(change) if change.cause == Cause::Resync => waiters.notify_all(),
                 Ok(change) => {
                     waiters.notify(&change.name);
                     // A deleted name's report goes; a re-created name starts afresh.

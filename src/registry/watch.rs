@@ -5,7 +5,8 @@
 //! bounded channel (the routeguide pattern): a slow worker slows only its own
 //! stream. A stream reports what happens while it is open. On connect it
 //! first reports the cooperative cancellations already pending (they still
-//! need the worker), and reports them again if it ever falls behind the feed.
+//! need the worker), and reports them again if it ever falls behind the feed
+//! (or the feed says it may have missed changes, `Cause::Resync`).
 //! Events of the past are not replayed: an operation cancelled at once,
 //! deleted or expired while no stream watched it answers the worker's next
 //! call with FAILED_PRECONDITION or NOT_FOUND, so workers open their stream
@@ -59,6 +60,8 @@ impl EventKind {
             // The worker was told when the cancel was requested.
             Cause::GraceExpired => None,
             Cause::Created | Cause::Updated | Cause::Completed => None,
+            // Not an event: the stream re-reads (see `run_watch`).
+            Cause::Resync => None,
         }
     }
 }
@@ -175,6 +178,10 @@ impl Registry {
                 change = feed.recv() => change,
             };
             match change {
+                Ok(change) if change.cause == Cause::Resync => {
+                    tracing::warn!("the change feed may have missed changes; resyncing");
+                    resync = true;
+                }
                 Ok(change) => {
                     let Some(kind) = EventKind::of(change.cause) else {
                         continue;
@@ -212,10 +219,7 @@ impl Registry {
         if filter.everything() {
             // Every pending cancellation has a deadline (its grace period),
             // and only running operations can have one.
-            for deadline in store.deadlines().await? {
-                if deadline.done {
-                    continue;
-                }
+            for deadline in store.running_deadlines().await? {
                 if store
                     .get(&deadline.name)
                     .await?

@@ -16,6 +16,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
 use tonic::{body::Body, service::Routes, Status};
 use tower::ServiceExt;
 
@@ -147,6 +148,8 @@ pub struct App {
     pub shed: std::sync::Arc<Shed>,
     /// Whether `/ui/` serves the operator page.
     pub ui: bool,
+    /// For `/healthz`: the store's health, where it has one.
+    pub store_health: Option<watch::Receiver<bool>>,
 }
 
 /// The future of one request. A gRPC call holds only the router's future;
@@ -199,9 +202,11 @@ impl App {
             .method_name(request.method(), request.uri().path())
     }
 
-    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining.
+    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining or
+    /// while the store is unhealthy.
     fn health(&self, query: Option<&str>) -> Response<Full<Bytes>> {
-        let (status, text) = if self.registry.is_shutting_down() {
+        let store_down = self.store_health.as_ref().is_some_and(|h| !*h.borrow());
+        let (status, text) = if self.registry.is_shutting_down() || store_down {
             (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
         } else {
             (http::StatusCode::OK, "SERVING")

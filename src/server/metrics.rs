@@ -31,6 +31,9 @@
 //!   on its own (`handshake_timeout`, `idle`, `evicted`, `too_many_pings`).
 //! - `opsd_drain_cut_calls_total`: calls still unanswered when a drain
 //!   timed out.
+//! - `opsd_trace_spans_exported_total`, `opsd_trace_spans_dropped_total`
+//!   and `opsd_trace_spans_failed_total`: the OTLP export, recorded by
+//!   `super::trace` (only while traces are on).
 
 use std::{
     collections::HashMap,
@@ -46,7 +49,7 @@ use tonic::Code;
 
 use crate::{
     registry::Registry,
-    store::{Change, CommitObserver},
+    store::{Cause, Change, CommitObserver},
 };
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -161,6 +164,8 @@ pub(super) fn count_transitions(mut feed: broadcast::Receiver<Change>, stop: Can
                 () = stop.cancelled() => return,
             };
             match change {
+                // A marker, not a transition.
+                Ok(change) if change.cause == Cause::Resync => {}
                 Ok(change) => metrics::counter!(
                     "opsd_operation_transitions_total",
                     "cause" => change.cause.as_str()

@@ -15,11 +15,18 @@
 //!   alike.
 //! - `metrics`: `/metrics` (Prometheus), the store's commit observer and
 //!   the transition counter.
+//! - [`trace`]: OpenTelemetry traces of the calls over OTLP (started by the
+//!   binary, which owns the global subscriber), and the W3C trace context.
 //!
 //! Connections are accepted here and served by hyper (HTTP/1.1 and HTTP/2,
 //! detected per connection). Each request goes to gRPC when its content type
 //! is `application/grpc*`; `GET /healthz` and `GET /metrics` are answered
 //! here; everything else goes to the REST transcoder.
+//!
+//! Health (`grpc.health.v1` for "" and both services, and `/healthz`)
+//! follows the store's where the store has one (PostgreSQL: NOT_SERVING
+//! while the database is unreachable, SERVING again when it answers), in one
+//! place, `follow_store_health`.
 //!
 //! [`Server::serve`] takes an already bound listener (tests bind port 0) and
 //! a shutdown future. When the future resolves, the listener closes, health
@@ -36,10 +43,10 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
-use tonic_health::ServingStatus;
+use tonic_health::{server::HealthReporter, ServingStatus};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -56,13 +63,14 @@ use crate::{
         types::TypeRegistry,
         workers::WorkersService,
     },
+    clock::Clock,
     config::{Config, ConfigError, StoreConfig},
     pb::FILE_DESCRIPTOR_SET,
     registry::{
         scenario::{self, LoadedScenario, ScenarioError},
         Registry,
     },
-    store::{MemoryStore, RedbStore, Store},
+    store::{MemoryStore, PostgresStore, RedbStore, Store},
 };
 
 mod app;
@@ -75,6 +83,7 @@ mod io;
 mod metrics;
 pub mod observe;
 mod shed;
+pub mod trace;
 mod ui;
 
 use self::{
@@ -124,16 +133,19 @@ pub struct Server {
     scenarios: Vec<LoadedScenario>,
     /// The Prometheus recorder's handle, when `/metrics` is served.
     metrics: Option<PrometheusHandle>,
+    /// The store's health, for stores that can lose their backend.
+    store_health: Option<watch::Receiver<bool>>,
 }
 
 impl Server {
-    /// Checks the configuration, opens the store, starts the registry
-    /// (needs a Tokio runtime), loads descriptor sets, HTTP rules and
-    /// scenarios.
-    pub fn new(config: Config) -> Result<Self, ServerError> {
+    /// Checks the configuration, opens (or connects to) the store, starts
+    /// the registry (needs a Tokio runtime), loads descriptor sets, HTTP
+    /// rules and scenarios.
+    pub async fn new(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
         let metrics = config.metrics.then(metrics::install).flatten();
         let clock = config.registry.clock.clone();
+        let mut settings = config.registry.clone();
         let store: Arc<dyn Store> = match &config.store {
             StoreConfig::Memory => Arc::new(MemoryStore::with_clock(clock)),
             StoreConfig::Redb(path) => {
@@ -142,8 +154,21 @@ impl Server {
                 tracing::info!(path = %path.display(), "durable store opened");
                 Arc::new(store)
             }
+            StoreConfig::Postgres(target) => {
+                let store = PostgresStore::connect(target, config.postgres.clone(), clock)
+                    .await
+                    .map_err(|e| ServerError::Store(format!("{target}: {e}")))?;
+                tracing::info!(database = %target, "PostgreSQL store connected");
+                // Every replica reads the database's time (unless a test
+                // runs the registry on its own clock).
+                if matches!(settings.clock, Clock::System) {
+                    settings.clock = store.clock();
+                }
+                Arc::new(store)
+            }
         };
-        let registry = Registry::new(store.clone(), config.registry.clone());
+        let store_health = store.health();
+        let registry = Registry::new(store.clone(), settings);
         if config.metrics {
             metrics::count_transitions(store.subscribe(), registry.shutdown_token());
         }
@@ -189,6 +214,7 @@ impl Server {
             console,
             scenarios,
             metrics,
+            store_health,
         })
     }
 
@@ -212,6 +238,7 @@ impl Server {
             console,
             scenarios,
             metrics,
+            store_health,
         } = self;
         let limits = &config.limits;
         for scenario in &scenarios {
@@ -222,6 +249,9 @@ impl Server {
         health.set_serving::<OperationsServer<Operations>>().await;
         health.set_serving::<WorkersServer<Workers>>().await;
         health.set_serving::<ConsoleServer<Console>>().await;
+        if let Some(store_health) = &store_health {
+            follow_store_health(health.clone(), store_health.clone(), &registry);
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -265,6 +295,7 @@ impl Server {
             },
             shed: Shed::new(limits.max_in_flight),
             ui: config.ui,
+            store_health,
         };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -400,11 +431,42 @@ pub fn bind(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Turns the gRPC health of "" and both services NOT_SERVING while the
+/// store is unhealthy and SERVING when it recovers, until the drain starts
+/// (which sets NOT_SERVING for good).
+fn follow_store_health(
+    health: HealthReporter,
+    mut healthy: watch::Receiver<bool>,
+    registry: &Registry,
+) {
+    let stop = registry.shutdown_token();
+    tokio::spawn(async move {
+        loop {
+            let serving = *healthy.borrow_and_update();
+            if stop.is_cancelled() {
+                return;
+            }
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in ["", OPERATIONS_SERVICE, WORKERS_SERVICE, CONSOLE_SERVICE] {
+                health.set_service_status(service, status).await;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = healthy.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+}
+
 /// Builds a server from `config` and serves on `listener` until `shutdown`.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    Server::new(config)?.serve(listener, shutdown).await
+    Server::new(config).await?.serve(listener, shutdown).await
 }

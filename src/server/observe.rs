@@ -7,7 +7,12 @@
 //! observed once, whichever transport it came by. Around each call it
 //!
 //! - runs the handler inside a debug-level `rpc` span (method, transport,
-//!   resource);
+//!   resource, and the status code once answered), which is also the call's
+//!   OpenTelemetry span when traces are on ([`super::trace`]): named
+//!   `{service}/{method}`, a child of the caller's W3C `traceparent`, linked
+//!   to the traces the operations it answered about were created in
+//!   (`api::Linked`); the caller's trace goes into the request for
+//!   CreateOperation to keep;
 //! - records `opsd_rpc_total` and `opsd_rpc_duration_seconds` when the
 //!   handler answers (for a stream, when the stream is handed out);
 //! - logs a call that failed on the server's side (INTERNAL, UNAVAILABLE,
@@ -38,11 +43,14 @@ use std::{
 
 use tonic::{Code, Request, Response, Status};
 
-use super::metrics;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::{metrics, trace};
 use crate::{
     api::{
         grpc::{console_server::Console, operations_server::Operations, workers_server::Workers},
-        transport, Polled, Resource,
+        transport, Linked, Polled, Resource,
     },
     pb::{
         google::longrunning::{
@@ -59,6 +67,15 @@ use crate::{
     registry::Registry,
 };
 
+/// `{service}/{method}`, the name of a call's OpenTelemetry span.
+struct FullMethod(&'static str, &'static str);
+
+impl std::fmt::Display for FullMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.0, self.1)
+    }
+}
+
 /// A service with every call observed. Cloning it is as cheap as cloning
 /// the service (a registry handle besides).
 #[derive(Clone)]
@@ -73,11 +90,13 @@ impl<S> Observed<S> {
         Self { inner, registry }
     }
 
-    /// Runs `call` (the inner service's answer to `request`) as `method`.
+    /// Runs `call` (the inner service's answer to `request`) as `method`
+    /// of `service`.
     fn call<'a, T, R, F>(
         &'a self,
+        service: &'static str,
         method: &'static str,
-        request: Request<T>,
+        mut request: Request<T>,
         call: impl FnOnce(Request<T>) -> F,
     ) -> Call<'a, F>
     where
@@ -89,7 +108,26 @@ impl<S> Observed<S> {
         }
         let via = transport(&request);
         let resource: Box<str> = request.get_ref().resource().into();
-        let span = tracing::debug_span!("rpc", method, transport = via, resource = &*resource);
+        let span = tracing::debug_span!(
+            target: trace::SPAN_TARGET,
+            "rpc",
+            method,
+            transport = via,
+            resource = &*resource,
+            otel.name = %FullMethod(service, method),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = Empty,
+            otel.status_code = Empty,
+        );
+        if let Some((parent, link)) = trace::incoming(request.metadata()) {
+            // Before the span is first entered, when its OpenTelemetry span
+            // starts; without the layer (traces off) there is nothing to set.
+            let _ = span.set_parent(parent);
+            request.extensions_mut().insert(link);
+        }
         let call = {
             let _entered = span.enter();
             call(request)
@@ -161,16 +199,23 @@ where
                         this.registry.report_call(name, this.method, this.transport);
                     }
                 }
+                if let Some(Linked(links)) = response.extensions_mut().remove::<Linked>() {
+                    for link in &links {
+                        this.span.add_link(trace::span_context(link));
+                    }
+                }
                 Code::Ok
             }
             Err(status) => status.code(),
         };
+        this.span.record("rpc.grpc.status_code", code as i64);
         metrics::rpc(this.method, this.transport, code, this.started.elapsed());
         if let Err(status) = &result {
             if matches!(
                 code,
                 Code::Internal | Code::Unavailable | Code::Unknown | Code::DataLoss
             ) {
+                this.span.record("otel.status_code", "error");
                 tracing::warn!(
                     method = *this.method,
                     transport = *this.transport,
@@ -187,7 +232,7 @@ where
 
 /// Delegates each method to the inner service through [`Observed::call`].
 macro_rules! observed {
-    ($($method:ident($request:ty) -> $response:ty as $name:literal;)*) => {
+    ($service:literal: $($method:ident($request:ty) -> $response:ty as $name:literal;)*) => {
         $(
             fn $method<'a, 'async_trait>(
                 &'a self,
@@ -197,14 +242,14 @@ macro_rules! observed {
                 'a: 'async_trait,
                 Self: 'async_trait,
             {
-                Box::pin(self.call($name, request, |request| self.inner.$method(request)))
+                Box::pin(self.call($service, $name, request, |request| self.inner.$method(request)))
             }
         )*
     };
 }
 
 impl<S: Operations> Operations for Observed<S> {
-    observed! {
+    observed! { "google.longrunning.Operations":
         list_operations(ListOperationsRequest) -> ListOperationsResponse as "ListOperations";
         get_operation(GetOperationRequest) -> Operation as "GetOperation";
         delete_operation(DeleteOperationRequest) -> () as "DeleteOperation";
@@ -216,7 +261,7 @@ impl<S: Operations> Operations for Observed<S> {
 impl<S: Workers> Workers for Observed<S> {
     type WatchOperationsStream = S::WatchOperationsStream;
 
-    observed! {
+    observed! { "opsd.v1.Workers":
         create_operation(CreateOperationRequest) -> Operation as "CreateOperation";
         update_operation(UpdateOperationRequest) -> Operation as "UpdateOperation";
         complete_operation(CompleteOperationRequest) -> Operation as "CompleteOperation";
@@ -229,7 +274,7 @@ impl<S: Workers> Workers for Observed<S> {
 impl<S: Console> Console for Observed<S> {
     type WatchOperationChangesStream = S::WatchOperationChangesStream;
 
-    observed! {
+    observed! { "opsd.v1.Console":
         list_operation_infos(ListOperationsRequest) -> ListOperationInfosResponse as "ListOperationInfos";
         get_operation_info(GetOperationRequest) -> OperationInfo as "GetOperationInfo";
         watch_operation_changes(WatchOperationChangesRequest) -> S::WatchOperationChangesStream as "WatchOperationChanges";

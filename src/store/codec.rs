@@ -58,6 +58,23 @@ pub struct StoredRecord {
     pub expire_time: Option<prost_types::Timestamp>,
     #[prost(message, optional, tag = "16")]
     pub script: Option<StoredScript>,
+    /// The trace the operation was created in (absent in records written
+    /// before traces, and in those created without a `traceparent`).
+    #[prost(message, optional, tag = "17")]
+    pub trace: Option<StoredTrace>,
+}
+
+/// A W3C trace context: 16-byte trace id, 8-byte span id, flags, tracestate.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredTrace {
+    #[prost(bytes = "vec", tag = "1")]
+    pub trace_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub span_id: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub flags: u32,
+    #[prost(string, tag = "4")]
+    pub state: String,
 }
 
 /// What a scripted operation still has to do, with absolute times.
@@ -281,6 +298,12 @@ pub(super) mod tests {
             done_time: None,
             expire_time: None,
             script: None,
+            trace: Some(StoredTrace {
+                trace_id: vec![7; 16],
+                span_id: vec![9; 8],
+                flags: 1,
+                state: String::new(),
+            }),
         }
     }
 

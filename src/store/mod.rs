@@ -5,20 +5,33 @@
 //! ordered by name, writes them only when the caller's expected revision still
 //! holds (so a cancel and a completion cannot both win), and reports every
 //! commit on a broadcast change feed. Waiters, worker streams and the deadline
-//! task follow that feed, so the same registry code will serve a single
-//! process and several replicas sharing one database.
+//! task follow that feed, so the same registry code serves a single process
+//! and several replicas sharing one PostgreSQL database (whose feed also
+//! carries the other replicas' commits).
+//!
+//! - `memory`: in process, for tests and `--store memory`.
+//! - `redb`: one file, the default; a single process owns it.
+//! - [`postgres`]: one database shared by any number of replicas.
+//! - `cache`: the bounded read cache of encoded records the durable stores
+//!   answer Gets from.
 
+mod cache;
 mod codec;
 pub mod filter;
 mod memory;
+pub mod postgres;
 mod redb;
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
+pub use self::postgres::{PostgresSettings, PostgresStore};
 pub use self::redb::RedbStore;
-pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep};
+pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep, StoredTrace};
 pub use memory::MemoryStore;
 
 /// A monotonically increasing version of one record; 1 after creation.
@@ -230,6 +243,11 @@ pub enum Cause {
     Deleted,
     /// Retention deleted it.
     Expired,
+    /// Not a change of one record: the feed may have missed changes (a
+    /// replica cut off from the database for longer than the database keeps
+    /// its change log). Every consumer re-reads what it follows, as after
+    /// `RecvError::Lagged`. `name` is empty.
+    Resync,
 }
 
 impl Cause {
@@ -245,8 +263,38 @@ impl Cause {
             Cause::LeaseExpired => "lease_expired",
             Cause::Deleted => "deleted",
             Cause::Expired => "expired",
+            Cause::Resync => "resync",
         }
     }
+
+    /// The cause named by [`Cause::as_str`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        const ALL: [Cause; 10] = [
+            Cause::Created,
+            Cause::Updated,
+            Cause::Completed,
+            Cause::CancelRequested,
+            Cause::Cancelled,
+            Cause::GraceExpired,
+            Cause::LeaseExpired,
+            Cause::Deleted,
+            Cause::Expired,
+            Cause::Resync,
+        ];
+        ALL.into_iter().find(|cause| cause.as_str() == name)
+    }
+}
+
+/// Due records a store handed to one replica's deadline task
+/// ([`Store::claim_due`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Claimed {
+    /// The names claimed, earliest deadline first; no other replica gets
+    /// them until the claim's hold ends or a write clears it.
+    pub names: Vec<Arc<str>>,
+    /// The earliest deadline the claim left behind: a record not yet due,
+    /// or a due one another replica holds (claimable when its hold ends).
+    pub next: Option<SystemTime>,
 }
 
 /// A record's next deadline ([`StoredRecord::next_deadline`]), as
@@ -283,6 +331,19 @@ pub struct Change {
 pub struct Counts {
     pub running: u64,
     pub done: u64,
+}
+
+impl Change {
+    /// The marker of a possible gap in the feed ([`Cause::Resync`]).
+    pub fn resync(time: SystemTime) -> Self {
+        Self {
+            name: Arc::from(""),
+            cause: Cause::Resync,
+            previous_deadline: None,
+            deadline: None,
+            time,
+        }
+    }
 }
 
 impl Counts {
@@ -377,8 +438,41 @@ pub trait Store: Send + Sync + 'static {
     /// never holds writers back for the whole scan.
     async fn deadlines(&self) -> Result<Vec<Deadline>, StoreError>;
 
-    /// The change feed: every commit from now on, in commit order.
+    /// The running records' next deadlines (leases, cooperative cancels,
+    /// script steps): [`Store::deadlines`] without the done records, which
+    /// a store that indexes them answers without reading every record.
+    async fn running_deadlines(&self) -> Result<Vec<Deadline>, StoreError> {
+        let mut all = self.deadlines().await?;
+        all.retain(|d| !d.done);
+        Ok(all)
+    }
+
+    /// For stores shared by several replicas: claims up to `limit` records
+    /// whose next deadline is at or before `now` and that no other replica
+    /// holds, for `hold` (a replica that dies mid-claim loses it by expiry;
+    /// any write to a record clears its claim). `None`: the store is not
+    /// shared, and the deadline task keeps its own index of deadlines from
+    /// [`Store::deadlines`] and the feed.
+    async fn claim_due(
+        &self,
+        now: SystemTime,
+        limit: usize,
+        hold: Duration,
+    ) -> Result<Option<Claimed>, StoreError> {
+        let _ = (now, limit, hold);
+        Ok(None)
+    }
+
+    /// The change feed: every commit from now on, in commit order (for a
+    /// shared store: this replica's commits in their order, the others'
+    /// as the feed learns of them, each once).
     fn subscribe(&self) -> broadcast::Receiver<Change>;
+
+    /// Whether the store can serve, for stores that can lose their backend
+    /// (a database): `true` while it answers. `None`: always serving.
+    fn health(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
 
     /// The number of stored records, by state, kept current with every
     /// commit (a store counts its records once, when it opens a file written

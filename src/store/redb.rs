@@ -9,6 +9,11 @@
 //! while each acknowledgement still means "on disk".
 //!
 //! Reads open their own read transactions and never wait for the writer.
+//! A Get is answered from a bounded cache of encoded records first
+//! (`store::cache`): this process is the file's only writer (the file is
+//! locked), and the writer updates the cache after each commit, before it
+//! acknowledges, so the cache is never behind an acknowledged write; a
+//! reader that missed fills it only if no write or eviction came between.
 //!
 //! A failed commit (disk full, I/O error) fails every mutation of its batch
 //! with UNAVAILABLE and puts the writer in a failed state: each later batch
@@ -30,6 +35,7 @@ use redb::{
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{
+    cache::{RecordCache, DEFAULT_CACHE_BYTES},
     codec::{deadline_of, decode},
     scan, scan_start, Cause, Change, CommitObserver, Counts, Deadline, ListQuery, Revision, Scan,
     Store, StoreError, StoredRecord,
@@ -71,6 +77,8 @@ pub struct RedbStore {
     /// The committed counts by state; the writer replaces them after each
     /// commit (a std mutex: one copy under it, nothing awaits).
     counts: Arc<Mutex<Counts>>,
+    /// Records Gets are answered from; the writer keeps it coherent.
+    cache: Arc<RecordCache>,
     /// Test hook: fail the next commits as a full disk would.
     #[cfg(any(test, feature = "failpoints"))]
     failpoints: Arc<Failpoints>,
@@ -177,6 +185,7 @@ impl RedbStore {
         let page_token_key = page_token_key(&db)?;
         let counts = Arc::new(Mutex::new(stored_counts(&db)?));
         let db = Arc::new(db);
+        let cache = Arc::new(RecordCache::new(DEFAULT_CACHE_BYTES));
         let (queue, rx) = mpsc::channel(QUEUE);
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         #[cfg(any(test, feature = "failpoints"))]
@@ -192,6 +201,7 @@ impl RedbStore {
             db: db.clone(),
             feed: feed.clone(),
             counts: counts.clone(),
+            cache: cache.clone(),
             observer,
             clock,
             failed: false,
@@ -210,6 +220,7 @@ impl RedbStore {
             queue,
             feed,
             counts,
+            cache,
             #[cfg(any(test, feature = "failpoints"))]
             failpoints,
         })
@@ -393,11 +404,17 @@ fn internal(e: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(e.to_string())
 }
 
+/// A committed record for the cache: its name and new encoding, or `None`
+/// for a deletion.
+type Cached = (Arc<str>, Option<Arc<[u8]>>);
+
 /// The single writer: drains the queue into group commits.
 struct Writer {
     db: Arc<Database>,
     feed: broadcast::Sender<Change>,
     counts: Arc<Mutex<Counts>>,
+    /// Updated after each commit, before the callers hear of it.
+    cache: Arc<RecordCache>,
     observer: Arc<dyn CommitObserver>,
     /// Stamps each change with its commit time.
     clock: Clock,
@@ -470,6 +487,8 @@ impl Writer {
         let size = batch.len();
         let mut results = Vec::with_capacity(batch.len());
         let mut changes = Vec::new();
+        // What the cache learns once the commit succeeded.
+        let mut cached: Vec<Cached> = Vec::new();
         let mut counts = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let outcome = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write().map_err(internal)?;
@@ -486,7 +505,9 @@ impl Writer {
                             if let Some(after) = &written.after {
                                 counts.add(after, 1);
                             }
-                            changes.push(change_of(&mutation.op, &written, now));
+                            let change = change_of(&mutation.op, &written, now);
+                            cached.push((change.name.clone(), written.bytes.map(Arc::from)));
+                            changes.push(change);
                             Ok(written.after.map(|after| after.revision))
                         }
                         Err(refused) => Err(refused),
@@ -511,6 +532,12 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+                for (name, bytes) in cached {
+                    match bytes {
+                        Some(bytes) => self.cache.put(name, bytes),
+                        None => self.cache.remove(&name),
+                    }
+                }
                 for (mutation, result) in batch.into_iter().zip(results) {
                     let _ = mutation.reply.send(result);
                 }
@@ -521,6 +548,9 @@ impl Writer {
             Err(err) => {
                 tracing::error!(cause = %err, "store commit failed; refusing writes until it is healthy");
                 self.failed = true;
+                // The failed commit may have reached the file: the cache can
+                // no longer vouch for any record.
+                self.cache.clear();
                 for mutation in batch {
                     let _ = mutation
                         .reply
@@ -559,6 +589,8 @@ type Meta<'t> = redb::Table<'t, &'static str, &'static [u8]>;
 struct Written {
     before: Option<StoredRecord>,
     after: Option<StoredRecord>,
+    /// The encoding of `after`, as written.
+    bytes: Option<Vec<u8>>,
 }
 
 /// Applies one mutation inside the batch's transaction. The outer error is a
@@ -595,11 +627,13 @@ fn apply(
             }
             let mut record = record.clone();
             record.revision = 1;
-            ops.insert(record.name.as_str(), record.encode_to_vec().as_slice())
+            let bytes = record.encode_to_vec();
+            ops.insert(record.name.as_str(), bytes.as_slice())
                 .map_err(internal)?;
             Ok(Ok(Written {
                 before: None,
                 after: Some(record),
+                bytes: Some(bytes),
             }))
         }
         Op::Update(record, expected, _) => {
@@ -612,11 +646,13 @@ fn apply(
             let mut record = record.clone();
             record.revision = expected + 1;
             record.request_id = stored.request_id.clone();
-            ops.insert(record.name.as_str(), record.encode_to_vec().as_slice())
+            let bytes = record.encode_to_vec();
+            ops.insert(record.name.as_str(), bytes.as_slice())
                 .map_err(internal)?;
             Ok(Ok(Written {
                 before: Some(stored),
                 after: Some(record),
+                bytes: Some(bytes),
             }))
         }
         Op::Delete(name, expected, _) => {
@@ -633,6 +669,7 @@ fn apply(
             Ok(Ok(Written {
                 before: Some(stored),
                 after: None,
+                bytes: None,
             }))
         }
     }
@@ -659,13 +696,20 @@ fn change_of(op: &Op, written: &Written, time: std::time::SystemTime) -> Change 
 #[async_trait::async_trait]
 impl Store for RedbStore {
     async fn get(&self, name: &str) -> Result<Option<StoredRecord>, StoreError> {
-        self.read(|txn| {
+        if let Some(bytes) = self.cache.get(name) {
+            return decode(&bytes).map(Some);
+        }
+        let ticket = self.cache.ticket();
+        let bytes = self.read(|txn| {
             let ops = txn.open_table(OPERATIONS).map_err(internal)?;
-            ops.get(name)
-                .map_err(internal)?
-                .map(|v| decode(v.value()))
-                .transpose()
-        })
+            Ok(ops.get(name).map_err(internal)?.map(|v| v.value().to_vec()))
+        })?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let record = decode(&bytes)?;
+        self.cache.fill(ticket, name, Arc::from(bytes));
+        Ok(Some(record))
     }
 
     async fn find_by_request_id(
@@ -764,87 +808,20 @@ impl Store for RedbStore {
     }
 }
 
+// The store contract (writes, conflicts, pages, counts, the feed, reopening)
+// is tested for every store at once in tests/store_suite.rs; these tests
+// are the redb file's own: its format, its lock, its failures.
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{
-        codec::tests::{done, record},
-        ParentPattern,
-    };
+    use crate::store::codec::tests::{done, record};
 
     fn temp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("opsd-redb-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir.join("store").join("opsd.redb")
-    }
-
-    #[tokio::test]
-    async fn writes_survive_reopening_and_conditions_hold() {
-        let path = temp("reopen");
-        {
-            let store = RedbStore::open(&path).unwrap();
-            let a = record("projects/p/operations/a");
-            assert_eq!(store.insert(a.clone()).await.unwrap(), 1);
-            store
-                .insert(record("projects/p/operations/b"))
-                .await
-                .unwrap();
-            assert!(matches!(
-                store.insert(record("projects/p/operations/a")).await,
-                Err(StoreError::Exists(_))
-            ));
-            let updated = store.update(a.clone(), 1, Cause::Updated).await.unwrap();
-            assert_eq!(updated, 2);
-            assert!(matches!(
-                store.update(a, 1, Cause::Updated).await,
-                Err(StoreError::Conflict)
-            ));
-            store
-                .delete("projects/p/operations/b", 1, Cause::Deleted)
-                .await
-                .unwrap();
-        }
-        // The writer thread of the first store must let go of the file.
-        let store = loop {
-            match RedbStore::open(&path) {
-                Ok(store) => break store,
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let a = store.get("projects/p/operations/a").await.unwrap().unwrap();
-        assert_eq!(a.revision, 2);
-        assert!(store
-            .get("projects/p/operations/b")
-            .await
-            .unwrap()
-            .is_none());
-        assert_eq!(
-            store
-                .find_by_request_id("req-projects/p/operations/a")
-                .await
-                .unwrap()
-                .unwrap()
-                .name,
-            a.name
-        );
-        assert!(store
-            .find_by_request_id("req-projects/p/operations/b")
-            .await
-            .unwrap()
-            .is_none());
-        let page = store
-            .list(&ListQuery::page(
-                ParentPattern::new(vec!["projects".into(), "p".into()]),
-                None,
-                10,
-            ))
-            .await
-            .unwrap();
-        assert_eq!(page.records.len(), 1);
-        assert_eq!(store.counts().await.unwrap().total(), 1);
-        assert_eq!(store.deadlines().await.unwrap().len(), 1);
     }
 
     /// Opens `path`, waiting for an earlier store's writer to let go.
@@ -1011,23 +988,5 @@ mod tests {
         // Healthy again: writes are accepted.
         store.insert(record("operations/b")).await.unwrap();
         assert_eq!(store.counts().await.unwrap().total(), 2);
-    }
-
-    #[tokio::test]
-    async fn concurrent_writes_share_commits() {
-        let path = temp("group");
-        let store = Arc::new(RedbStore::open(&path).unwrap());
-        let tasks: Vec<_> = (0..64)
-            .map(|i| {
-                let store = store.clone();
-                tokio::spawn(
-                    async move { store.insert(record(&format!("operations/op{i}"))).await },
-                )
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap().unwrap();
-        }
-        assert_eq!(store.counts().await.unwrap().total(), 64);
     }
 }

@@ -39,20 +39,28 @@ impl Opsd {
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "opsd did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
+        terminate(&mut self.child).expect("opsd exits within 10 s of SIGTERM")
+    }
+}
+
+/// Sends `child` SIGTERM and waits (10 s at most) for its exit status;
+/// `None` when it is still running then.
+pub fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
         }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -3,7 +3,9 @@
 
 pub mod binary;
 pub mod calls;
+pub mod crash;
 pub mod outside;
+pub mod postgres;
 pub mod rest;
 pub mod scripted;
 pub mod wire;
@@ -35,7 +37,7 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
-        Self::serve(Server::new(config).unwrap()).await
+        Self::serve(Server::new(config).await.unwrap()).await
     }
 
     /// Serves an already built server on a free port.
@@ -177,6 +179,13 @@ pub fn reason(status: &tonic::Status) -> String {
         .error_info()
         .map(|i| i.reason.clone())
         .unwrap_or_default()
+}
+
+/// The test configuration on the PostgreSQL database at `url`.
+pub fn postgres_config(url: &str) -> Config {
+    let mut config = Config::for_tests();
+    config.store = url.parse().unwrap();
+    config
 }
 
 /// Puts `config` on a clock that moves only when the test advances it.

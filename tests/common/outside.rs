@@ -69,6 +69,14 @@ pub fn run(trials: Vec<Trial>) -> ExitCode {
     libtest_mimic::run(&args, trials).exit_code()
 }
 
+/// [`run`], one trial at a time (for trials that share a fault, such as
+/// a database one of them kills).
+pub fn run_serially(trials: Vec<Trial>) -> ExitCode {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
 /// Runs `future` to completion on a fresh multi-threaded Tokio runtime: the
 /// async body of one trial.
 pub fn block_on<F: Future>(future: F) -> F::Output {
@@ -87,4 +95,37 @@ pub fn probe(program: &std::ffi::OsStr, args: &[&str]) -> bool {
         .args(args)
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// A Python that can `import` the modules of `imports` (a comma-separated
+/// list, as `import` takes it): `$OPSD_PYTHON`, else the virtualenv
+/// `.ci/run` makes (`target/ci-venv`), else `python3`; or why there is none,
+/// with `install` as the hint.
+pub fn find_python(imports: &str, install: &str) -> Tool<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/python");
+    let probe_code = format!("import {imports}");
+    std::env::var_os("OPSD_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([venv, PathBuf::from("python3")])
+        .find(|candidate| probe(candidate.as_os_str(), &["-c", &probe_code]))
+        .ok_or_else(|| {
+            format!("no Python that can import {imports} ({install}, or set OPSD_PYTHON)")
+        })
+}
+
+/// A program of the test tools: in the virtualenv `.ci/run` makes
+/// (`target/ci-venv/bin`, where pip puts console scripts), else on the
+/// `PATH`; found when it runs with `args` and exits 0. Otherwise why not,
+/// with `install` as the hint.
+pub fn find_program(name: &str, args: &[&str], install: &str) -> Tool<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/ci-venv/bin")
+        .join(name);
+    [venv, PathBuf::from(name)]
+        .into_iter()
+        .find(|candidate| probe(candidate.as_os_str(), args))
+        .ok_or_else(|| format!("no {name} ({install})"))
 }

@@ -430,7 +430,8 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
 }
 
 /// The gRPC request for a transcoded (encoded) message, with the client's
-/// deadline (`X-Server-Timeout`, in seconds) as `grpc-timeout`.
+/// deadline (`X-Server-Timeout`, in seconds) as `grpc-timeout` and its W3C
+/// trace context (`traceparent`, `tracestate`) as they came.
 fn grpc<T>(message: &[u8], headers: &HeaderMap) -> Result<tonic::Request<T>, Status>
 where
     T: prost::Message + Default,
@@ -448,6 +449,14 @@ where
     if let Some(timeout) = timeout {
         if let Ok(value) = format!("{}m", timeout.as_millis().min(99_999_999)).parse() {
             request.metadata_mut().insert("grpc-timeout", value);
+        }
+    }
+    for header in ["traceparent", "tracestate"] {
+        let value = headers
+            .get(header)
+            .and_then(|v| tonic::metadata::MetadataValue::try_from(v.as_bytes()).ok());
+        if let Some(value) = value {
+            request.metadata_mut().insert(header, value);
         }
     }
     Ok(request)
