@@ -6,6 +6,13 @@
 //! them): reflection serves it and the REST transcoder reads its HTTP rules. It
 //! keeps the protos' source info too, so `grpcurl describe` shows the comments
 //! of every service, method and field.
+//!
+//! The code is generated twice. The messages and the clients go to `pb`,
+//! below every other module. The server stubs go to `api::grpc`, with the
+//! messages taken from `pb` and opsd's own codec (`api::codec`), which turns a
+//! request that does not decode into INVALID_ARGUMENT through the one error
+//! mapping; the stubs sit with the protocol faces that implement them, so
+//! `pb` depends on nothing of opsd's.
 
 use std::{env, fs, path::PathBuf};
 
@@ -44,7 +51,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_name_domain(["."], "type.googleapis.com");
     tonic_prost_build::configure()
         .build_client(true)
+        .build_server(false)
+        .compile_fds_with_config(fds.clone(), config)?;
+
+    let servers = out.join("servers");
+    fs::create_dir_all(&servers)?;
+    tonic_prost_build::configure()
+        .build_client(false)
         .build_server(true)
-        .compile_fds_with_config(fds, config)?;
+        .out_dir(&servers)
+        .extern_path(".google", "crate::pb::google")
+        .extern_path(".opsd", "crate::pb::opsd")
+        .codec_path("crate::api::codec::Codec")
+        .compile_fds_with_config(fds, prost_build::Config::new())?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 #   benches/suite.sh [section ...]
 #
 # Sections (all by default): ratios open-loop notify waiters memory list
-# durable churn callgrind readcache postgres traces. Servers run pinned to core 0 and the load generator to core 1
+# durable churn overload callgrind readcache postgres traces. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
@@ -19,7 +19,7 @@ ROUNDS=${ROUNDS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn callgrind readcache postgres traces)
+[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn overload callgrind readcache postgres traces)
 
 cargo build --release --quiet -p opsd -p opsd-bench
 opsd=target/release/opsd
@@ -158,6 +158,36 @@ if has churn; then
   load churn --target http://127.0.0.1:50181 --concurrency 16 --duration 40s --store-file "$work/churn/opsd.redb" |
     awk 'NR % 5 == 0 || /churn:/'
   stop "$pid_redb"
+fi
+
+if has overload; then
+  # Load shedding (README, Limits and hostile clients): GetOperation over
+  # 1,000 connections × 8 streams from the raw HTTP/2 generator, memory
+  # store. The saturation rate first (closed loop, shedding off), then each
+  # load with shedding off (--max-in-flight 0) and at the default.
+  echo "## overload: 1,000 connections × 8 streams of GetOperation, 10 s per run"
+  overload() {
+    local name=$1 port=$2 limit=$3
+    shift 3
+    serve "$name" "$port" "$opsd" serve --listen "127.0.0.1:$port" --store memory --max-in-flight "$limit"
+    local pid_var="pid_$name"
+    local out
+    out=$(load overload --target "http://127.0.0.1:$port" --server-pid "${!pid_var}" --duration 10s "$@")
+    stop "${!pid_var}"
+    echo "$name: $out" >&2
+    sed -E 's/.*goodput ([0-9]+).*/\1/' <<<"$out"
+  }
+  # Ports below the ephemeral range: the generator's 1,000 client sockets
+  # linger in TIME_WAIT on ports of that range and would block a bind.
+  shed=128 # the default --max-in-flight
+  sat=$(overload saturation 31181 0)
+  overload closed_shed 31182 $shed >/dev/null
+  overload closed_retry 31183 $shed --retry-after 1s >/dev/null
+  overload closed_retry_1024 31188 1024 --retry-after 1s >/dev/null
+  for x in 1 2; do
+    overload "open_${x}x_off" $((31182 + 2 * x)) 0 --rate $((sat * x)) >/dev/null
+    overload "open_${x}x_shed" $((31183 + 2 * x)) $shed --rate $((sat * x)) >/dev/null
+  done
 fi
 
 if has callgrind; then

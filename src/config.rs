@@ -73,11 +73,24 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// How long shutdown waits for in-flight calls before closing connections.
     pub drain_timeout: Duration,
-    /// How long an HTTP/1 client may take to send its request headers.
+    /// How long a new connection may take to complete its handshake (the
+    /// HTTP/2 preface and SETTINGS, or its first HTTP/1 request head), and
+    /// an HTTP/1 client to send each later request head.
     pub header_read_timeout: Duration,
-    /// Open connections at most. A client that connects beyond it is
-    /// closed at once (it never waits in the listen queue).
+    /// How long a connection may stay open with no call open.
+    pub idle_timeout: Duration,
+    /// Client PINGs closer together than this, while the server sends
+    /// nothing, are strikes; past two, the client gets GOAWAY
+    /// `too_many_pings`.
+    pub min_ping_interval: Duration,
+    /// Open connections at most. At the cap a new client still gets in: a
+    /// connection that has not completed its handshake, else the one idle
+    /// the longest, makes room; if every connection has a call open, the
+    /// new one is closed at once (it never waits in the listen queue).
     pub max_connections: usize,
+    /// Calls in flight at most (Waits and streams not counted); over it a
+    /// call is answered RESOURCE_EXHAUSTED at once. 0: no limit.
+    pub max_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -89,7 +102,10 @@ impl Default for Limits {
             keepalive_timeout: Duration::from_secs(20),
             drain_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            min_ping_interval: Duration::from_secs(10),
             max_connections: 10_000,
+            max_in_flight: Self::DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -122,6 +138,9 @@ const ENVELOPE_ROOM: usize = 64 * 1024;
 const MIN_ROOM: usize = 1024;
 
 impl Limits {
+    /// The default `--max-in-flight` (README, Overload).
+    pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
+
     /// The largest operation (and List page) that fits in a message of
     /// `max_message_size` bytes with its envelope: max(1,024, size − 65,536).
     pub fn message_room(max_message_size: usize) -> usize {
@@ -211,6 +230,8 @@ impl Config {
             ("--keepalive-interval", limits.keepalive_interval),
             ("--keepalive-timeout", limits.keepalive_timeout),
             ("--header-read-timeout", limits.header_read_timeout),
+            ("--idle-timeout", limits.idle_timeout),
+            ("--min-ping-interval", limits.min_ping_interval),
             ("--body-read-timeout", self.rest.body_read_timeout),
             ("--pg-connect-timeout", self.postgres.connect_timeout),
             ("--pg-statement-timeout", self.postgres.statement_timeout),

@@ -13,7 +13,7 @@
 //! envelope in exactly one place too, `json_envelope`, with the HTTP status
 //! of google/rpc/code.proto's mapping.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use prost::Message;
 use prost_reflect::DescriptorPool;
@@ -86,6 +86,21 @@ pub enum Error {
     /// The request body is larger than the server accepts.
     #[error("The request body is larger than {limit} bytes.")]
     PayloadTooLarge { limit: usize },
+    /// A gRPC request message does not decode: the client's mistake.
+    /// `field` is the path of the field that failed, where it can be known.
+    #[error("The request message cannot be decoded{}: {description}.", .field.as_ref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+    MalformedMessage {
+        field: Option<String>,
+        description: String,
+    },
+    /// A gRPC request message is larger than `--max-message-size`.
+    #[error(
+        "The request message is {size} bytes; the limit is {limit} bytes (--max-message-size)."
+    )]
+    MessageTooLarge { size: usize, limit: usize },
+    /// The server has as many calls in flight as it takes (`--max-in-flight`).
+    #[error("The server is overloaded ({limit} calls in flight); retry after {retry_after:?}.")]
+    Overloaded { limit: usize, retry_after: Duration },
     /// The server is draining.
     #[error("The server is shutting down.")]
     ShuttingDown,
@@ -118,7 +133,8 @@ impl Error {
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::InvalidArgument { .. } | Error::MalformedMessage { .. } => Code::InvalidArgument,
+            Error::MessageTooLarge { .. } | Error::Overloaded { .. } => Code::ResourceExhausted,
             Error::NotFound { .. } | Error::RouteNotFound { .. } => Code::NotFound,
             Error::PayloadTooLarge { .. } => Code::ResourceExhausted,
             Error::AlreadyExists { .. } => Code::AlreadyExists,
@@ -135,6 +151,9 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Error::MalformedMessage { .. } => "MALFORMED_MESSAGE",
+            Error::MessageTooLarge { .. } => "MESSAGE_TOO_LARGE",
+            Error::Overloaded { .. } => "SERVER_OVERLOADED",
             Error::NotFound { .. } => "OPERATION_NOT_FOUND",
             Error::AlreadyExists { .. } => "OPERATION_ALREADY_EXISTS",
             Error::FailedPrecondition { reason, .. } => match reason {
@@ -177,6 +196,19 @@ impl Error {
                 metadata.insert("name".to_owned(), name.clone());
                 details.set_resource_info(OPERATION_TYPE, name.clone(), "", self.client_message());
             }
+            Error::MalformedMessage { field, description } => {
+                let field = field.clone().unwrap_or_default();
+                if !field.is_empty() {
+                    metadata.insert("field".to_owned(), field.clone());
+                }
+                details.add_bad_request_violation(field, description.clone());
+            }
+            Error::MessageTooLarge { limit, .. } => {
+                metadata.insert("limit".to_owned(), limit.to_string());
+            }
+            Error::Overloaded { retry_after, .. } => {
+                details.set_retry_info(Some(*retry_after));
+            }
             Error::MethodDisabled { method, .. } => {
                 metadata.insert("method".to_owned(), (*method).to_owned());
             }
@@ -194,6 +226,15 @@ impl From<Error> for Status {
         }
         Status::with_error_details(error.code(), error.client_message(), error.details())
     }
+}
+
+/// How long a status asks the client to wait before it retries (its
+/// `RetryInfo`), which REST sends as `Retry-After`.
+pub fn retry_after(status: &Status) -> Option<Duration> {
+    if status.details().is_empty() {
+        return None;
+    }
+    status.get_details_retry_info()?.retry_delay
 }
 
 /// The `ErrorInfo.reason` that REST answers with HTTP 413.

@@ -42,7 +42,7 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use opsd::{
-//!     pb::google::longrunning::operations_server::OperationsServer,
+//!     api::grpc::operations_server::OperationsServer,
 //!     server::observe::Observed, MemoryStore, OperationsService, Registry, RegistrySettings,
 //! };
 //!
@@ -62,6 +62,8 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod json;
 pub mod pb;
 pub mod registry;

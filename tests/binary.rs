@@ -91,6 +91,12 @@ fn help_documents_every_serve_flag() {
         "--drain-timeout",
         "--rest-routes",
         "--operation-error-details",
+        "--header-read-timeout",
+        "--body-read-timeout",
+        "--idle-timeout",
+        "--min-ping-interval",
+        "--max-connections",
+        "--max-in-flight",
         "--otlp-endpoint",
         "--otlp-queue-size",
     ] {

@@ -279,7 +279,7 @@ async fn complete(workers: &mut WorkersClient<Channel>, name: &str) -> Result<()
 }
 
 /// Server CPU time (user + system) and RSS from /proc.
-fn server_usage(pid: u32) -> Option<(Duration, u64)> {
+pub(crate) fn server_usage(pid: u32) -> Option<(Duration, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

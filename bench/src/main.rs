@@ -3,6 +3,7 @@
 //! compared with. See `benches/README.md` in the repository for the suite.
 
 mod load;
+mod overload;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -94,6 +95,33 @@ enum BenchCommand {
         waiters: usize,
         #[arg(long, default_value_t = 1000)]
         sample: usize,
+    },
+    /// GetOperation over many connections with several streams each: closed
+    /// loop without --rate (the saturation rate), open loop with it.
+    /// Reports goodput (OK answers per second), the latency of the OK calls
+    /// from their intended send time, the codes seen, and the server's CPU
+    /// and RSS (with --server-pid).
+    Overload {
+        /// The server to load.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        target: String,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Calls in flight per connection at most.
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+        /// Calls per second on a fixed schedule (open loop).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Closed loop: a stream whose call was refused waits this long
+        /// before its next call (as a client honouring RetryInfo does).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retry_after: Option<Duration>,
+        #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+        duration: Duration,
+        /// A local server's pid: its CPU and RSS.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Starts `OPSD serve --store STORE` and times how long it takes to answer.
     Startup {
@@ -353,6 +381,40 @@ async fn bench(command: BenchCommand) -> Result<(), load::BenchError> {
                 wake(&report.wake_by_completion),
                 report.wake_by_cancel.len(),
                 wake(&report.wake_by_cancel),
+            );
+        }
+        BenchCommand::Overload {
+            target,
+            connections,
+            streams,
+            rate,
+            retry_after,
+            duration,
+            server_pid,
+        } => {
+            let name = bench_target(&target, false).await?;
+            let options = overload::OverloadOptions {
+                address: target
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned(),
+                connections,
+                streams,
+                rate,
+                retry_after,
+                duration,
+                name,
+                server_pid,
+            };
+            let report = overload::overload(&options).await?;
+            let mode = match (rate, retry_after) {
+                (Some(rate), _) => format!("open loop at {rate}/s"),
+                (None, Some(wait)) => format!("closed loop, {wait:?} after a refusal"),
+                (None, None) => "closed loop".to_owned(),
+            };
+            println!(
+                "overload, {connections} connections × {streams} streams, {mode}: {}",
+                report.summary()
             );
         }
         BenchCommand::Startup { store, opsd } => {

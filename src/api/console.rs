@@ -13,10 +13,10 @@ use tonic::{Request, Response, Status};
 
 use super::{linked, list_request};
 use crate::{
+    api::grpc::console_server::{Console, ConsoleServer},
     pb::{
         google::longrunning::{GetOperationRequest, ListOperationsRequest},
         opsd::v1::{
-            console_server::{Console, ConsoleServer},
             ListOperationInfosResponse, OperationChange, OperationInfo,
             WatchOperationChangesRequest,
         },

@@ -11,7 +11,9 @@
 //! ([`ViaRest`], [`Resource`]); it leaves the caller's trace in the request
 //! for CreateOperation to keep ([`TraceLink`]).
 
+pub mod codec;
 pub mod console;
+pub mod grpc;
 pub mod operations;
 pub mod rest;
 pub mod types;

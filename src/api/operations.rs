@@ -6,9 +6,9 @@ use tonic::{Request, Response, Status};
 
 use super::{linked, list_request, polled, rpc_deadline};
 use crate::{
+    api::grpc::operations_server::{Operations, OperationsServer},
     error::Error,
     pb::google::longrunning::{
-        operations_server::{Operations, OperationsServer},
         CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
         ListOperationsResponse, Operation, WaitOperationRequest,
     },

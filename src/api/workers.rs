@@ -7,14 +7,16 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    api::{linked, types::TypeRegistry},
+    api::{
+        grpc::workers_server::{Workers, WorkersServer},
+        linked,
+        types::TypeRegistry,
+    },
     error::Error,
     pb::{
         google::longrunning::Operation,
         opsd::v1::{
-            complete_operation_request::Result as CompleteResult,
-            operation_event,
-            workers_server::{Workers, WorkersServer},
+            complete_operation_request::Result as CompleteResult, operation_event,
             CompleteOperationRequest, CreateOperationRequest, GetOperationReportRequest,
             OperationEvent, OperationReport, PollingCall, RegisterTypesRequest,
             RegisterTypesResponse, UpdateOperationRequest, WatchOperationsRequest,

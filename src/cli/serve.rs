@@ -10,7 +10,6 @@ use opsd::{
     server::trace::Traces,
     store::PostgresSettings,
 };
-use tokio::net::TcpListener;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -125,7 +124,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     cancel_grace_period: Duration,
 
-    /// The largest gRPC message accepted or sent, in bytes.
+    /// The largest gRPC message accepted or sent, in bytes; a larger request
+    /// is RESOURCE_EXHAUSTED. The largest operation a worker may store (and
+    /// the largest List page) is max(1,024, BYTES - 65,536).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_message_size: usize,
 
@@ -155,21 +156,46 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
 
-    /// How long an HTTP/1 client may take to send its request headers.
+    /// How long a new connection may take to complete its handshake (the
+    /// HTTP/2 preface and SETTINGS, or its first HTTP/1 request head);
+    /// also how long an HTTP/1 client may take to send each later request
+    /// head (and so how long an idle HTTP/1 connection stays open).
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     header_read_timeout: Duration,
 
-    /// How long a REST client may take to send its request body (400 after).
+    /// How long a client may take to send a request body, from the
+    /// request's arrival: REST and gRPC calls (INVALID_ARGUMENT, REST 400).
     #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
     body_read_timeout: Duration,
 
-    /// Open connections at most; a client that connects beyond it is closed
-    /// at once.
+    /// How long a connection may stay open with no call open; then it gets
+    /// a graceful GOAWAY (HTTP/2) and is closed.
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    idle_timeout: Duration,
+
+    /// HTTP/2 PINGs from a client closer together than this, while the
+    /// server sends nothing, are strikes; after two the client gets GOAWAY
+    /// ENHANCE_YOUR_CALM `too_many_pings`, as grpc-go and grpc-java do.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    min_ping_interval: Duration,
+
+    /// Open connections at most. At the cap a new client still gets in: a
+    /// connection that has not completed its handshake, else the one idle
+    /// the longest, is closed to make room; only when every connection has
+    /// a call open is the new client closed at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
 
-    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before
-    /// the remaining connections are closed.
+    /// Calls in flight at most, over gRPC and REST (Waits and streams do not
+    /// count: see --max-waiters); a call over it is answered at once with
+    /// RESOURCE_EXHAUSTED (REST 429 with Retry-After). 0: no limit.
+    #[arg(long, default_value_t = opsd::config::Limits::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: usize,
+
+    /// On SIGTERM/SIGINT: every connection gets a graceful GOAWAY (HTTP/1:
+    /// Connection: close), every accepted call is answered, connections close
+    /// gracefully, and opsd exits 0; calls still unanswered after this long
+    /// are cut, counted and logged.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
 
@@ -258,6 +284,9 @@ impl ServeArgs {
         limits.keepalive_timeout = self.keepalive_timeout;
         limits.drain_timeout = self.drain_timeout;
         limits.header_read_timeout = self.header_read_timeout;
+        limits.idle_timeout = self.idle_timeout;
+        limits.min_ping_interval = self.min_ping_interval;
+        limits.max_in_flight = self.max_in_flight;
         limits.max_connections = self.max_connections.max(1);
         config.traces.otlp_endpoint = self.otlp_endpoint.filter(|e| !e.is_empty());
         config.traces.queue_size = self.otlp_queue_size;
@@ -382,7 +411,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
 
 /// Binds the listener and serves until a signal and a drain.
 async fn serve(config: Config) -> ExitCode {
-    let listener = match TcpListener::bind(config.listen).await {
+    let listener = match opsd::server::bind(config.listen) {
         Ok(listener) => listener,
         Err(err) => {
             tracing::error!(address = %config.listen, cause = %err, "cannot listen");
@@ -417,6 +446,12 @@ mod tests {
             "cancel",
             "--disable-method",
             "wait",
+            "--idle-timeout",
+            "90s",
+            "--min-ping-interval",
+            "30s",
+            "--max-in-flight",
+            "64",
         ])
         .unwrap();
         let Command::Serve(args) = cli.command else {
@@ -424,6 +459,9 @@ mod tests {
         };
         let config = args.into_config().unwrap();
         assert_eq!(config.registry.retention, Duration::from_secs(7200));
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(90));
+        assert_eq!(config.limits.min_ping_interval, Duration::from_secs(30));
+        assert_eq!(config.limits.max_in_flight, 64);
         assert_eq!(
             config
                 .operations

@@ -366,7 +366,10 @@ impl Registry {
         if size > limit {
             return Err(Error::invalid(
                 field,
-                format!("the operation would be {size} bytes; the limit is {limit}"),
+                format!(
+                    "the operation would be {size} bytes; the limit is {limit} bytes \
+                     (max(1,024, --max-message-size - 65,536): room for the envelope)"
+                ),
             ));
         }
         Ok(())

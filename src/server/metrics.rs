@@ -26,6 +26,11 @@
 //!   through [`StoreCommits`].
 //! - `opsd_operation_transitions_total{cause}`: committed changes by cause,
 //!   counted by [`count_transitions`].
+//! - `opsd_connections` (gauge, read at scrape) and
+//!   `opsd_connections_closed_total{reason}`: connections the server closed
+//!   on its own (`handshake_timeout`, `idle`, `evicted`, `too_many_pings`).
+//! - `opsd_drain_cut_calls_total`: calls still unanswered when a drain
+//!   timed out.
 //! - `opsd_trace_spans_exported_total`, `opsd_trace_spans_dropped_total`
 //!   and `opsd_trace_spans_failed_total`: the OTLP export, recorded by
 //!   `super::trace` (only while traces are on).
@@ -177,8 +182,23 @@ pub(super) fn count_transitions(mut feed: broadcast::Receiver<Change>, stop: Can
     });
 }
 
+/// The server closed a connection on its own, for `reason`.
+pub(super) fn connection_closed(reason: &'static str) {
+    metrics::counter!("opsd_connections_closed_total", "reason" => reason).increment(1);
+}
+
+/// A drain timed out with `calls` unanswered.
+pub(super) fn drain_cut(calls: usize) {
+    metrics::counter!("opsd_drain_cut_calls_total").increment(calls as u64);
+}
+
 /// The Prometheus text of `/metrics`, with the gauges read now.
-pub(super) async fn render(handle: &PrometheusHandle, registry: &Registry) -> String {
+pub(super) async fn render(
+    handle: &PrometheusHandle,
+    registry: &Registry,
+    connections: usize,
+) -> String {
+    metrics::gauge!("opsd_connections").set(connections as f64);
     metrics::gauge!("opsd_waiters").set(registry.waiter_count() as f64);
     metrics::gauge!("opsd_watchers").set(registry.watcher_count() as f64);
     if let Ok(counts) = registry.operation_counts().await {

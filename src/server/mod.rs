@@ -1,9 +1,18 @@
 //! The server: one port for gRPC, REST, health and reflection; limits; drain.
 //!
 //! - `mod.rs` (this file): builds the services from a [`Config`], the accept
-//!   loop, routing by request, drain.
-//! - [`observe`]: the one wrapper of the Operations and Workers services:
-//!   timing, metrics, spans and polling reports, for gRPC and REST alike.
+//!   loop, the drain.
+//! - `conn`: one connection's life (its deadlines, making room at the cap,
+//!   graceful and lingering close), over the watched IO of `io` and the byte
+//!   scanners of `frames`; `connections`: what the server knows of each open
+//!   connection, and the cap.
+//! - `calls`: the layers each request passes through (its connection counts
+//!   it; load shedding, `shed`; calls refused before their handler are
+//!   counted); `app`: what a request is and where it goes; `guard`: the
+//!   checks on gRPC request bodies (size, framing, time).
+//! - [`observe`]: the one wrapper of the Operations, Workers and Console
+//!   services: timing, metrics, spans and polling reports, for gRPC and REST
+//!   alike.
 //! - `metrics`: `/metrics` (Prometheus), the store's commit observer and
 //!   the transition counter.
 //! - [`trace`]: OpenTelemetry traces of the calls over OTLP (started by the
@@ -12,9 +21,7 @@
 //! Connections are accepted here and served by hyper (HTTP/1.1 and HTTP/2,
 //! detected per connection). Each request goes to gRPC when its content type
 //! is `application/grpc*`; `GET /healthz` and `GET /metrics` are answered
-//! here; everything else goes to the REST transcoder. A semaphore caps open
-//! connections; each permit moves into its connection's task, and a client
-//! beyond the cap is closed at once.
+//! here; everything else goes to the REST transcoder.
 //!
 //! Health (`grpc.health.v1` for "" and both services, and `/healthz`)
 //! follows the store's where the store has one (PostgreSQL: NOT_SERVING
@@ -24,48 +31,41 @@
 //! [`Server::serve`] takes an already bound listener (tests bind port 0) and
 //! a shutdown future. When the future resolves, the listener closes, health
 //! turns NOT_SERVING, the registry starts draining (open Waits return their
-//! latest state at once, worker streams end), and connections finish their
-//! in-flight calls. Connections still open after the drain timeout (long-lived
-//! health watches, for example) are closed.
+//! latest state at once, worker streams end), and every connection shuts
+//! down gracefully: each accepted call is answered, then the connection
+//! closes with a lingering close. Calls still unanswered after the drain
+//! timeout (long-lived health watches, for example) are cut, counted and
+//! logged.
 
-use std::{
-    convert::Infallible, future::Future, path::PathBuf, pin::Pin, sync::Arc, time::Duration,
-};
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
-use futures_util::future::Either;
-
-use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioExecutor, TokioTimer},
+    server::conn::auto,
 };
-use tokio::{
-    net::TcpListener,
-    sync::{watch, Semaphore},
-};
-use tokio_util::sync::CancellationToken;
-use tonic::{body::Body, service::Routes};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
 use tonic_health::{server::HealthReporter, ServingStatus};
-use tower::ServiceExt;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use self::observe::Observed;
 use crate::{
     api::{
-        console::ConsoleService, operations::OperationsService, rest::RestService,
-        types::TypeRegistry, workers::WorkersService,
+        console::ConsoleService,
+        grpc::{
+            console_server::ConsoleServer, operations_server::OperationsServer,
+            workers_server::WorkersServer,
+        },
+        operations::OperationsService,
+        rest::RestService,
+        types::TypeRegistry,
+        workers::WorkersService,
     },
     clock::Clock,
     config::{Config, ConfigError, StoreConfig},
-    pb::{
-        google::longrunning::operations_server::OperationsServer,
-        opsd::v1::{console_server::ConsoleServer, workers_server::WorkersServer},
-        FILE_DESCRIPTOR_SET,
-    },
+    pb::FILE_DESCRIPTOR_SET,
     registry::{
         scenario::{self, LoadedScenario, ScenarioError},
         Registry,
@@ -73,10 +73,26 @@ use crate::{
     store::{MemoryStore, PostgresStore, RedbStore, Store},
 };
 
+mod app;
+mod calls;
+mod conn;
+mod connections;
+pub(crate) mod frames;
+pub(crate) mod guard;
+mod io;
 mod metrics;
 pub mod observe;
+mod shed;
 pub mod trace;
 mod ui;
+
+use self::{
+    app::App,
+    conn::{ConnSettings, Signals},
+    connections::Connections,
+    guard::GuardSettings,
+    shed::Shed,
+};
 
 /// The Operations service as the server mounts it (gRPC and REST).
 type Operations = Observed<OperationsService>;
@@ -266,11 +282,18 @@ impl Server {
             )
             .clone()
             .routes();
+        let connections = Connections::new(limits.max_connections);
         let app = App {
             grpc,
             rest,
             registry: registry.clone(),
             metrics,
+            connections: connections.clone(),
+            guard: GuardSettings {
+                max_message_size: limits.max_message_size,
+                body_read_timeout: config.rest.body_read_timeout,
+            },
+            shed: Shed::new(limits.max_in_flight),
             ui: config.ui,
             store_health,
         };
@@ -288,14 +311,20 @@ impl Server {
             .keep_alive_timeout(limits.keepalive_timeout)
             .max_concurrent_streams(limits.max_concurrent_streams)
             .max_header_list_size(64 * 1024);
+        let builder = Arc::new(builder);
+        let settings = ConnSettings {
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            min_ping_interval: limits.min_ping_interval,
+            drain_timeout: limits.drain_timeout,
+        };
 
         if let Ok(address) = listener.local_addr() {
             tracing::info!(%address, "opsd listening");
         }
-        let graceful = GracefulShutdown::new();
-        // Closes the connections left after the drain timeout.
-        let force_close = CancellationToken::new();
-        let connections = Arc::new(Semaphore::new(limits.max_connections));
+        // Every connection's task, so the drain can wait for them all.
+        let tasks = TaskTracker::new();
+        let signals = Signals::default();
         let mut backoff = Duration::from_millis(5);
         tokio::pin!(shutdown);
         loop {
@@ -313,38 +342,29 @@ impl Server {
                 },
                 () = &mut shutdown => break,
             };
-            // Over the cap a client is turned away at once (its connection
-            // closes), never left waiting in the listen queue.
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
+            backoff = Duration::from_millis(5);
+            // At the cap another connection makes room; only when every
+            // connection has a call open is the new one closed at once
+            // (never left waiting in the listen queue).
+            let Ok(entry) = connections.admit() else {
                 tracing::warn!(
                     limit = limits.max_connections,
-                    "connection limit reached; closing a new connection"
+                    "connection limit reached with a call open on every connection; closing a new connection"
                 );
                 drop(stream);
                 continue;
             };
-            backoff = Duration::from_millis(5);
             if let Err(err) = stream.set_nodelay(true) {
                 tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
             }
-            let app = app.clone();
-            let service = hyper::service::service_fn(move |request| app.clone().call(request));
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            let force_close = force_close.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    result = connection => {
-                        if let Err(err) = result {
-                            tracing::debug!(cause = %err, "connection ended with an error");
-                        }
-                    }
-                    () = force_close.cancelled() => {}
-                }
-                drop(permit);
-            });
+            tasks.spawn(conn::serve(
+                stream,
+                entry,
+                app.clone(),
+                builder.clone(),
+                settings,
+                signals.clone(),
+            ));
         }
 
         drop(listener);
@@ -354,13 +374,32 @@ impl Server {
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
-        registry.shutdown();
         let drain_timeout = limits.drain_timeout;
+        let drain_deadline = tokio::time::Instant::now() + drain_timeout;
+        signals.drain.cancel();
+        // The connections turn graceful first, so the Waits released next
+        // are answered after the first GOAWAY, or with `Connection: close`.
+        let turned = signals.all_draining(|| connections.len());
+        if tokio::time::timeout(Duration::from_millis(200), turned)
+            .await
+            .is_err()
+        {
+            tracing::debug!("not every connection turned graceful within 200 ms");
+        }
+        registry.shutdown();
+        tasks.close();
         tokio::select! {
-            () = graceful.shutdown() => {}
-            () = tokio::time::sleep(drain_timeout) => {
-                tracing::warn!(?drain_timeout, "drain timeout: closing the remaining connections");
-                force_close.cancel();
+            () = tasks.wait() => {}
+            () = tokio::time::sleep_until(drain_deadline) => {
+                let (calls, on) = connections.open_calls();
+                if calls > 0 {
+                    tracing::warn!(calls, connections = on, ?drain_timeout, "drain timeout: cutting the calls still unanswered");
+                    metrics::drain_cut(calls);
+                } else {
+                    tracing::info!(?drain_timeout, "drain timeout: closing the connections left");
+                }
+                signals.cut.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
             }
         }
         tracing::info!("opsd stopped");
@@ -371,6 +410,26 @@ impl Server {
 const OPERATIONS_SERVICE: &str = "google.longrunning.Operations";
 const WORKERS_SERVICE: &str = "opsd.v1.Workers";
 const CONSOLE_SERVICE: &str = "opsd.v1.Console";
+
+/// The listen backlog [`bind`] asks for; the kernel caps it at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `address` for [`run`], with a listen backlog (4,096) that holds a
+/// burst of clients connecting at once (after a restart, say) until the
+/// accept loop takes them; tokio's default (1,024) overflows, and a client
+/// whose handshake overflowed the queue is reset when it sends its first
+/// bytes.
+pub fn bind(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Turns the gRPC health of "" and both services NOT_SERVING while the
 /// store is unhealthy and SERVING when it recovers, until the drain starts
@@ -401,79 +460,6 @@ fn follow_store_health(
             }
         }
     });
-}
-
-/// Routes each request to gRPC, the server's own endpoints or REST.
-/// Cloning it is shallow.
-#[derive(Clone)]
-struct App {
-    grpc: Routes,
-    rest: RestService<Operations, Workers, Console>,
-    /// For `/healthz` and the gauges of `/metrics`.
-    registry: Registry,
-    metrics: Option<PrometheusHandle>,
-    /// Whether `/ui/` serves the operator page.
-    ui: bool,
-    /// For `/healthz`: the store's health, where it has one.
-    store_health: Option<watch::Receiver<bool>>,
-}
-
-/// The future of one request. A gRPC call holds only the router's future;
-/// the larger REST one is boxed, so the many parked gRPC Waits do not carry
-/// its size.
-type Routed = Either<
-    tower::util::Oneshot<Routes, Request<Incoming>>,
-    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>,
->;
-
-impl App {
-    fn call(self, request: Request<Incoming>) -> Routed {
-        let grpc = request
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        if grpc {
-            return Either::Left(self.grpc.oneshot(request));
-        }
-        Either::Right(Box::pin(async move {
-            let get = request.method() == http::Method::GET;
-            Ok(match request.uri().path() {
-                "/healthz" if get => self.health(request.uri().query()).map(Body::new),
-                "/metrics" if get && self.metrics.is_some() => self.metrics().await.map(Body::new),
-                path if self.ui && ui::is_ui_path(path) => {
-                    ui::answer(request.method(), path, request.headers()).map(Body::new)
-                }
-                _ => self.rest.handle(request).await,
-            })
-        }))
-    }
-
-    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining or
-    /// while the store is unhealthy.
-    fn health(&self, query: Option<&str>) -> Response<Full<Bytes>> {
-        let store_down = self.store_health.as_ref().is_some_and(|h| !*h.borrow());
-        let (status, text) = if self.registry.is_shutting_down() || store_down {
-            (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
-        } else {
-            (http::StatusCode::OK, "SERVING")
-        };
-        self.rest
-            .json_answer(query, status, &serde_json::json!({ "status": text }))
-    }
-
-    /// The Prometheus text, with the gauges read now.
-    async fn metrics(&self) -> Response<Full<Bytes>> {
-        let text = match &self.metrics {
-            Some(handle) => metrics::render(handle, &self.registry).await,
-            None => String::new(),
-        };
-        let mut response = Response::new(Full::new(Bytes::from(text)));
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        response
-    }
 }
 
 /// Builds a server from `config` and serves on `listener` until `shutdown`.

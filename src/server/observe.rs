@@ -23,10 +23,20 @@
 //!
 //! The per-call work is a plain future wrapper rather than an `async fn`,
 //! so a parked call (a Wait) does not hold a second copy of its state.
+//!
+//! A gRPC call refused before its handler runs (a message that does not
+//! decode or is too large, a body too slow, a call shed) never reaches
+//! `Observed`. The server's call layer gives each gRPC call a [`Witness`],
+//! which `Observed` marks, and records with [`refused`] the calls whose
+//! witness stayed unmarked: every call is counted and logged once.
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll},
     time::Instant,
 };
@@ -38,18 +48,20 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{metrics, trace};
 use crate::{
-    api::{transport, Linked, Polled, Resource},
+    api::{
+        grpc::{console_server::Console, operations_server::Operations, workers_server::Workers},
+        transport, Linked, Polled, Resource,
+    },
     pb::{
         google::longrunning::{
-            operations_server::Operations, CancelOperationRequest, DeleteOperationRequest,
-            GetOperationRequest, ListOperationsRequest, ListOperationsResponse, Operation,
-            WaitOperationRequest,
+            CancelOperationRequest, DeleteOperationRequest, GetOperationRequest,
+            ListOperationsRequest, ListOperationsResponse, Operation, WaitOperationRequest,
         },
         opsd::v1::{
-            console_server::Console, workers_server::Workers, CompleteOperationRequest,
-            CreateOperationRequest, GetOperationReportRequest, ListOperationInfosResponse,
-            OperationInfo, OperationReport, RegisterTypesRequest, RegisterTypesResponse,
-            UpdateOperationRequest, WatchOperationChangesRequest, WatchOperationsRequest,
+            CompleteOperationRequest, CreateOperationRequest, GetOperationReportRequest,
+            ListOperationInfosResponse, OperationInfo, OperationReport, RegisterTypesRequest,
+            RegisterTypesResponse, UpdateOperationRequest, WatchOperationChangesRequest,
+            WatchOperationsRequest,
         },
     },
     registry::Registry,
@@ -91,6 +103,9 @@ impl<S> Observed<S> {
         T: Resource,
         F: Future<Output = Result<Response<R>, Status>>,
     {
+        if let Some(witness) = request.extensions().get::<Witness>() {
+            witness.0.store(true, Ordering::Relaxed);
+        }
         let via = transport(&request);
         let resource: Box<str> = request.get_ref().resource().into();
         let span = tracing::debug_span!(
@@ -127,6 +142,29 @@ impl<S> Observed<S> {
             registry: &self.registry,
         }
     }
+}
+
+/// Marks a gRPC call that reached [`Observed`] (a request extension).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Witness(Arc<AtomicBool>);
+
+impl Witness {
+    /// Whether `Observed` saw the call.
+    pub(crate) fn observed(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts and logs a call refused before its handler ran, with the code
+/// it was answered with.
+pub(crate) fn refused(method: &'static str, transport: &'static str, code: Code, started: Instant) {
+    metrics::rpc(method, transport, code, started.elapsed());
+    tracing::debug!(
+        method,
+        transport,
+        code = metrics::code_name(code),
+        "call refused before its handler"
+    );
 }
 
 pin_project_lite::pin_project! {

@@ -14,8 +14,13 @@ pub struct Opsd {
 
 impl Opsd {
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", extra)
+    }
+
+    /// Starts `opsd serve` listening on `address`.
+    pub fn start_on(address: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_opsd"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["serve", "--listen", address, "--log-format", "json"])
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()

@@ -8,6 +8,7 @@ pub mod outside;
 pub mod postgres;
 pub mod rest;
 pub mod scripted;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -73,9 +74,44 @@ impl TestServer {
         WorkersClient::new(self.channel().await)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a running operation `operations/{id}` in the registry itself:
+    /// no client connection of its own (for tests that count connections).
+    pub async fn registry_op(&self, id: &str) -> String {
+        self.registry
+            .create(opsd::registry::CreateParams {
+                operation_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .name
+    }
+
+    /// The server's address, `127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        self.url.trim_start_matches("http://").to_owned()
+    }
+
+    /// Starts the drain (what SIGTERM does to the binary), without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+    }
+
     /// Starts the drain and waits for a clean stop.
     pub async fn stop(mut self) {
-        self.stop.take().unwrap().send(()).ok();
+        self.begin_stop();
         let task = self.task.take().unwrap();
         tokio::time::timeout(Duration::from_secs(10), task)
             .await

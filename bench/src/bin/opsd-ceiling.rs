@@ -14,8 +14,8 @@
 
 use std::net::SocketAddr;
 
+use opsd::api::grpc::operations_server::{Operations, OperationsServer};
 use opsd::pb::google::longrunning::{
-    operations_server::{Operations, OperationsServer},
     CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
     ListOperationsResponse, Operation, WaitOperationRequest,
 };

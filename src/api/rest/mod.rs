@@ -40,16 +40,17 @@ use self::{
     rules::{RestMethod, Route},
     template::SplitPath,
 };
-use super::{types::TypeRegistry, ViaRest};
+use super::{
+    grpc::{console_server::Console, operations_server::Operations, workers_server::Workers},
+    types::TypeRegistry,
+    ViaRest,
+};
 use crate::{
-    error::{json_envelope, Error},
+    error::{json_envelope, retry_after, Error},
     json::{any_to_json, message_to_json, render_message, status_to_json, write_json, JsonOptions},
     pb::{
-        google::longrunning::{
-            operation::Result as OpResult, operations_server::Operations, ListOperationsResponse,
-            Operation,
-        },
-        opsd::v1::{console_server::Console, workers_server::Workers, OperationInfo},
+        google::longrunning::{operation::Result as OpResult, ListOperationsResponse, Operation},
+        opsd::v1::OperationInfo,
     },
 };
 
@@ -213,6 +214,22 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                 Presentation::default(),
             ),
         }
+    }
+
+    /// Google's JSON error envelope for `status`, presented as the query
+    /// asks: the answer to a call refused before it was routed (shed).
+    pub fn error_answer(&self, query: Option<&str>, status: &Status) -> Response<Full<Bytes>> {
+        let presentation = request::split_query(query.unwrap_or(""))
+            .map(|(_, presentation)| presentation)
+            .unwrap_or_default();
+        error_response(status, &self.inner.types.pool(), presentation)
+    }
+
+    /// The name of the method a request would call (`GetOperation`), if a
+    /// route matches it.
+    pub fn method_name(&self, method: &Method, path: &str) -> Option<&'static str> {
+        let (route, _) = self.find(method, path).ok()?;
+        route.method.selector().rsplit('.').next()
     }
 
     /// Answers one HTTP request. Never fails: errors are JSON responses.
@@ -628,5 +645,13 @@ fn error_response(
     presentation: Presentation,
 ) -> Response<Full<Bytes>> {
     let (http, body) = json_envelope(status, pool, presentation.json);
-    json_response(http, &body, presentation)
+    let mut response = json_response(http, &body, presentation);
+    if let Some(delay) = retry_after(status) {
+        // Whole seconds, rounded up: never sooner than the status asks.
+        let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+    }
+    response
 }

@@ -56,23 +56,53 @@ impl Default for Presentation {
     }
 }
 
+/// The query's `key=value` pairs, with `+` and `%XX` decoded. A name or
+/// value that is not UTF-8 once decoded is refused (a form decoder would
+/// replace the bytes and answer something else than was asked).
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, Error> {
+    let decode = |text: &str| {
+        let spaced = text.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .map(|decoded| decoded.into_owned())
+    };
+    let mut pairs = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = decode(key).map_err(|_| {
+            Error::invalid(
+                "query",
+                format!("the parameter name {key:?} is not UTF-8 once percent-decoded"),
+            )
+        })?;
+        let value = decode(value).map_err(|_| {
+            Error::invalid(
+                key.clone(),
+                format!("{value:?} is not UTF-8 once percent-decoded"),
+            )
+        })?;
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
 /// Splits the query into field parameters and the response presentation.
 pub fn split_query(query: &str) -> Result<(Vec<(String, String)>, Presentation), Error> {
     let mut fields = Vec::new();
     let mut presentation = Presentation::default();
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+    for (key, value) in query_pairs(query)? {
         let bare = key.strip_prefix('$').unwrap_or(&key);
         if !SYSTEM_PARAMETERS.contains(&bare) {
-            fields.push((key.into_owned(), value.into_owned()));
+            fields.push((key, value));
             continue;
         }
         match bare {
-            "alt" => match value.as_ref() {
+            "alt" => match value.as_str() {
                 "json" => presentation.json.enum_numbers = false,
                 "json;enum-encoding=int" => presentation.json.enum_numbers = true,
                 other => {
                     return Err(Error::invalid(
-                        key.as_ref(),
+                        key.as_str(),
                         format!(
                             "{other:?} is not supported; use `json` or `json;enum-encoding=int`"
                         ),
@@ -230,12 +260,77 @@ fn parse_json(
     body: &[u8],
     field: &str,
 ) -> Result<DynamicMessage, Error> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let invalid = |e: serde_json::Error| {
+        Error::invalid(field, format!("the JSON body is not a valid request: {e}"))
+    };
+    let json: serde_json::Value = serde_json::from_slice(body).map_err(invalid)?;
+    check_times(&json, &descriptor, field)?;
     let options = DeserializeOptions::new().deny_unknown_fields(true);
-    let message = DynamicMessage::deserialize_with_options(descriptor, &mut deserializer, &options)
-        .and_then(|m| deserializer.end().map(|()| m))
-        .map_err(|e| Error::invalid(field, format!("the JSON body is not a valid request: {e}")))?;
-    Ok(message)
+    DynamicMessage::deserialize_with_options(descriptor, json, &options).map_err(invalid)
+}
+
+/// ProtoJSON writes durations and timestamps with at most 9 fractional
+/// digits (nanoseconds) and accepts no more; prost-types would drop the
+/// extra digits silently. Checks every such string of a JSON body, through
+/// nested messages and lists, before it is parsed.
+fn check_times(
+    json: &serde_json::Value,
+    descriptor: &MessageDescriptor,
+    path: &str,
+) -> Result<(), Error> {
+    let serde_json::Value::Object(object) = json else {
+        return Ok(());
+    };
+    for (key, value) in object {
+        let Some(field) = descriptor
+            .get_field_by_json_name(key)
+            .or_else(|| descriptor.get_field_by_name(key))
+        else {
+            continue; // refused as unknown by the parser
+        };
+        let Kind::Message(message) = field.kind() else {
+            continue;
+        };
+        let path = if path == "body" {
+            field.name().to_owned()
+        } else {
+            format!("{path}.{}", field.name())
+        };
+        let items = match value {
+            serde_json::Value::Array(items) if field.is_list() => items.iter().collect(),
+            serde_json::Value::Object(map) if field.is_map() => map.values().collect(),
+            other => vec![other],
+        };
+        for item in items {
+            match item {
+                serde_json::Value::String(text) => check_time_text(&message, text)
+                    .map_err(|reason| Error::invalid(path.clone(), reason))?,
+                serde_json::Value::Object(_) => check_times(item, &message, &path)?,
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A `google.protobuf.Duration` or `Timestamp` string with more than 9
+/// fractional digits is refused (ProtoJSON); other texts are the parser's.
+fn check_time_text(message: &MessageDescriptor, text: &str) -> Result<(), String> {
+    let kind = message.full_name();
+    if kind != "google.protobuf.Duration" && kind != "google.protobuf.Timestamp" {
+        return Ok(());
+    }
+    // The fraction follows the seconds: after the last ':' of a timestamp.
+    let seconds = text.rfind(':').map_or(text, |colon| &text[colon..]);
+    if let Some((_, after)) = seconds.split_once('.') {
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 9 {
+            return Err(format!(
+                "{text:?} is not a {kind}: it has {digits} fractional digits; at most 9 (nanoseconds)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The fields of a dotted path, each by proto name or JSON name.
@@ -327,6 +422,7 @@ fn parse_scalar(key: &str, field: &FieldDescriptor, value: &str) -> Result<Value
         }
         // Well-known types given as their JSON string form (`timeout=5s`).
         Kind::Message(message) => {
+            check_time_text(&message, value).map_err(|reason| Error::invalid(key, reason))?;
             let json = serde_json::Value::String(value.to_owned());
             let parsed = DynamicMessage::deserialize(message.clone(), json)
                 .map_err(|_| bad(&format!("a {}", message.full_name())))?;
@@ -460,6 +556,52 @@ mod tests {
         )
         .is_err());
         assert!(build(descriptor, &BodyRule::None, b"{}", path(), vec![]).is_err());
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_once_decoded_is_refused() {
+        match list("filter=name%20%3D%20%22%FF%22") {
+            Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "filter"),
+            other => panic!("{other:?}"),
+        }
+        assert!(list("%FF=1").is_err());
+        assert_eq!(list("filter=%C3%A9").unwrap().filter, "é");
+    }
+
+    #[test]
+    fn durations_and_timestamps_take_at_most_nine_fractional_digits() {
+        let wait = base_pool()
+            .get_message_by_name("google.longrunning.WaitOperationRequest")
+            .unwrap();
+        let path = || vec![("name".to_owned(), "operations/a".to_owned())];
+        let body = |t: &str| format!("{{\"timeout\": \"{t}\"}}");
+        assert!(build(
+            wait.clone(),
+            &BodyRule::All,
+            body("1.000000001s").as_bytes(),
+            path(),
+            vec![]
+        )
+        .is_ok());
+        match build(
+            wait.clone(),
+            &BodyRule::All,
+            body("1.0000000001s").as_bytes(),
+            path(),
+            vec![],
+        ) {
+            Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "timeout"),
+            other => panic!("{other:?}"),
+        }
+        let query = |t: &str| vec![("timeout".to_owned(), t.to_owned())];
+        assert!(build(wait.clone(), &BodyRule::None, b"", vec![], query("2.5s")).is_ok());
+        assert!(build(wait, &BodyRule::None, b"", vec![], query("2.0000000001s")).is_err());
+        let timestamp = base_pool()
+            .get_message_by_name("google.protobuf.Timestamp")
+            .unwrap();
+        assert!(check_time_text(&timestamp, "2026-01-02T15:04:05.123456789Z").is_ok());
+        assert!(check_time_text(&timestamp, "2026-01-02T15:04:05.1234567891Z").is_err());
+        assert!(check_time_text(&timestamp, "2026-01-02T15:04:05Z").is_ok());
     }
 
     #[test]

@@ -1,0 +1,269 @@
+//! What each request is, and where it goes: gRPC (opsd's three services,
+//! health, reflection), the server's own endpoints (`/healthz`,
+//! `/metrics`, the operator page under `/ui/`), or REST.
+//!
+//! [`Kind`] classifies a request from its head alone, for the layers of
+//! `calls.rs`: the gRPC method it calls (known from the path; a REST call's
+//! method is known once routed), and whether it counts against
+//! `--max-in-flight` (Waits and streams do not). [`App`] routes it; gRPC
+//! calls to opsd's services go through the request guard (`guard.rs`).
+
+use std::{convert::Infallible, future::Future, pin::Pin};
+
+use bytes::Bytes;
+use futures_util::future::Either;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+use tonic::{body::Body, service::Routes, Status};
+use tower::ServiceExt;
+
+use super::{
+    connections::Connections,
+    guard::{GuardSettings, Guarded},
+    metrics,
+    shed::Shed,
+    ui, Console, Operations, Workers,
+};
+use crate::{api::rest::RestService, error::Error, registry::Registry};
+
+/// What a request is, as far as its head tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kind {
+    /// gRPC (`application/grpc*`), else HTTP (REST and the server's own).
+    pub grpc: bool,
+    /// The method, for a gRPC call to one of opsd's services.
+    pub method: Option<&'static str>,
+    /// Counts against `--max-in-flight`.
+    pub counted: bool,
+}
+
+/// The methods of opsd's services by gRPC path: (path, name, long-lived).
+/// Long-lived calls (Wait, the streams) do not count against
+/// `--max-in-flight`.
+const GRPC_METHODS: &[(&str, &str, bool)] = &[
+    (
+        "/google.longrunning.Operations/ListOperations",
+        "ListOperations",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/GetOperation",
+        "GetOperation",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/DeleteOperation",
+        "DeleteOperation",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/CancelOperation",
+        "CancelOperation",
+        false,
+    ),
+    (
+        "/google.longrunning.Operations/WaitOperation",
+        "WaitOperation",
+        true,
+    ),
+    ("/opsd.v1.Workers/CreateOperation", "CreateOperation", false),
+    ("/opsd.v1.Workers/UpdateOperation", "UpdateOperation", false),
+    (
+        "/opsd.v1.Workers/CompleteOperation",
+        "CompleteOperation",
+        false,
+    ),
+    ("/opsd.v1.Workers/WatchOperations", "WatchOperations", true),
+    ("/opsd.v1.Workers/RegisterTypes", "RegisterTypes", false),
+    (
+        "/opsd.v1.Workers/GetOperationReport",
+        "GetOperationReport",
+        false,
+    ),
+    (
+        "/opsd.v1.Console/ListOperationInfos",
+        "ListOperationInfos",
+        false,
+    ),
+    (
+        "/opsd.v1.Console/GetOperationInfo",
+        "GetOperationInfo",
+        false,
+    ),
+    (
+        "/opsd.v1.Console/WatchOperationChanges",
+        "WatchOperationChanges",
+        true,
+    ),
+];
+
+impl Kind {
+    pub fn of<B>(request: &Request<B>) -> Self {
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let path = request.uri().path();
+        if grpc {
+            return match GRPC_METHODS.iter().find(|(p, _, _)| *p == path) {
+                Some(&(_, name, long_lived)) => Self {
+                    grpc,
+                    method: Some(name),
+                    counted: !long_lived,
+                },
+                None => Self {
+                    grpc,
+                    method: None,
+                    counted: false,
+                },
+            };
+        }
+        // REST Waits and feeds are the routes with the `:wait` and `:watch`
+        // verbs (every default route and service config maps them so); the
+        // server's own pages do not count either.
+        let own = matches!(path, "/healthz" | "/metrics") || path.starts_with("/ui");
+        Self {
+            grpc,
+            method: None,
+            counted: !own && !path.ends_with(":wait") && !path.ends_with(":watch"),
+        }
+    }
+}
+
+/// Routes each request to gRPC, the server's own endpoints or REST.
+/// Cloning it is shallow.
+#[derive(Clone)]
+pub struct App {
+    pub grpc: Routes,
+    pub rest: RestService<Operations, Workers, Console>,
+    /// For `/healthz` and the gauges of `/metrics`.
+    pub registry: Registry,
+    pub metrics: Option<PrometheusHandle>,
+    /// For the `opsd_connections` gauge of `/metrics`.
+    pub connections: std::sync::Arc<Connections>,
+    pub guard: GuardSettings,
+    pub shed: std::sync::Arc<Shed>,
+    /// Whether `/ui/` serves the operator page.
+    pub ui: bool,
+    /// For `/healthz`: the store's health, where it has one.
+    pub store_health: Option<watch::Receiver<bool>>,
+}
+
+/// The future of one request. A gRPC call holds only the router's future;
+/// the larger REST one is boxed, so the many parked gRPC Waits do not carry
+/// its size.
+pub type Routed = Either<
+    tower::util::Oneshot<Routes, Request<Guarded<Incoming>>>,
+    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>,
+>;
+
+impl App {
+    /// Routes `request`, of `kind`.
+    pub fn route(&self, request: Request<Incoming>, kind: Kind) -> Routed {
+        if kind.grpc {
+            // Only opsd's unary request bodies are guarded.
+            let guard = kind.method.map(|_| self.guard);
+            let request = request.map(|body| Guarded::new(body, guard));
+            return Either::Left(self.grpc.clone().oneshot(request));
+        }
+        let app = self.clone();
+        Either::Right(Box::pin(async move {
+            let get = request.method() == http::Method::GET;
+            Ok(match request.uri().path() {
+                "/healthz" if get => app.health(request.uri().query()).map(Body::new),
+                "/metrics" if get && app.metrics.is_some() => app.metrics().await.map(Body::new),
+                path if app.ui && ui::is_ui_path(path) => {
+                    ui::answer(request.method(), path, request.headers()).map(Body::new)
+                }
+                _ => app.rest.handle(request).await,
+            })
+        }))
+    }
+
+    /// The answer to a call shed before it was routed: a trailers-only gRPC
+    /// answer, or REST's JSON error envelope (429, `Retry-After`).
+    pub fn refusal<B>(&self, request: &Request<B>, kind: Kind, error: Error) -> Response<Body> {
+        if kind.grpc {
+            let mut response = Response::new(Body::empty());
+            *response.headers_mut() = self.shed.grpc_refusal();
+            return response;
+        }
+        self.rest
+            .error_answer(request.uri().query(), &Status::from(error))
+            .map(Body::new)
+    }
+
+    /// The method a REST request would call, for the metrics of a refusal.
+    pub fn rest_method<B>(&self, request: &Request<B>) -> Option<&'static str> {
+        self.rest
+            .method_name(request.method(), request.uri().path())
+    }
+
+    /// `{"status": "SERVING"}`, or 503 `NOT_SERVING` while draining or
+    /// while the store is unhealthy.
+    fn health(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+        let store_down = self.store_health.as_ref().is_some_and(|h| !*h.borrow());
+        let (status, text) = if self.registry.is_shutting_down() || store_down {
+            (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
+        } else {
+            (http::StatusCode::OK, "SERVING")
+        };
+        self.rest
+            .json_answer(query, status, &serde_json::json!({ "status": text }))
+    }
+
+    /// The Prometheus text, with the gauges read now.
+    async fn metrics(&self) -> Response<Full<Bytes>> {
+        let text = match &self.metrics {
+            Some(handle) => metrics::render(handle, &self.registry, self.connections.len()).await,
+            None => String::new(),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(content_type: &str, path: &str) -> Kind {
+        let request = Request::builder()
+            .uri(path)
+            .header("content-type", content_type)
+            .body(())
+            .unwrap();
+        Kind::of(&request)
+    }
+
+    #[test]
+    fn requests_are_classified_from_their_head() {
+        let get = kind(
+            "application/grpc",
+            "/google.longrunning.Operations/GetOperation",
+        );
+        assert_eq!((get.method, get.counted), (Some("GetOperation"), true));
+        let wait = kind(
+            "application/grpc+proto",
+            "/google.longrunning.Operations/WaitOperation",
+        );
+        assert_eq!((wait.method, wait.counted), (Some("WaitOperation"), false));
+        let health = kind("application/grpc", "/grpc.health.v1.Health/Check");
+        assert_eq!((health.method, health.counted), (None, false));
+        assert!(kind("application/json", "/v1/operations/a").counted);
+        assert!(!kind("", "/v1/operations/a:wait").counted);
+        assert!(!kind("", "/v1/projects/p/operations:watch").counted);
+        assert!(!kind("", "/ui/app.js").counted);
+        assert!(!kind("", "/metrics").counted);
+        for (path, name, _) in GRPC_METHODS {
+            assert!(path.ends_with(name), "{path}");
+        }
+    }
+}
