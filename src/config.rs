@@ -236,6 +236,7 @@ impl Config {
             ("--pg-connect-timeout", self.postgres.connect_timeout),
             ("--pg-statement-timeout", self.postgres.statement_timeout),
             ("--pg-pool-timeout", self.postgres.pool_timeout),
+            ("--pg-migration-timeout", self.postgres.migration_timeout),
         ] {
             if value.is_zero() {
                 return fail(format!("{flag} must be greater than zero"));

@@ -129,48 +129,81 @@ async fn conditional_writes_hold(backend: Backend) {
         }),
         ..record("operations/a")
     };
-    assert_eq!(store.insert(created.clone()).await.unwrap(), 1);
+    let first = store.insert(created.clone()).await.unwrap();
     let stored = store.get("operations/a").await.unwrap().unwrap();
     assert_eq!(stored.trace, created.trace);
+    assert_eq!(stored.revision, first);
     let updated = store
-        .update(created.clone(), 1, Cause::Updated)
+        .update(created.clone(), first, Cause::Updated)
         .await
         .unwrap();
-    assert_eq!(updated, 2);
+    assert!(updated > first, "{updated} after {first}");
     assert_eq!(
         store.get("operations/a").await.unwrap().unwrap().revision,
-        2
+        updated
     );
     assert!(matches!(
-        store.update(created.clone(), 1, Cause::Updated).await,
+        store.update(created.clone(), first, Cause::Updated).await,
         Err(StoreError::Conflict)
     ));
     assert!(matches!(
-        store.delete("operations/a", 1, Cause::Deleted).await,
+        store.delete("operations/a", first, Cause::Deleted).await,
         Err(StoreError::Conflict)
     ));
     store
-        .delete("operations/a", 2, Cause::Deleted)
+        .delete("operations/a", updated, Cause::Deleted)
         .await
         .unwrap();
     assert!(store.get("operations/a").await.unwrap().is_none());
     assert!(matches!(
-        store.update(created, 2, Cause::Updated).await,
+        store.update(created.clone(), updated, Cause::Updated).await,
         Err(StoreError::Conflict)
     ));
     assert!(matches!(
-        store.delete("operations/a", 2, Cause::Deleted).await,
+        store.delete("operations/a", updated, Cause::Deleted).await,
         Err(StoreError::Conflict)
     ));
+    // Created again, the name never takes a revision of its earlier life:
+    // a write read from that life (a stale replica) cannot land.
+    let mut seen = vec![first, updated];
+    let again = store.insert(created.clone()).await.unwrap();
+    assert!(!seen.contains(&again), "{again} reused: {seen:?}");
+    seen.push(again);
+    let mut revision = again;
+    for _ in 0..3 {
+        revision = store
+            .update(created.clone(), revision, Cause::Updated)
+            .await
+            .unwrap();
+        assert!(!seen.contains(&revision), "{revision} reused: {seen:?}");
+        seen.push(revision);
+    }
+    for stale in [first, updated] {
+        assert!(matches!(
+            store.update(created.clone(), stale, Cause::Completed).await,
+            Err(StoreError::Conflict)
+        ));
+    }
+    // And not after the store is opened again either.
+    if backend.durable() {
+        drop(store);
+        let store = backend.open().await;
+        store
+            .delete("operations/a", revision, Cause::Deleted)
+            .await
+            .unwrap();
+        let reopened = store.insert(created).await.unwrap();
+        assert!(!seen.contains(&reopened), "{reopened} reused: {seen:?}");
+    }
 }
 
 async fn insert_refuses_a_taken_name_or_request_id(backend: Backend) {
     let store = backend.open().await;
     let mut a = record("operations/a");
     a.request_id = Some("r1".into());
-    store.insert(a.clone()).await.unwrap();
+    let first = store.insert(a.clone()).await.unwrap();
     match store.insert(a).await {
-        Err(StoreError::Exists(existing)) => assert_eq!(existing.revision, 1),
+        Err(StoreError::Exists(existing)) => assert_eq!(existing.revision, first),
         other => panic!("unexpected {other:?}"),
     }
     let mut b = record("operations/b");
@@ -190,11 +223,14 @@ async fn insert_refuses_a_taken_name_or_request_id(backend: Backend) {
     // update says.
     let mut forgetful = record("operations/a");
     forgetful.request_id = None;
-    store.update(forgetful, 1, Cause::Updated).await.unwrap();
+    let second = store
+        .update(forgetful, first, Cause::Updated)
+        .await
+        .unwrap();
     let kept = store.get("operations/a").await.unwrap().unwrap();
     assert_eq!(kept.request_id.as_deref(), Some("r1"));
     store
-        .delete("operations/a", 2, Cause::Deleted)
+        .delete("operations/a", second, Cause::Deleted)
         .await
         .unwrap();
     assert!(store.find_by_request_id("r1").await.unwrap().is_none());
@@ -278,8 +314,8 @@ async fn counts_follow_each_commit_and_changes_carry_both_deadlines(backend: Bac
     let mut leased = record("operations/a");
     let lease_deadline = SystemTime::now() + Duration::from_secs(60);
     leased.lease_deadline = Some(lease_deadline.into());
-    store.insert(leased.clone()).await.unwrap();
-    store.insert(record("operations/b")).await.unwrap();
+    let a = store.insert(leased.clone()).await.unwrap();
+    let b = store.insert(record("operations/b")).await.unwrap();
     assert_eq!(
         store.counts().await.unwrap(),
         Counts {
@@ -288,8 +324,8 @@ async fn counts_follow_each_commit_and_changes_carry_both_deadlines(backend: Bac
         }
     );
     let done = finished(leased.clone());
-    store
-        .update(done.clone(), 1, Cause::Completed)
+    let a = store
+        .update(done.clone(), a, Cause::Completed)
         .await
         .unwrap();
     assert_eq!(
@@ -301,15 +337,15 @@ async fn counts_follow_each_commit_and_changes_carry_both_deadlines(backend: Bac
     );
     // A refused write changes nothing.
     assert!(store
-        .delete("operations/b", 7, Cause::Deleted)
+        .delete("operations/b", b + 100, Cause::Deleted)
         .await
         .is_err());
     store
-        .delete("operations/a", 2, Cause::Deleted)
+        .delete("operations/a", a, Cause::Deleted)
         .await
         .unwrap();
     store
-        .delete("operations/b", 1, Cause::Deleted)
+        .delete("operations/b", b, Cause::Deleted)
         .await
         .unwrap();
     assert_eq!(store.counts().await.unwrap(), Counts::default());
@@ -336,10 +372,10 @@ async fn every_commit_is_published_once_in_order(backend: Backend) {
     let store = backend.open().await;
     let mut feed = store.subscribe();
     let a = record("operations/a");
-    store.insert(a.clone()).await.unwrap();
-    store.update(a, 1, Cause::Completed).await.unwrap();
+    let revision = store.insert(a.clone()).await.unwrap();
+    let revision = store.update(a, revision, Cause::Completed).await.unwrap();
     store
-        .delete("operations/a", 2, Cause::Deleted)
+        .delete("operations/a", revision, Cause::Deleted)
         .await
         .unwrap();
     let mut causes = Vec::new();
@@ -404,30 +440,30 @@ async fn durable_stores_keep_everything_when_reopened(backend: Backend) {
     if !backend.durable() {
         return;
     }
-    let key;
+    let (key, done_at);
     {
         let store = backend.open().await;
         key = store.page_token_key();
         let mut a = record("projects/p/operations/a");
         a.request_id = Some("req-a".into());
-        store.insert(a.clone()).await.unwrap();
-        store
+        let first = store.insert(a.clone()).await.unwrap();
+        let b = store
             .insert(record("projects/p/operations/b"))
             .await
             .unwrap();
-        store
-            .update(finished(a), 1, Cause::Completed)
+        done_at = store
+            .update(finished(a), first, Cause::Completed)
             .await
             .unwrap();
         store
-            .delete("projects/p/operations/b", 1, Cause::Deleted)
+            .delete("projects/p/operations/b", b, Cause::Deleted)
             .await
             .unwrap();
     }
     let store = backend.open().await;
     assert_eq!(store.page_token_key(), key, "page tokens survive a restart");
     let a = store.get("projects/p/operations/a").await.unwrap().unwrap();
-    assert_eq!(a.revision, 2);
+    assert_eq!(a.revision, done_at);
     assert!(a.done());
     assert!(store
         .get("projects/p/operations/b")
@@ -463,7 +499,7 @@ async fn only_shared_stores_hand_out_claims(backend: Backend) {
     let now = SystemTime::now();
     let mut due = record("operations/due");
     due.lease_deadline = Some((now - Duration::from_secs(1)).into());
-    store.insert(due.clone()).await.unwrap();
+    let due_revision = store.insert(due.clone()).await.unwrap();
     let mut later = record("operations/later");
     let later_at = now + Duration::from_secs(60);
     later.lease_deadline = Some(later_at.into());
@@ -489,8 +525,31 @@ async fn only_shared_stores_hand_out_claims(backend: Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(expired.names.len(), 1);
+    assert_eq!(expired.until, Some(now + hold + hold));
+    // A release of another claim (an older hold) lets go of nothing.
+    store.release(&expired.names, now + hold).await.unwrap();
+    let held = store
+        .claim_due(now + hold, 10, hold)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(held.names.is_empty());
+    // Released by its holder, it is claimable at once, hold or not.
+    store
+        .release(&expired.names, expired.until.unwrap())
+        .await
+        .unwrap();
+    let released = store
+        .claim_due(now + hold, 10, hold)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(released.names, expired.names);
     // A write clears the claim.
-    store.update(due, 1, Cause::Updated).await.unwrap();
+    store
+        .update(due, due_revision, Cause::Updated)
+        .await
+        .unwrap();
     let cleared = store.claim_due(now, 10, hold).await.unwrap().unwrap();
     assert_eq!(cleared.names.len(), 1);
 }

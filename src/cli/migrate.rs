@@ -20,6 +20,11 @@ pub struct MigrateArgs {
     /// How long connecting to the database may take.
     #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     pg_connect_timeout: Duration,
+
+    /// How long to wait for another replica's migration, and to run the
+    /// migrations.
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    pg_migration_timeout: Duration,
 }
 
 pub async fn run(args: MigrateArgs) -> ExitCode {
@@ -33,6 +38,7 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     };
     let settings = PostgresSettings {
         connect_timeout: args.pg_connect_timeout,
+        migration_timeout: args.pg_migration_timeout,
         ..PostgresSettings::default()
     };
     match PostgresStore::migrate(&target, &settings).await {

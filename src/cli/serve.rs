@@ -46,6 +46,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
     pg_pool_timeout: Duration,
 
+    /// PostgreSQL store: how long start-up may wait for another replica's
+    /// schema migration, and run its own.
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    pg_migration_timeout: Duration,
+
     /// How long done operations are kept before they are deleted (AIP-151),
     /// e.g. `30d`, `12h`, `90s`.
     #[arg(long, default_value = "30d", value_parser = parse_positive_duration)]
@@ -249,6 +254,7 @@ impl ServeArgs {
             connect_timeout: self.pg_connect_timeout,
             statement_timeout: self.pg_statement_timeout,
             pool_timeout: self.pg_pool_timeout,
+            migration_timeout: self.pg_migration_timeout,
         };
         let rest = &mut config.rest;
         rest.http_rules = self.http_rules;

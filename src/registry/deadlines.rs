@@ -18,10 +18,15 @@
 //! - A store shared by replicas (PostgreSQL, [`Store::claim_due`]): the
 //!   replicas do not each do all the work. The task claims the due records
 //!   (no other replica gets them while the claim holds; a replica that dies
-//!   loses its claims when they expire), fires them, and sleeps until the
-//!   earliest deadline the claim left, an earlier one seen on the feed, or a
-//!   second at most (deadlines other replicas set arrive on the feed too, but
-//!   a notification may be late).
+//!   loses its claims when they expire), fires them as of the claim's time
+//!   (what the claim found due is due, even if the clock's offset was just
+//!   measured a little back), releases the claims of those it did not fire
+//!   (nothing was due after all, or the action failed: any replica may take
+//!   them again at once, not when the hold ends), and sleeps until the
+//!   earliest deadline the claim left, a later one a fired record still
+//!   has, an earlier one seen on the feed, or a second at most (deadlines
+//!   other replicas set arrive on the feed too, but a notification may be
+//!   late).
 
 use std::{
     collections::BTreeSet,
@@ -130,15 +135,18 @@ async fn start(
         let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
             return;
         };
+        let now = clock.now();
         let claimed = registry
             .shared
             .store
-            .claim_due(clock.now(), FIRE_BATCH, CLAIM_HOLD)
+            .claim_due(now, FIRE_BATCH, CLAIM_HOLD)
             .await;
         drop(registry);
         match claimed {
             Ok(None) => return run(shared, feed, clock, shutdown).await,
-            Ok(Some(first)) => return run_claims(shared, feed, clock, shutdown, first).await,
+            Ok(Some(first)) => {
+                return run_claims(shared, feed, clock, shutdown, (first, now)).await
+            }
             Err(err) => {
                 tracing::error!(cause = %err, "cannot claim due deadlines; retrying");
                 tokio::select! {
@@ -151,11 +159,13 @@ async fn start(
 }
 
 /// Fires due names in bounded concurrent batches (so a durable store
-/// commits each batch's expiries together); returns those whose action
-/// failed and the later deadlines of those where nothing was due.
+/// commits each batch's expiries together), as of `at` when a claim made
+/// at that time found them due; returns those whose action failed and the
+/// later deadlines of those where nothing was due.
 async fn fire(
     registry: &Registry,
     due: Vec<Arc<str>>,
+    at: Option<SystemTime>,
 ) -> (Vec<Arc<str>>, Vec<(Arc<str>, SystemTime)>) {
     let mut failed = Vec::new();
     let mut later = Vec::new();
@@ -165,7 +175,7 @@ async fn fire(
             let registry = registry.clone();
             let name = name.clone();
             running.spawn(async move {
-                let result = registry.on_deadline(&name).await;
+                let result = registry.on_deadline_at(&name, at).await;
                 (name, result)
             });
         }
@@ -190,21 +200,23 @@ async fn run_claims(
     mut feed: broadcast::Receiver<Change>,
     clock: Clock,
     shutdown: CancellationToken,
-    first: Claimed,
+    first: (Claimed, SystemTime),
 ) {
     let mut first = Some(first);
     loop {
         let Some(registry) = shared.upgrade().map(|shared| Registry { shared }) else {
             return;
         };
-        let claimed = match first.take() {
-            Some(claimed) => Ok(Some(claimed)),
+        let (claimed, now) = match first.take() {
+            Some((claimed, now)) => (Ok(Some(claimed)), now),
             None => {
-                registry
+                let now = clock.now();
+                let claimed = registry
                     .shared
                     .store
-                    .claim_due(clock.now(), FIRE_BATCH, CLAIM_HOLD)
-                    .await
+                    .claim_due(now, FIRE_BATCH, CLAIM_HOLD)
+                    .await;
+                (claimed, now)
             }
         };
         // When to claim again, by the clock; a failure waits real time.
@@ -213,13 +225,24 @@ async fn run_claims(
         match claimed {
             Ok(Some(claimed)) => {
                 let full = claimed.names.len() >= FIRE_BATCH;
-                // A failed action keeps its claim until the hold ends, then
-                // any replica retries it.
-                fire(&registry, claimed.names).await;
+                let (failed, later) = fire(&registry, claimed.names, Some(now)).await;
+                wake_at = claimed.next;
+                // What was not fired is released: claimable again at once
+                // (a failed action is retried within a second, here or on
+                // another replica), not when the hold ends.
+                let mut unfired = failed;
+                for (name, next) in later {
+                    wake_at = Some(wake_at.map_or(next, |at| at.min(next)));
+                    unfired.push(name);
+                }
+                if let (false, Some(until)) = (unfired.is_empty(), claimed.until) {
+                    if let Err(err) = registry.shared.store.release(&unfired, until).await {
+                        tracing::warn!(cause = %err, "cannot release claims; they lapse when their hold ends");
+                    }
+                }
                 if full {
                     continue;
                 }
-                wake_at = claimed.next;
             }
             Ok(None) => {}
             Err(err) => {
@@ -329,7 +352,7 @@ async fn run(
                     return;
                 };
                 let due = timers.take_due(clock.now());
-                let (failed, later) = fire(&registry, due).await;
+                let (failed, later) = fire(&registry, due, None).await;
                 for (name, next) in later {
                     timers.add(name, next);
                 }
@@ -352,6 +375,16 @@ impl Registry {
     /// Worker calls run it first too, so an overdue lease or grace period
     /// wins even when this task is late.
     pub(super) async fn on_deadline(&self, name: &str) -> Result<Option<SystemTime>, Error> {
+        self.on_deadline_at(name, None).await
+    }
+
+    /// [`Registry::on_deadline`], deciding what is due as of `at` at the
+    /// earliest (the time of the claim that found it due).
+    async fn on_deadline_at(
+        &self,
+        name: &str,
+        at: Option<SystemTime>,
+    ) -> Result<Option<SystemTime>, Error> {
         let retention = self.shared.settings.retention;
         let details = self.shared.settings.operation_error_details;
         loop {
@@ -361,7 +394,7 @@ impl Registry {
             // When to look again if nothing is due now.
             let deadline = stored.next_deadline();
             let record = Record::from_stored(stored)?;
-            let now = self.now();
+            let now = at.map_or_else(|| self.now(), |at| at.max(self.now()));
             let due = |at: Option<SystemTime>| at.filter(|at| *at <= now);
             let script = record.script.as_ref();
             let script_at = script.and_then(|s| {

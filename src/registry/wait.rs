@@ -28,6 +28,11 @@ use crate::{
 const MIN_MARGIN: Duration = Duration::from_millis(20);
 /// The most time kept back from the client's deadline.
 const MAX_MARGIN: Duration = Duration::from_millis(500);
+/// How long a read after the first may run past the Wait's budget: well
+/// inside the least margin, so the answer still beats the client's
+/// deadline. A read that takes longer (or fails) is given up, and the Wait
+/// returns the state it read last.
+const LATE_READ: Duration = Duration::from_millis(10);
 
 /// How long a Wait may block: the least of the requested timeout, the RPC
 /// deadline less a margin (a tenth of it, within 20–500 ms), and the server
@@ -185,35 +190,48 @@ pub(super) fn spawn_dispatcher(
 impl Registry {
     /// Blocks until the operation is done or `budget` has passed (see
     /// [`wait_budget`]), then returns its latest state. Deleted meanwhile →
-    /// NOT_FOUND. On shutdown it returns the latest state at once.
+    /// NOT_FOUND. On shutdown it returns the latest state at once. Only the
+    /// first read may take the store's own time (it is the answer of a
+    /// poll with a zero timeout); every later one is bounded to end by the
+    /// budget plus [`LATE_READ`], past which (or if the last read fails)
+    /// the Wait returns the state it read last: the feed would have woken
+    /// it had that state changed.
     pub async fn wait(&self, name: &str, budget: Duration) -> Result<Record, Error> {
         let name = OperationName::parse(name)?;
         let until = tokio::time::Instant::now() + budget.min(self.shared.settings.wait_cap);
+        let late = until + LATE_READ;
         // Register before reading, so a change committed after the read wakes us.
         let mut guard = self.shared.waiters.register(name.as_str())?;
-        let mut first = true;
+        guard.rx.borrow_and_update();
+        let mut last = self.load(&name).await?;
+        Self::enabled_for(&last, "wait")?;
         loop {
-            guard.rx.borrow_and_update();
-            {
-                // Scoped, so a parked Wait does not keep a copy of the record.
-                let record = self.load(&name).await?;
-                if first {
-                    Self::enabled_for(&record, "wait")?;
-                    first = false;
-                }
-                if record.done() || self.is_shutting_down() {
-                    return Ok(record);
-                }
+            if last.done() || self.is_shutting_down() {
+                return Ok(last);
             }
-            tokio::select! {
+            let ended = tokio::select! {
                 changed = guard.rx.changed() => {
-                    if changed.is_err() {
-                        // The sender is gone only if the map lost the entry: re-read.
-                        return self.load(&name).await;
-                    }
+                    // The sender is gone only if the map lost the entry:
+                    // re-read once more and answer.
+                    changed.is_err()
                 }
-                () = tokio::time::sleep_until(until) => return self.load(&name).await,
-                () = self.shared.shutdown.cancelled() => return self.load(&name).await,
+                () = tokio::time::sleep_until(until) => true,
+                () = self.shared.shutdown.cancelled() => true,
+            };
+            guard.rx.borrow_and_update();
+            let read = tokio::time::timeout_at(late, self.load(&name)).await;
+            match read {
+                Ok(Ok(record)) => last = record,
+                Ok(Err(err @ Error::NotFound { .. })) => return Err(err),
+                Ok(Err(err)) if !ended => return Err(err),
+                Ok(Err(err)) => {
+                    tracing::debug!(name = %name, cause = %err, "a Wait's last read failed; answering with the state read before");
+                    return Ok(last);
+                }
+                Err(_) => return Ok(last),
+            }
+            if ended {
+                return Ok(last);
             }
         }
     }

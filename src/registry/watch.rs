@@ -5,8 +5,15 @@
 //! bounded channel (the routeguide pattern): a slow worker slows only its own
 //! stream. A stream reports what happens while it is open. On connect it
 //! first reports the cooperative cancellations already pending (they still
-//! need the worker), and reports them again if it ever falls behind the feed
-//! (or the feed says it may have missed changes, `Cause::Resync`).
+//! need the worker). If it ever falls behind the feed (or the feed says it
+//! may have missed changes, `Cause::Resync`), it resyncs: it reports the
+//! pending cooperative cancellations again, and what became of the running
+//! operations it followed (learned at the previous resync and from
+//! creations on the feed): those cancelled at once (CancelRequested), whose
+//! lease lapsed (LeaseExpired), or that are gone (Deleted) since. A resync
+//! that cannot read the store is retried with backoff (100 ms to 5 s) until
+//! it can. Events may repeat after a resync, and may name an operation the
+//! worker finished itself with CANCELLED or ABORTED.
 //! Events of the past are not replayed: an operation cancelled at once,
 //! deleted or expired while no stream watched it answers the worker's next
 //! call with FAILED_PRECONDITION or NOT_FOUND, so workers open their stream
@@ -16,21 +23,28 @@
 use std::{
     collections::HashSet,
     sync::{atomic::Ordering, Arc},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::{name::parse_list_target, OperationName, Registry};
+use super::{name::parse_list_target, OperationName, Registry, ABORTED_CODE, CANCELLED_CODE};
 use crate::{
     error::Error,
-    store::{parent_of, Cause, ListQuery, ParentPattern, StoredRecord},
+    store::{
+        filter::{Filter, Op, Restriction},
+        parent_of, Cause, ListQuery, ParentPattern, StoredRecord,
+    },
 };
 
 /// Events buffered per stream before the stream waits for its worker.
 const STREAM_BUFFER: usize = 64;
 /// Records read per page while reporting pending cancellations.
 const SYNC_PAGE: usize = 500;
+/// The first wait before a failed resync is tried again; it doubles up to
+/// [`RESYNC_RETRY_MAX`].
+const RESYNC_RETRY: Duration = Duration::from_millis(100);
+const RESYNC_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What happened to a worker's operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,23 +167,33 @@ impl Registry {
     ) {
         let shutdown = self.shared.shutdown.clone();
         let mut resync = true;
+        let mut retry = RESYNC_RETRY;
+        // The running operations this stream follows (none known before
+        // the first resync): a resync reports those that ended or went.
+        let mut known: Option<HashSet<Arc<str>>> = None;
         loop {
             if resync {
-                resync = false;
-                match self.pending_cancellations(&filter).await {
-                    Ok(names) => {
-                        for name in names {
-                            let event = WorkerEvent {
-                                kind: EventKind::CancelRequested,
-                                name,
-                                time: self.now(),
-                            };
+                match self.resync(&filter, known.as_ref()).await {
+                    Ok((events, running)) => {
+                        resync = false;
+                        retry = RESYNC_RETRY;
+                        known = Some(running);
+                        for event in events {
                             if !send(&tx, event, &shutdown).await {
                                 return;
                             }
                         }
                     }
-                    Err(err) => tracing::error!(cause = %err, "cannot read pending cancellations"),
+                    Err(err) => {
+                        tracing::warn!(cause = %err, ?retry, "a worker stream cannot resync; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tx.closed() => return,
+                            () = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(RESYNC_RETRY_MAX);
+                        continue;
+                    }
                 }
             }
             let change = tokio::select! {
@@ -183,12 +207,23 @@ impl Registry {
                     resync = true;
                 }
                 Ok(change) => {
-                    let Some(kind) = EventKind::of(change.cause) else {
-                        continue;
-                    };
                     if !filter.matches(&change.name) {
                         continue;
                     }
+                    if let Some(known) = known.as_mut() {
+                        match change.cause {
+                            Cause::Created => {
+                                known.insert(change.name.clone());
+                            }
+                            Cause::Updated | Cause::CancelRequested => {}
+                            _ => {
+                                known.remove(&change.name);
+                            }
+                        }
+                    }
+                    let Some(kind) = EventKind::of(change.cause) else {
+                        continue;
+                    };
                     let event = WorkerEvent {
                         kind,
                         name: change.name.to_string(),
@@ -210,49 +245,82 @@ impl Registry {
         }
     }
 
-    /// Running operations selected by `filter` whose cooperative cancellation
-    /// is pending.
-    async fn pending_cancellations(&self, filter: &WatchFilter) -> Result<Vec<String>, Error> {
-        let pending = |r: &StoredRecord| !r.done() && r.cancel_deadline.is_some();
+    /// What a stream reports when it (re)syncs: the pending cooperative
+    /// cancellations of the running operations `filter` selects, and what
+    /// became of the `known` ones no longer running (cancelled at once,
+    /// lease lapsed, gone). Returns the events and the running operations.
+    async fn resync(
+        &self,
+        filter: &WatchFilter,
+        known: Option<&HashSet<Arc<str>>>,
+    ) -> Result<(Vec<WorkerEvent>, HashSet<Arc<str>>), Error> {
+        let now = self.now();
+        let event = |kind, name: &str| WorkerEvent {
+            kind,
+            name: name.to_owned(),
+            time: now,
+        };
+        let mut events = Vec::new();
+        let mut running = HashSet::new();
+        for (name, cancel_pending) in self.running_selected(filter).await? {
+            if cancel_pending {
+                events.push(event(EventKind::CancelRequested, &name));
+            }
+            running.insert(name);
+        }
+        for name in known.into_iter().flatten() {
+            if running.contains(name) {
+                continue;
+            }
+            match self.store().get(name).await? {
+                None => events.push(event(EventKind::Deleted, name)),
+                Some(record) => match record.error().map(|e| e.code) {
+                    Some(CANCELLED_CODE) => events.push(event(EventKind::CancelRequested, name)),
+                    Some(ABORTED_CODE) if record.lease.is_some() => {
+                        events.push(event(EventKind::LeaseExpired, name))
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok((events, running))
+    }
+
+    /// The running operations `filter` selects, read a page at a time:
+    /// each name, and whether a cooperative cancellation is pending.
+    async fn running_selected(&self, filter: &WatchFilter) -> Result<Vec<(Arc<str>, bool)>, Error> {
         let store = self.store();
+        let entry = |r: &StoredRecord| (Arc::from(r.name.as_str()), r.cancel_deadline.is_some());
         let mut found = Vec::new();
-        if filter.everything() {
-            // Every pending cancellation has a deadline (its grace period),
-            // and only running operations can have one.
-            for deadline in store.running_deadlines().await? {
-                if store
-                    .get(&deadline.name)
-                    .await?
-                    .is_some_and(|r| pending(&r))
-                {
-                    found.push(deadline.name.to_string());
-                }
-            }
-            return Ok(found);
-        }
         for name in &filter.names {
-            if store.get(name).await?.is_some_and(|r| pending(&r)) {
-                found.push(name.clone());
+            if let Some(record) = store.get(name).await?.filter(|r| !r.done()) {
+                found.push(entry(&record));
             }
         }
-        if let Some(parent) = &filter.parent {
-            let mut after = None;
-            loop {
-                let scan = store
-                    .list(&ListQuery::page(parent.clone(), after.take(), SYNC_PAGE))
-                    .await?;
-                found.extend(
-                    scan.records
-                        .into_iter()
-                        .filter(|r| pending(r) && !filter.names.contains(&r.name))
-                        .map(|r| r.name),
-                );
-                match scan.resume_after {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
+        let parent = match &filter.parent {
+            Some(parent) => parent.clone(),
+            None if filter.everything() => ParentPattern::everything(),
+            None => return Ok(found),
+        };
+        let running = Some(Arc::new(Filter::Test(Restriction::Done(Op::Eq, false))));
+        let mut after = None;
+        loop {
+            let scan = store
+                .list(&ListQuery {
+                    filter: running.clone(),
+                    ..ListQuery::page(parent.clone(), after.take(), SYNC_PAGE)
+                })
+                .await?;
+            found.extend(
+                scan.records
+                    .iter()
+                    .filter(|r| !r.done() && !filter.names.contains(&r.name))
+                    .map(entry),
+            );
+            match scan.resume_after {
+                Some(next) => after = Some(next),
+                None => return Ok(found),
             }
         }
-        Ok(found)
     }
 }

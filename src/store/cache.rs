@@ -66,6 +66,12 @@ impl Inner {
     fn insert(&mut self, name: Arc<str>, bytes: Arc<[u8]>, budget: usize) {
         let cost = Self::cost(&name, &bytes);
         if cost > budget {
+            // Too large to keep: the older value must not stay behind it
+            // (nor come back through a fill of a read already in flight).
+            if let Some(old) = self.entries.remove(&name) {
+                self.bytes -= Self::cost(&name, &old);
+            }
+            self.raise_barrier();
             return;
         }
         if let Some(old) = self.entries.insert(name.clone(), bytes) {
@@ -216,5 +222,18 @@ mod tests {
         // Too large to cache at all.
         cache.put(Arc::from("huge"), Arc::from(vec![0u8; entry * 11]));
         assert!(cache.get("huge").is_none());
+    }
+
+    #[test]
+    fn a_value_too_large_to_keep_drops_the_older_one() {
+        let cache = RecordCache::new(1 << 10);
+        cache.put(Arc::from("a"), value("small"));
+        let before = cache.ticket();
+        cache.put(Arc::from("a"), Arc::from(vec![0u8; 2 << 10]));
+        assert_eq!(cache.get("a"), None, "the stale small value is gone");
+        assert_eq!(cache.inner().bytes, 0);
+        // A read from before the write cannot bring the old value back.
+        cache.fill(before, "a", value("small"));
+        assert_eq!(cache.get("a"), None);
     }
 }

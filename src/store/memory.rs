@@ -51,6 +51,9 @@ struct State {
     /// request id → name, for idempotent creates.
     request_ids: HashMap<String, Arc<str>>,
     counts: Counts,
+    /// The highest revision handed out: every write takes the next one,
+    /// so a re-created name never reuses a revision of its earlier life.
+    revision: Revision,
 }
 
 impl State {
@@ -163,7 +166,8 @@ impl Store for MemoryStore {
                 }
             }
         }
-        record.revision = 1;
+        state.revision += 1;
+        record.revision = state.revision;
         let name: Arc<str> = Arc::from(record.name.as_str());
         if let Some(request_id) = &record.request_id {
             state.request_ids.insert(request_id.clone(), name.clone());
@@ -193,7 +197,8 @@ impl Store for MemoryStore {
         if stored.revision != expected {
             return Err(StoreError::Conflict);
         }
-        record.revision = expected + 1;
+        state.revision = state.revision.max(expected) + 1;
+        record.revision = state.revision;
         // The idempotency key belongs to the record for its whole life.
         record.request_id = stored.request_id.clone();
         state.records.insert(

@@ -34,7 +34,10 @@ pub use self::redb::RedbStore;
 pub use codec::{StoredOutcome, StoredRecord, StoredResult, StoredScript, StoredStep, StoredTrace};
 pub use memory::MemoryStore;
 
-/// A monotonically increasing version of one record; 1 after creation.
+/// A version of one record. Every write gives the record a new revision,
+/// higher than the one it replaces and than any an earlier record of the
+/// same name had, so a conditional write read before a delete and a
+/// re-creation cannot land on the new record.
 pub type Revision = u64;
 
 /// The parent part of a canonical operation name.
@@ -295,6 +298,9 @@ pub struct Claimed {
     /// The earliest deadline the claim left behind: a record not yet due,
     /// or a due one another replica holds (claimable when its hold ends).
     pub next: Option<SystemTime>,
+    /// When the claim's hold ends (the `now + hold` it was made with): what
+    /// [`Store::release`] lets go of.
+    pub until: Option<SystemTime>,
 }
 
 /// A record's next deadline ([`StoredRecord::next_deadline`]), as
@@ -413,9 +419,10 @@ pub trait Store: Send + Sync + 'static {
     /// the store before the page is cut.
     async fn list(&self, query: &ListQuery) -> Result<Scan, StoreError>;
 
-    /// Inserts a new record at revision 1 and returns that revision. A
-    /// record with the same name or the same request id →
-    /// [`StoreError::Exists`] with that record.
+    /// Inserts a new record and returns its first revision (never one an
+    /// earlier record of the same name had; see [`Revision`]). A record
+    /// with the same name or the same request id → [`StoreError::Exists`]
+    /// with that record.
     async fn insert(&self, record: StoredRecord) -> Result<Revision, StoreError>;
 
     /// Replaces the record if its stored revision is still `expected`, and
@@ -461,6 +468,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Claimed>, StoreError> {
         let _ = (now, limit, hold);
         Ok(None)
+    }
+
+    /// Lets go of a claim ([`Claimed::until`]) on names the deadline task
+    /// did not fire (nothing was due after all, or the action failed), so
+    /// they are claimable again at once instead of when the hold ends.
+    async fn release(&self, names: &[Arc<str>], until: SystemTime) -> Result<(), StoreError> {
+        let _ = (names, until);
+        Ok(())
     }
 
     /// The change feed: every commit from now on, in commit order (for a

@@ -58,6 +58,12 @@ const FORMAT_1: &[u8] = b"opsd-store-1";
 /// The operations by state: running and done, two little-endian u64s,
 /// written with every commit that changes them.
 const COUNTS_KEY: &str = "counts";
+/// The highest revision handed out (a little-endian u64), written with
+/// every commit that changes records: every write takes the next one, so
+/// a name deleted and created again never reuses a revision of its
+/// earlier life. A file without it (written before it was kept) gets it
+/// from a scan of the records at open.
+const REVISION_KEY: &str = "revision";
 
 /// Mutations queued for the writer before callers wait for room.
 const QUEUE: usize = 4096;
@@ -184,6 +190,7 @@ impl RedbStore {
         check_format(&db, path)?;
         let page_token_key = page_token_key(&db)?;
         let counts = Arc::new(Mutex::new(stored_counts(&db)?));
+        let revision = stored_revision(&db)?;
         let db = Arc::new(db);
         let cache = Arc::new(RecordCache::new(DEFAULT_CACHE_BYTES));
         let (queue, rx) = mpsc::channel(QUEUE);
@@ -206,6 +213,7 @@ impl RedbStore {
             clock,
             failed: false,
             probes: 0,
+            revision,
             #[cfg(any(test, feature = "failpoints"))]
             failpoints: failpoints.clone(),
         };
@@ -387,6 +395,37 @@ fn stored_counts(db: &Database) -> Result<Counts, StoreError> {
     Ok(counts)
 }
 
+/// The highest revision handed out (see [`REVISION_KEY`]).
+fn stored_revision(db: &Database) -> Result<Revision, StoreError> {
+    let read = db.begin_read().map_err(internal)?;
+    let stored = read
+        .open_table(META)
+        .map_err(internal)?
+        .get(REVISION_KEY)
+        .map_err(internal)?
+        .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes));
+    if let Some(revision) = stored {
+        return Ok(revision);
+    }
+    let mut highest = 0;
+    let ops = read.open_table(OPERATIONS).map_err(internal)?;
+    for entry in ops.iter().map_err(internal)? {
+        let (_, value) = entry.map_err(internal)?;
+        highest = highest.max(decode(value.value())?.revision);
+    }
+    drop(ops);
+    drop(read);
+    let mut txn = db.begin_write().map_err(internal)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(internal)?;
+    txn.open_table(META)
+        .map_err(internal)?
+        .insert(REVISION_KEY, highest.to_le_bytes().as_slice())
+        .map_err(internal)?;
+    txn.commit().map_err(internal)?;
+    Ok(highest)
+}
+
 fn encode_counts(counts: Counts) -> [u8; 16] {
     let mut bytes = [0; 16];
     bytes[..8].copy_from_slice(&counts.running.to_le_bytes());
@@ -423,6 +462,9 @@ struct Writer {
     /// Health probes written by this writer; the value only makes each
     /// probe a write.
     probes: u64,
+    /// The highest revision handed out (see [`REVISION_KEY`]); it never
+    /// goes back, not even past a failed commit.
+    revision: Revision,
     #[cfg(any(test, feature = "failpoints"))]
     failpoints: Arc<Failpoints>,
 }
@@ -490,6 +532,7 @@ impl Writer {
         // What the cache learns once the commit succeeded.
         let mut cached: Vec<Cached> = Vec::new();
         let mut counts = *self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut revision = self.revision;
         let outcome = (|| -> Result<(), StoreError> {
             let mut txn = self.db.begin_write().map_err(internal)?;
             txn.set_durability(self.durability()).map_err(internal)?;
@@ -497,7 +540,7 @@ impl Writer {
                 let mut ops = txn.open_table(OPERATIONS).map_err(internal)?;
                 let mut ids = txn.open_table(REQUEST_IDS).map_err(internal)?;
                 for mutation in &batch {
-                    let result = match apply(&mut ops, &mut ids, &mutation.op)? {
+                    let result = match apply(&mut ops, &mut ids, &mutation.op, &mut revision)? {
                         Ok(written) => {
                             if let Some(before) = &written.before {
                                 counts.add(before, -1);
@@ -515,9 +558,10 @@ impl Writer {
                     results.push(result);
                 }
                 if !changes.is_empty() {
-                    txn.open_table(META)
-                        .map_err(internal)?
-                        .insert(COUNTS_KEY, encode_counts(counts).as_slice())
+                    let mut meta = txn.open_table(META).map_err(internal)?;
+                    meta.insert(COUNTS_KEY, encode_counts(counts).as_slice())
+                        .map_err(internal)?;
+                    meta.insert(REVISION_KEY, revision.to_le_bytes().as_slice())
                         .map_err(internal)?;
                 }
             }
@@ -527,6 +571,9 @@ impl Writer {
             txn.commit()
                 .map_err(|e| StoreError::Unavailable(e.to_string()))
         })();
+        // A failed commit may have reached the file: its revisions are
+        // never handed out again either.
+        self.revision = revision;
         self.observer
             .committed(size, started.elapsed(), outcome.is_ok());
         match outcome {
@@ -600,6 +647,7 @@ fn apply(
     ops: &mut Ops<'_>,
     ids: &mut Ids<'_>,
     op: &Op,
+    revision: &mut Revision,
 ) -> Result<Result<Written, StoreError>, StoreError> {
     let load = |ops: &Ops<'_>, name: &str| -> Result<Option<StoredRecord>, StoreError> {
         ops.get(name)
@@ -626,7 +674,8 @@ fn apply(
                     .map_err(internal)?;
             }
             let mut record = record.clone();
-            record.revision = 1;
+            *revision += 1;
+            record.revision = *revision;
             let bytes = record.encode_to_vec();
             ops.insert(record.name.as_str(), bytes.as_slice())
                 .map_err(internal)?;
@@ -644,7 +693,8 @@ fn apply(
                 return Ok(Err(StoreError::Conflict));
             }
             let mut record = record.clone();
-            record.revision = expected + 1;
+            *revision = (*revision).max(*expected) + 1;
+            record.revision = *revision;
             record.request_id = stored.request_id.clone();
             let bytes = record.encode_to_vec();
             ops.insert(record.name.as_str(), bytes.as_slice())
@@ -840,12 +890,15 @@ mod tests {
         {
             let store = RedbStore::open(&path).unwrap();
             let a = record("operations/a");
-            store.insert(a.clone()).await.unwrap();
+            let first = store.insert(a.clone()).await.unwrap();
             store.insert(record("operations/b")).await.unwrap();
-            store.insert(record("operations/c")).await.unwrap();
-            store.update(done(a), 1, Cause::Cancelled).await.unwrap();
+            let c = store.insert(record("operations/c")).await.unwrap();
             store
-                .delete("operations/c", 1, Cause::Deleted)
+                .update(done(a), first, Cause::Cancelled)
+                .await
+                .unwrap();
+            store
+                .delete("operations/c", c, Cause::Deleted)
                 .await
                 .unwrap();
             // A refused write changes nothing.
@@ -970,20 +1023,20 @@ mod tests {
         let path = temp("failing");
         let store = RedbStore::open(&path).unwrap();
         let a = record("operations/a");
-        store.insert(a.clone()).await.unwrap();
+        let first = store.insert(a.clone()).await.unwrap();
         // The commit fails, then the health probe fails once more.
         store.failpoints().fail_commits.store(2, Ordering::Relaxed);
         let err = store.insert(record("operations/b")).await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
         assert!(matches!(
-            store.update(a.clone(), 1, Cause::Updated).await,
+            store.update(a.clone(), first, Cause::Updated).await,
             Err(StoreError::Unavailable(_))
         ));
         // Reads work throughout, and nothing of the failed batches is there.
         assert!(store.get("operations/b").await.unwrap().is_none());
         assert_eq!(
             store.get("operations/a").await.unwrap().unwrap().revision,
-            1
+            first
         );
         // Healthy again: writes are accepted.
         store.insert(record("operations/b")).await.unwrap();

@@ -10,33 +10,51 @@
 //!    (`pg_notify`) on the store's channel, batched (whatever committed
 //!    while the previous batch was being sent goes in the next one, several
 //!    changes per payload, each payload under PostgreSQL's 8000-byte limit):
-//!    creations, completions, cancellations and deletions carry the change
-//!    itself, and progress (`Updated`) and creations only ask for a poll,
-//!    at most one such hint per 50 ms. A notification is a latency hint: it
-//!    is lost while a listener is disconnected, or when a replica dies
-//!    between its commit and its `NOTIFY`.
+//!    completions, cancellations and deletions carry the change itself,
+//!    and progress (`Updated`) and creations only ask for a poll, at most
+//!    one such hint per 50 ms. A notification is a latency hint: it is lost
+//!    while a listener is disconnected, or when a replica dies between its
+//!    commit and its `NOTIFY`.
 //! 3. Polls of the log: after every (re)connect, on a hint, and every
 //!    second as a backstop (also while the listener is down, through the
 //!    pool). A poll reads the rows after the highest sequence seen plus the
 //!    "gaps" below it: sequence numbers not yet visible, which belong to
-//!    transactions still in flight (they are read again until they appear,
-//!    or for [`GAP_TTL`], longer than any store statement may run, after
-//!    which they were rolled back).
+//!    transactions still in flight or rolled back.
+//!
+//! Catching up rests on transaction ids, not on timing guesses:
+//!
+//! - A writer has its transaction id before it takes its sequence number
+//!   (its change row is inserted after its operation row, and records the
+//!   id). So the transaction behind a gap found by a poll started before
+//!   that poll's snapshot, and its id is below the next id to be assigned
+//!   then (read with the poll). A gap is abandoned (rolled back) only once
+//!   a later poll's snapshot has no transaction below that id in flight
+//!   (`pg_snapshot_xmin`) and the gap is still invisible, however long the
+//!   transaction ran.
+//! - At start-up, the transactions in flight (the snapshot's, and those
+//!   above its `xmax`) are remembered by id; when one ends, its change (if
+//!   it wrote one below the start-up mark) is read by that id.
+//! - Pruning the log (any replica, changes older than [`KEEP_CHANGES`])
+//!   raises a watermark in `opsd_meta` in the same transaction. A replica
+//!   whose highest sequence seen, or one of whose gaps, is below the
+//!   watermark may have missed changes: it emits a [`Cause::Resync`]
+//!   marker (every consumer re-reads what it follows, and the read cache is
+//!   cleared).
 //!
 //! So no Wait sleeps past a completion and no worker misses a cancel, even
-//! across a listener outage. If a replica could not read the log for longer
-//! than the log keeps changes ([`KEEP_CHANGES`], pruned by any replica),
-//! it emits a [`Cause::Resync`] marker: every consumer re-reads what it
-//! follows, and the read cache is cleared.
+//! across a listener outage.
 //!
 //! The listener is one dedicated `tokio_postgres` connection outside the
 //! pool (the pool's recycling would drop its notifications), driven by
 //! `poll_message` in its own task; the backstop poll doubles as its ping,
 //! so a half-open socket is found within the poll timeout, and it
 //! reconnects with jittered backoff (50 ms to 500 ms). When `LISTEN` does
-//! not work (a standby, or pgbouncer in transaction mode, where a probe
-//! notification sent right after `LISTEN` never comes back), the replica
-//! warns and polls every 250 ms instead.
+//! not work (a standby, or pgbouncer in transaction mode), a probe
+//! notification sent from a pooled connection right after `LISTEN` never
+//! comes back (sent on the listening connection itself, it would come back
+//! through pgbouncer, which runs both on the same server connection): the
+//! replica warns and polls every 250 ms instead. Every statement of the
+//! listener is bounded by the poll timeout.
 //!
 //! Health is the feed's: a replica whose last poll failed is not serving.
 
@@ -50,6 +68,7 @@ use std::{
 };
 
 use deadpool_postgres::Pool;
+use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
@@ -65,11 +84,8 @@ use crate::{
 };
 
 /// How long the log keeps changes; a replica that could not read it for
-/// longer resynchronises.
+/// longer resynchronises (the pruning watermark tells it).
 pub(super) const KEEP_CHANGES: Duration = Duration::from_secs(5 * 60);
-/// How long a sequence number may stay invisible before it is taken for a
-/// rolled-back transaction.
-pub(super) const GAP_TTL: Duration = Duration::from_secs(120);
 /// The most gaps followed at once; more (a burst of failed transactions)
 /// resynchronises.
 const MAX_GAPS: usize = 100_000;
@@ -83,29 +99,92 @@ const FALLBACK_POLL_EVERY: Duration = Duration::from_millis(250);
 const HINT_EVERY: Duration = Duration::from_millis(50);
 /// The largest notification payload sent (PostgreSQL's limit is 8000).
 const MAX_PAYLOAD: usize = 7900;
-/// Changes below the highest sequence at start-up that are looked at once,
-/// so transactions in flight while this replica starts are not missed.
-const STARTUP_WINDOW: i64 = 1000;
 /// How long a probe notification may take to come back after `LISTEN`.
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// How often the log is pruned, and the clock's offset measured.
 const CHORES_EVERY: Duration = Duration::from_secs(30);
+/// Round trips measured to find the clock's offset (the quickest counts).
+const CLOCK_SAMPLES: usize = 5;
 
-const POLL_SQL: &str = "SELECT seq, name, cause, previous_deadline, deadline, time_ns \
-     FROM opsd_changes WHERE seq > $1 OR seq = ANY($2) ORDER BY seq LIMIT $3";
+/// A poll: the rows after `$1` and the gaps `$2` (at most `$3`), in order,
+/// then one row of what the poll's snapshot tells: its `xmin` and `xmax`,
+/// the next transaction id to be assigned (`age()` of a transaction id
+/// counts from it when the reader has none of its own), the transactions
+/// in flight below `xmax`, the pruning watermark, and the highest sequence.
+const POLL_SQL: &str = "\
+WITH snap AS (SELECT pg_current_snapshot() AS s)
+(SELECT seq, name, cause, previous_deadline, deadline, time_ns, xid,
+    NULL::int8 AS xmin, NULL::int8 AS xmax, NULL::int8 AS next, NULL::int8[] AS xip,
+    NULL::int8 AS pruned, NULL::int8 AS top
+  FROM opsd_changes WHERE seq > $1 OR seq = ANY($2) ORDER BY seq LIMIT $3)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  pg_snapshot_xmin(s)::text::int8, pg_snapshot_xmax(s)::text::int8,
+  pg_snapshot_xmin(s)::text::int8
+    + age((pg_snapshot_xmin(s)::text::int8 % 4294967296)::text::xid),
+  ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(s) AS x),
+  (SELECT ('x' || encode(value, 'hex'))::bit(64)::int8 FROM opsd_meta
+    WHERE key = 'pruned-seq'),
+  (SELECT coalesce(max(seq), 0) FROM opsd_changes)
+FROM snap";
+
+/// The changes of transactions that were in flight when this replica
+/// started and have ended since, at or below the start-up mark.
+const ENDED_SQL: &str = "SELECT seq, name, cause, previous_deadline, deadline, time_ns, xid \
+     FROM opsd_changes WHERE xid = ANY($1) AND seq <= $2 ORDER BY seq";
+
+/// What a poll's snapshot tells (see [`POLL_SQL`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Horizon {
+    /// No transaction below it was in flight.
+    xmin: i64,
+    /// Transactions at or above it were in flight, or not begun.
+    xmax: i64,
+    /// The next transaction id to be assigned, read after the snapshot.
+    next: i64,
+    /// The transactions in flight below `xmax`.
+    xip: Vec<i64>,
+    /// Every change at or below it may have been pruned.
+    pruned: i64,
+    /// The highest sequence visible.
+    top: i64,
+}
+
+impl Horizon {
+    fn of(row: &Row) -> Self {
+        Self {
+            xmin: row.get(7),
+            xmax: row.get(8),
+            next: row.get(9),
+            xip: row.get(10),
+            pruned: row.get::<_, Option<i64>>(11).unwrap_or(0),
+            top: row.get(12),
+        }
+    }
+
+    /// Whether transaction `xid` had ended when the snapshot was taken.
+    fn ended(&self, xid: i64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
+}
 
 /// What this replica has delivered of the log.
 #[derive(Default)]
 struct Delivered {
     /// Every sequence at or below it is delivered or in `gaps`.
     high: i64,
-    /// Sequences below `high` not seen yet, with when they were first missed.
-    gaps: BTreeMap<i64, Instant>,
+    /// Sequences below `high` not seen yet, each with the next transaction
+    /// id of the poll that found it: once no transaction below that id is
+    /// in flight, an invisible gap was rolled back.
+    gaps: BTreeMap<i64, i64>,
     /// Sequences above `high` already delivered (this replica's commits,
     /// notifications).
     ahead: BTreeSet<i64>,
-    /// When a poll last succeeded.
-    polled: Option<Instant>,
+    /// Transactions in flight when this replica started, whose changes may
+    /// lie at or below `mark` (see the module docs).
+    starting: BTreeSet<i64>,
+    /// `high` at start-up.
+    mark: i64,
 }
 
 /// How long after its last successful poll the feed still vouches for the
@@ -116,6 +195,12 @@ const FRESH_FOR: Duration = Duration::from_millis(2500);
 pub(super) struct Logged {
     pub(super) seq: i64,
     pub(super) change: Change,
+}
+
+/// A change as a poll reads it, with its writer's transaction id.
+struct Read {
+    logged: Logged,
+    xid: i64,
 }
 
 impl Logged {
@@ -134,7 +219,6 @@ impl Logged {
             },
         })
     }
-
     /// One line of a notification: `seq cause previous deadline time name`.
     fn line(&self) -> String {
         let n = |t: Option<SystemTime>| t.map_or("-".into(), |t| super::sql::nanos(t).to_string());
@@ -206,6 +290,8 @@ pub(super) struct Feed {
     /// The listener's connection is up (notifications arrive, or it polls
     /// every 250 ms where they cannot).
     listening: AtomicBool,
+    /// Its probe notification came back: the others' notifications arrive.
+    notifying: AtomicBool,
 }
 
 /// Marks the listener up while it lives.
@@ -214,6 +300,7 @@ struct Listening<'a>(&'a Feed);
 impl Drop for Listening<'_> {
     fn drop(&mut self) {
         self.0.listening.store(false, Ordering::Relaxed);
+        self.0.notifying.store(false, Ordering::Relaxed);
     }
 }
 
@@ -229,6 +316,7 @@ impl Feed {
             polled_at: AtomicU64::new(0),
             started: Instant::now(),
             listening: AtomicBool::new(false),
+            notifying: AtomicBool::new(false),
         })
     }
 
@@ -238,6 +326,17 @@ impl Feed {
 
     pub(super) fn health(&self) -> watch::Receiver<bool> {
         self.health.subscribe()
+    }
+
+    /// The highest sequence polled: a write sent after this reads it
+    /// commits its change above it.
+    pub(super) fn high(&self) -> i64 {
+        self.delivered().high
+    }
+
+    /// Whether the others' notifications reach this replica.
+    pub(super) fn notifications(&self) -> bool {
+        self.listening.load(Ordering::Relaxed) && self.notifying.load(Ordering::Relaxed)
     }
 
     /// Whether the read cache may answer: the listener is up (a deletion
@@ -322,20 +421,69 @@ impl Feed {
         (delivered.high, delivered.gaps.keys().copied().collect())
     }
 
-    /// Applies one poll's rows (ordered by sequence); `broadcast` is false
-    /// for the silent first poll at start-up.
-    fn polled(&self, rows: Vec<Logged>, broadcast: bool) {
-        let now = Instant::now();
+    /// The first, silent poll: what the log holds counts as delivered
+    /// (nobody follows the feed yet); the transactions in flight are
+    /// remembered (see the module docs).
+    fn started(&self, horizon: &Horizon) {
         let mut delivered = self.delivered();
-        let Some(max) = rows.last().map(|r| r.seq) else {
-            return;
-        };
-        let mut seen = BTreeSet::new();
-        for logged in rows {
-            seen.insert(logged.seq);
-            self.deliver(&mut delivered, logged, broadcast);
+        delivered.high = horizon.top.max(horizon.pruned);
+        delivered.mark = delivered.high;
+        delivered.starting = horizon
+            .xip
+            .iter()
+            .copied()
+            .chain(horizon.xmax..horizon.next)
+            .collect();
+    }
+
+    /// Applies one poll: its rows (in sequence order; `complete` when the
+    /// poll was not cut short by its row limit) and its snapshot's horizon.
+    /// Returns the start-up transactions that have ended since, whose
+    /// changes are to be read ([`Feed::ended`]).
+    fn polled(
+        &self,
+        rows: Vec<Read>,
+        horizon: &Horizon,
+        complete: bool,
+        broadcast: bool,
+    ) -> Vec<i64> {
+        let mut delivered = self.delivered();
+        // Pruned past what this replica has seen: changes may be lost.
+        let pruned_gap = delivered
+            .gaps
+            .first_key_value()
+            .is_some_and(|(seq, _)| *seq <= horizon.pruned);
+        if horizon.pruned > delivered.high || pruned_gap {
+            tracing::warn!(
+                high = delivered.high,
+                pruned = horizon.pruned,
+                "the change log was pruned past what this replica has seen; resynchronising"
+            );
+            delivered.gaps.retain(|seq, _| *seq > horizon.pruned);
+            delivered.ahead.retain(|seq| *seq > horizon.pruned);
+            delivered.high = delivered.high.max(horizon.pruned);
+            if broadcast {
+                self.publish(Change::resync(SystemTime::now()));
+            }
         }
-        if max > delivered.high {
+        let last = rows.last().map(|r| r.logged.seq);
+        let mut seen = BTreeSet::new();
+        for read in rows {
+            seen.insert(read.logged.seq);
+            delivered.starting.remove(&read.xid);
+            self.deliver(&mut delivered, read.logged, broadcast);
+        }
+        // Gaps still invisible once every transaction that could own them
+        // has ended were rolled back (only those the poll covered).
+        let covered = if complete {
+            i64::MAX
+        } else {
+            last.unwrap_or(0)
+        };
+        delivered.gaps.retain(|seq, owner_below| {
+            *seq > covered || *owner_below > horizon.xmin || seen.contains(seq)
+        });
+        if let Some(max) = last.filter(|max| *max > delivered.high) {
             let span = usize::try_from(max - delivered.high).unwrap_or(usize::MAX);
             if span > MAX_GAPS {
                 tracing::warn!(span, "the change log jumped; resynchronising");
@@ -345,15 +493,15 @@ impl Feed {
                 if broadcast {
                     self.publish(Change::resync(SystemTime::now()));
                 }
-                return;
-            }
-            for seq in delivered.high + 1..max {
-                if !seen.contains(&seq) && !delivered.ahead.contains(&seq) {
-                    delivered.gaps.insert(seq, now);
+            } else {
+                for seq in delivered.high + 1..max {
+                    if !seen.contains(&seq) && !delivered.ahead.contains(&seq) {
+                        delivered.gaps.insert(seq, horizon.next);
+                    }
                 }
+                delivered.ahead = delivered.ahead.split_off(&(max + 1));
+                delivered.high = max;
             }
-            delivered.ahead = delivered.ahead.split_off(&(max + 1));
-            delivered.high = max;
         }
         if delivered.gaps.len() > MAX_GAPS {
             tracing::warn!(
@@ -365,29 +513,35 @@ impl Feed {
                 self.publish(Change::resync(SystemTime::now()));
             }
         }
+        delivered
+            .starting
+            .iter()
+            .copied()
+            .filter(|xid| horizon.ended(*xid))
+            .collect()
     }
 
-    /// A poll succeeded: expire old gaps, resynchronise after a long
-    /// outage, and report health.
-    fn poll_succeeded(&self, broadcast: bool) {
-        let now = Instant::now();
-        {
-            let mut delivered = self.delivered();
-            delivered
-                .gaps
-                .retain(|_, first| now.duration_since(*first) < GAP_TTL);
-            let outage = delivered.polled.map(|at| now.duration_since(at));
-            delivered.polled = Some(now);
-            let millis = now.duration_since(self.started).as_millis() as u64;
-            self.polled_at.store(millis.max(1), Ordering::Relaxed);
-            if broadcast && outage.is_some_and(|o| o > KEEP_CHANGES - POLL_EVERY * 30) {
-                tracing::warn!(
-                    ?outage,
-                    "the change log may have been pruned past this replica; resynchronising"
-                );
-                self.publish(Change::resync(SystemTime::now()));
+    /// The changes of start-up transactions that ended (`xids`), read by
+    /// their ids: those at or below the start-up mark were never delivered
+    /// (a poll reads only above it and the gaps; a notification below it
+    /// is dropped), and are now, once.
+    fn ended(&self, xids: &[i64], rows: Vec<Read>) {
+        let mut delivered = self.delivered();
+        for xid in xids {
+            delivered.starting.remove(xid);
+        }
+        for read in rows {
+            let seq = read.logged.seq;
+            if seq <= delivered.mark && !delivered.gaps.contains_key(&seq) {
+                self.publish(read.logged.change);
             }
         }
+    }
+
+    /// A poll succeeded: report freshness and health.
+    fn poll_succeeded(&self) {
+        let millis = self.started.elapsed().as_millis() as u64;
+        self.polled_at.store(millis.max(1), Ordering::Relaxed);
         self.health
             .send_if_modified(|healthy| !std::mem::replace(healthy, true));
     }
@@ -422,36 +576,90 @@ pub(super) struct FeedContext {
     pub(super) stop: CancellationToken,
 }
 
+/// The notification channel of the store in `schema`: deployments in other
+/// schemas of the same database do not hear each other. A hash, since a
+/// channel name is at most 63 bytes and a schema's name may be as long.
+pub(super) fn channel(schema: &str) -> String {
+    let digest = Sha256::digest(schema.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("opsd_changes_{hex}")
+}
+
+/// Runs `query` within `limit`; past it, the connection is given up.
+async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, query)
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("{what} timed out after {limit:?}")))?
+        .map_err(pg_error)
+}
+
 impl FeedContext {
     /// How long a poll may take before the connection is given up.
     fn poll_timeout(&self) -> Duration {
         self.settings.statement_timeout.min(Duration::from_secs(2))
     }
 
-    /// Polls the log on `client` until caught up.
-    async fn poll(
+    /// One poll query: its rows and its snapshot's horizon.
+    async fn read(
         &self,
         client: &Client,
         statement: &Statement,
-        broadcast: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(Vec<Read>, Horizon, bool), StoreError> {
+        let (high, gaps) = self.feed.poll_args();
+        let rows = within(
+            self.poll_timeout(),
+            "the change log poll",
+            client.query(statement, &[&high, &gaps, &POLL_ROWS]),
+        )
+        .await?;
+        let mut read = Vec::with_capacity(rows.len());
+        let mut horizon = None;
+        for row in &rows {
+            if row.get::<_, Option<i64>>(0).is_some() {
+                read.push(Read {
+                    logged: Logged::from_row(row)?,
+                    xid: row.get(6),
+                });
+            } else {
+                horizon = Some(Horizon::of(row));
+            }
+        }
+        let horizon = horizon
+            .ok_or_else(|| StoreError::Internal("the change log poll read no snapshot".into()))?;
+        let complete = (read.len() as i64) < POLL_ROWS;
+        Ok((read, horizon, complete))
+    }
+
+    /// Polls the log on `client` until caught up.
+    async fn poll(&self, client: &Client, statement: &Statement) -> Result<(), StoreError> {
         loop {
-            let (high, gaps) = self.feed.poll_args();
-            let rows = tokio::time::timeout(
-                self.poll_timeout(),
-                client.query(statement, &[&high, &gaps, &POLL_ROWS]),
-            )
-            .await
-            .map_err(|_| StoreError::Unavailable("the change log poll timed out".into()))?
-            .map_err(pg_error)?;
-            let full = rows.len() as i64 == POLL_ROWS;
-            let logged = rows
-                .iter()
-                .map(Logged::from_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            self.feed.polled(logged, broadcast);
-            if !full {
-                self.feed.poll_succeeded(broadcast);
+            let (rows, horizon, complete) = self.read(client, statement).await?;
+            let ended = self.feed.polled(rows, &horizon, complete, true);
+            if !ended.is_empty() {
+                let mark = self.feed.delivered().mark;
+                let rows = within(
+                    self.poll_timeout(),
+                    "reading the changes of ended transactions",
+                    client.query(ENDED_SQL, &[&ended, &mark]),
+                )
+                .await?;
+                let read = rows
+                    .iter()
+                    .map(|row| {
+                        Ok(Read {
+                            logged: Logged::from_row(row)?,
+                            xid: row.get(6),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                self.feed.ended(&ended, read);
+            }
+            if complete {
+                self.feed.poll_succeeded();
                 return Ok(());
             }
         }
@@ -463,8 +671,13 @@ impl FeedContext {
             .await
             .map_err(|_| StoreError::Unavailable("no database connection in time".into()))?
             .map_err(pool_error)?;
-        let statement = client.prepare_cached(POLL_SQL).await.map_err(pg_error)?;
-        self.poll(&client, &statement, true).await
+        let statement = within(
+            self.poll_timeout(),
+            "preparing the poll",
+            client.prepare_cached(POLL_SQL),
+        )
+        .await?;
+        self.poll(&client, &statement).await
     }
 
     async fn poll_pooled_and_report(&self) {
@@ -474,17 +687,24 @@ impl FeedContext {
     }
 }
 
-/// The first, silent poll: the log's recent past counts as delivered.
+/// The first, silent poll: what the log holds counts as delivered, and the
+/// transactions in flight are remembered.
 pub(super) async fn start(ctx: &FeedContext) -> Result<(), StoreError> {
     let client = ctx.pool.get().await.map_err(pool_error)?;
-    let max: i64 = client
-        .query_one("SELECT coalesce(max(seq), 0) FROM opsd_changes", &[])
-        .await
-        .map_err(pg_error)?
-        .get(0);
-    ctx.feed.delivered().high = (max - STARTUP_WINDOW).max(0);
     let statement = client.prepare_cached(POLL_SQL).await.map_err(pg_error)?;
-    ctx.poll(&client, &statement, false).await
+    let high = i64::MAX;
+    let rows = client
+        .query(&statement, &[&high, &Vec::<i64>::new(), &POLL_ROWS])
+        .await
+        .map_err(pg_error)?;
+    let horizon = rows
+        .iter()
+        .find(|row| row.get::<_, Option<i64>>(0).is_none())
+        .map(Horizon::of)
+        .ok_or_else(|| StoreError::Internal("the change log poll read no snapshot".into()))?;
+    ctx.feed.started(&horizon);
+    ctx.feed.poll_succeeded();
+    Ok(())
 }
 
 /// Starts the feed's tasks; they stop with `ctx.stop`.
@@ -570,15 +790,21 @@ async fn serve(
     client: Client,
     mut notifications: mpsc::UnboundedReceiver<String>,
 ) -> Result<(), StoreError> {
-    let statement = client.prepare(POLL_SQL).await.map_err(pg_error)?;
-    let listening = probe(ctx, &client, &mut notifications).await?;
-    let every = if listening {
+    let statement = within(
+        ctx.poll_timeout(),
+        "preparing the poll",
+        client.prepare(POLL_SQL),
+    )
+    .await?;
+    let notifying = probe(ctx, &client, &mut notifications).await?;
+    let every = if notifying {
         POLL_EVERY
     } else {
         FALLBACK_POLL_EVERY
     };
-    ctx.poll(&client, &statement, true).await?;
+    ctx.poll(&client, &statement).await?;
     ctx.feed.listening.store(true, Ordering::Relaxed);
+    ctx.feed.notifying.store(notifying, Ordering::Relaxed);
     let _listening = Listening(&ctx.feed);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -590,11 +816,11 @@ async fn serve(
                     return Err(StoreError::Unavailable("the listener's connection closed".into()));
                 };
                 if ctx.feed.notified(&payload, None).poll {
-                    ctx.poll(&client, &statement, true).await?;
+                    ctx.poll(&client, &statement).await?;
                 }
             }
             _ = tick.tick() => {
-                if let Err(err) = ctx.poll(&client, &statement, true).await {
+                if let Err(err) = ctx.poll(&client, &statement).await {
                     ctx.feed.poll_failed(&err);
                     return Err(err);
                 }
@@ -603,8 +829,9 @@ async fn serve(
     }
 }
 
-/// Listens on the channel and checks that a notification comes back; false
-/// when it does not (polling instead), with a warning.
+/// Listens on the channel and checks that a notification sent from
+/// another connection (a pooled one, as the other replicas' are) comes
+/// back; false when it does not (polling instead), with a warning.
 async fn probe(
     ctx: &FeedContext,
     client: &Client,
@@ -618,27 +845,43 @@ async fn probe(
         );
         Ok(false)
     };
+    let limit = ctx.poll_timeout();
     let quoted = format!("\"{}\"", ctx.channel.replace('"', "\"\""));
-    if let Err(err) = client.batch_execute(&format!("LISTEN {quoted}")).await {
-        if err.as_db_error().is_some() {
-            return fallback(err.to_string());
+    match tokio::time::timeout(limit, client.batch_execute(&format!("LISTEN {quoted}"))).await {
+        Err(_) => {
+            return Err(StoreError::Unavailable(format!(
+                "LISTEN timed out after {limit:?}"
+            )))
         }
-        return Err(pg_error(err));
+        Ok(Err(err)) if err.as_db_error().is_some() => return fallback(err.to_string()),
+        Ok(Err(err)) => return Err(pg_error(err)),
+        Ok(Ok(())) => {}
     }
     let mut token = [0u8; 8];
     let _ = getrandom::fill(&mut token);
     let token = u64::from_le_bytes(token).to_string();
-    if let Err(err) = client
-        .execute(
-            "SELECT pg_notify($1, $2)",
-            &[&ctx.channel, &format!("probe {token}")],
+    let sent = tokio::time::timeout(limit, async {
+        let pooled = ctx.pool.get().await.map_err(pool_error)?;
+        Ok::<_, StoreError>(
+            pooled
+                .execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&ctx.channel, &format!("probe {token}")],
+                )
+                .await,
         )
-        .await
-    {
-        if err.as_db_error().is_some() {
-            return fallback(err.to_string());
+    })
+    .await;
+    match sent {
+        Err(_) => {
+            return Err(StoreError::Unavailable(format!(
+                "the probe notification could not be sent within {limit:?}"
+            )))
         }
-        return Err(pg_error(err));
+        Ok(Err(err)) => return Err(err),
+        Ok(Ok(Err(err))) if err.as_db_error().is_some() => return fallback(err.to_string()),
+        Ok(Ok(Err(err))) => return Err(pg_error(err)),
+        Ok(Ok(Ok(_))) => {}
     }
     let give_up = tokio::time::Instant::now() + PROBE_WAIT;
     loop {
@@ -756,33 +999,46 @@ async fn chores(ctx: FeedContext) {
             tracing::debug!(cause = %err, "cannot prune the change log");
         }
         if let Some(clock) = &ctx.clock {
-            if let Err(err) = step_clock(&ctx.pool, clock).await {
+            if let Err(err) = step_clock(&ctx.pool, clock, ctx.poll_timeout()).await {
                 tracing::debug!(cause = %err, "cannot read the database's clock");
             }
         }
     }
 }
 
+/// Deletes changes older than [`KEEP_CHANGES`], a batch at a time, and
+/// raises the pruning watermark in the same transaction.
+const PRUNE_SQL: &str = "\
+WITH gone AS (
+  DELETE FROM opsd_changes WHERE seq IN (
+    SELECT seq FROM opsd_changes
+    WHERE at < clock_timestamp() - make_interval(secs => $1)
+    ORDER BY at LIMIT 10000 FOR UPDATE SKIP LOCKED)
+  RETURNING seq
+), marked AS (
+  UPDATE opsd_meta SET value = int8send(greatest(
+      ('x' || encode(value, 'hex'))::bit(64)::int8, (SELECT max(seq) FROM gone)))
+  WHERE key = 'pruned-seq' AND EXISTS (SELECT 1 FROM gone)
+)
+SELECT count(*) FROM gone";
+
 async fn prune(ctx: &FeedContext) -> Result<(), StoreError> {
-    let client = ctx.pool.get().await.map_err(pool_error)?;
-    let statement = client
-        .prepare_cached(
-            "DELETE FROM opsd_changes WHERE seq IN ( \
-               SELECT seq FROM opsd_changes \
-               WHERE at < clock_timestamp() - make_interval(secs => $1) \
-               ORDER BY at LIMIT 10000 FOR UPDATE SKIP LOCKED)",
-        )
+    let limit = ctx.settings.statement_timeout;
+    let client = tokio::time::timeout(limit, ctx.pool.get())
         .await
-        .map_err(pg_error)?;
+        .map_err(|_| StoreError::Unavailable("no database connection in time".into()))?
+        .map_err(pool_error)?;
+    let statement = within(
+        limit,
+        "preparing to prune",
+        client.prepare_cached(PRUNE_SQL),
+    )
+    .await?;
     let keep = KEEP_CHANGES.as_secs_f64();
     loop {
-        let deleted = tokio::time::timeout(
-            ctx.settings.statement_timeout,
-            client.execute(&statement, &[&keep]),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable("pruning timed out".into()))?
-        .map_err(pg_error)?;
+        let deleted: i64 = within(limit, "pruning", client.query_one(&statement, &[&keep]))
+            .await?
+            .get(0);
         if deleted < 10000 {
             return Ok(());
         }
@@ -790,23 +1046,46 @@ async fn prune(ctx: &FeedContext) -> Result<(), StoreError> {
 }
 
 /// Measures the database's `clock_timestamp()` against the system clock
-/// (the round trip halved) and sets the offset.
-pub(super) async fn step_clock(pool: &Pool, clock: &OffsetClock) -> Result<(), StoreError> {
-    let client = pool.get().await.map_err(pool_error)?;
-    let statement = client
-        .prepare_cached("SELECT clock_timestamp()")
-        .await
-        .map_err(pg_error)?;
-    let before = SystemTime::now();
-    let started = Instant::now();
-    let db: SystemTime = client
-        .query_one(&statement, &[])
-        .await
-        .map_err(pg_error)?
-        .get(0);
-    let local = before + started.elapsed() / 2;
-    let offset = super::sql::nanos(db).saturating_sub(super::sql::nanos(local));
-    clock.set_offset(offset);
+/// and sets the offset: of [`CLOCK_SAMPLES`] round trips, the quickest
+/// (its half is the most the reading can be off), within `limit`.
+pub(super) async fn step_clock(
+    pool: &Pool,
+    clock: &OffsetClock,
+    limit: Duration,
+) -> Result<(), StoreError> {
+    let measured = tokio::time::timeout(limit, async {
+        let client = pool.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached("SELECT clock_timestamp()")
+            .await
+            .map_err(pg_error)?;
+        let mut best: Option<(Duration, i64)> = None;
+        for _ in 0..CLOCK_SAMPLES {
+            let before = SystemTime::now();
+            let started = Instant::now();
+            let db: SystemTime = client
+                .query_one(&statement, &[])
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            let trip = started.elapsed();
+            let local = before + trip / 2;
+            let offset = super::sql::nanos(db).saturating_sub(super::sql::nanos(local));
+            if best.is_none_or(|(quickest, _)| trip < quickest) {
+                best = Some((trip, offset));
+            }
+        }
+        Ok::<_, StoreError>(best)
+    })
+    .await
+    .map_err(|_| {
+        StoreError::Unavailable(format!(
+            "reading the database's clock took longer than {limit:?}"
+        ))
+    })??;
+    if let Some((_, offset)) = measured {
+        clock.set_offset(offset);
+    }
     Ok(())
 }
 
@@ -840,6 +1119,30 @@ mod tests {
         }
     }
 
+    fn read(seq: i64, name: &str, xid: i64) -> Read {
+        Read {
+            logged: logged(seq, name),
+            xid,
+        }
+    }
+
+    /// A snapshot with `xmin`, nothing else in flight, and `next` as the
+    /// next transaction id.
+    fn horizon(xmin: i64, next: i64) -> Horizon {
+        Horizon {
+            xmin,
+            xmax: xmin,
+            next,
+            ..Horizon::default()
+        }
+    }
+
+    fn names(rx: &mut broadcast::Receiver<Change>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|c| c.name.to_string())
+            .collect()
+    }
+
     #[test]
     fn notification_lines_round_trip() {
         let l = logged(42, "projects/p/operations/a");
@@ -863,35 +1166,133 @@ mod tests {
             None,
         );
         // The poll sees 1..=5 except 2 (in flight) and 4 (in flight).
-        feed.polled(vec![logged(1, "x"), logged(3, "a"), logged(5, "b")], true);
-        let names: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(|c| c.name.to_string())
-            .collect();
-        assert_eq!(names, ["a", "b", "x"]);
+        let h = horizon(100, 110);
+        feed.polled(
+            vec![read(1, "x", 90), read(3, "a", 91), read(5, "b", 92)],
+            &h,
+            true,
+            true,
+        );
+        assert_eq!(names(&mut rx), ["a", "b", "x"]);
         assert_eq!(feed.poll_args(), (5, vec![2, 4]));
         // The gap fills in later, once.
-        feed.polled(vec![logged(4, "late")], true);
-        feed.polled(vec![logged(4, "late")], true);
-        assert_eq!(rx.try_recv().unwrap().name.as_ref(), "late");
-        assert!(rx.try_recv().is_err());
+        feed.polled(vec![read(4, "late", 105)], &h, true, true);
+        feed.polled(vec![read(4, "late", 105)], &h, true, true);
+        assert_eq!(names(&mut rx), ["late"]);
         assert_eq!(feed.poll_args(), (5, vec![2]));
     }
 
     #[test]
-    fn a_long_outage_resynchronises_and_clears_the_cache() {
+    fn a_gap_is_abandoned_only_once_its_transaction_cannot_be_in_flight() {
         let (feed, mut rx) = feed();
+        // Found at a snapshot whose next transaction id was 110.
+        feed.polled(vec![read(2, "b", 100)], &horizon(100, 110), true, true);
+        assert_eq!(feed.poll_args(), (2, vec![1]));
+        // However long it takes: transactions below 110 may still run.
+        for xmin in [101, 105, 109] {
+            feed.polled(vec![], &horizon(xmin, 120), true, true);
+            assert_eq!(feed.poll_args().1, vec![1], "xmin {xmin}");
+        }
+        // A poll cut short by its row limit before the gap decides nothing.
+        feed.polled(vec![], &horizon(110, 120), false, true);
+        assert_eq!(feed.poll_args().1, vec![1]);
+        // It committed after all: delivered, even this late.
+        feed.polled(vec![read(1, "a", 104)], &horizon(109, 120), true, true);
+        assert_eq!(names(&mut rx), ["b", "a"]);
+        assert!(feed.poll_args().1.is_empty());
+        // Another gap, rolled back: gone once no owner can be in flight.
+        feed.polled(vec![read(4, "d", 121)], &horizon(115, 130), true, true);
+        assert_eq!(feed.poll_args().1, vec![3]);
+        feed.polled(vec![], &horizon(130, 131), true, true);
+        assert!(feed.poll_args().1.is_empty());
+    }
+
+    #[test]
+    fn changes_of_transactions_in_flight_at_start_up_are_found_by_their_ids() {
+        let (feed, mut rx) = feed();
+        // At start-up: the log's top is 50; 7 runs below xmax 9, and 9 and
+        // 10 run above it (the next id is 11).
+        feed.started(&Horizon {
+            xmin: 7,
+            xmax: 9,
+            next: 11,
+            xip: vec![7],
+            pruned: 0,
+            top: 50,
+        });
+        assert_eq!(feed.poll_args(), (50, vec![]));
+        // 9 commits a change above the mark: polled as usual.
+        let h = Horizon {
+            xmin: 7,
+            xmax: 12,
+            next: 12,
+            xip: vec![7, 10],
+            pruned: 0,
+            top: 51,
+        };
+        let ended = feed.polled(vec![read(51, "above", 9)], &h, true, true);
+        assert!(ended.is_empty(), "{ended:?}");
+        // 7 and 10 end; 7 wrote seq 40 (below the mark), 10 nothing.
+        let h = horizon(12, 12);
+        let ended = feed.polled(vec![], &h, true, true);
+        assert_eq!(ended, [7, 10]);
+        // A notification of seq 40 is no proof it was delivered.
+        feed.notified(&logged(40, "below").line(), None);
+        feed.ended(&ended, vec![read(40, "below", 7)]);
+        assert_eq!(names(&mut rx), ["above", "below"]);
+        assert!(feed.polled(vec![], &h, true, true).is_empty());
+    }
+
+    #[test]
+    fn pruning_past_what_a_replica_saw_resynchronises_and_clears_the_cache() {
+        let (feed, mut rx) = feed();
+        feed.started(&Horizon {
+            top: 9,
+            ..horizon(5, 5)
+        });
+        feed.polled(vec![read(10, "a", 1)], &horizon(5, 6), true, true);
+        assert_eq!(names(&mut rx), ["a"]);
         feed.cache.put(Arc::from("a"), Arc::from(&b"x"[..]));
-        feed.delivered().polled = Some(Instant::now() - KEEP_CHANGES);
-        feed.poll_succeeded(true);
+        // Pruned below what it saw: nothing lost.
+        let mut h = horizon(5, 6);
+        h.pruned = 8;
+        feed.polled(vec![], &h, true, true);
+        assert!(rx.try_recv().is_err());
+        // Pruned past it (another replica, while this one was cut off).
+        h.pruned = 20;
+        feed.polled(vec![read(25, "b", 2)], &h, true, true);
         assert_eq!(rx.try_recv().unwrap().cause, Cause::Resync);
+        assert_eq!(rx.try_recv().unwrap().name.as_ref(), "b");
         assert!(feed.cache.get("a").is_none());
-        assert!(*feed.health.borrow());
+        // A gap the pruning may have taken resynchronises too (those of
+        // the last poll are abandoned: no transaction below 6 runs).
+        let mut h = horizon(6, 100);
+        h.pruned = 20;
+        feed.polled(vec![read(30, "c", 3)], &h, true, true);
+        assert_eq!(names(&mut rx), ["c"]);
+        assert_eq!(feed.poll_args().1, vec![26, 27, 28, 29]);
+        h.pruned = 27;
+        feed.polled(vec![], &h, true, true);
+        assert_eq!(rx.try_recv().unwrap().cause, Cause::Resync);
+        assert_eq!(feed.poll_args().1, vec![28, 29]);
         // A deletion removes the cached record.
         feed.cache.put(Arc::from("b"), Arc::from(&b"x"[..]));
         feed.committed(Logged {
-            seq: 9,
+            seq: 99,
             change: change("b", Cause::Deleted),
         });
         assert!(feed.cache.get("b").is_none());
+    }
+
+    #[test]
+    fn schemas_get_their_own_channels_whatever_their_length() {
+        let long = "s".repeat(63);
+        let other = format!("{}t", "s".repeat(62));
+        let (a, b) = (channel(&long), channel(&other));
+        assert_ne!(a, b, "schemas that share a 62-byte prefix");
+        assert!(a.len() <= 63 && b.len() <= 63);
+        assert_eq!(a, channel(&long));
+        assert_ne!(channel("public"), channel("Public"));
+        assert!(a.starts_with("opsd_changes_"));
     }
 }

@@ -12,12 +12,22 @@
 //!   counts by state. A write is acknowledged only when that statement (and
 //!   so its commit) returned; an error on the way, the commit's included,
 //!   is an error to the caller.
+//! - Revisions come from one sequence (`opsd_revisions`): an operation
+//!   deleted and created again never reuses a revision, so a conditional
+//!   write read from its earlier life cannot land on the new one.
+//! - A write whose answer does not come in time is cancelled on the server
+//!   and its connection discarded; it may still have committed, so the
+//!   store looks for its change in the log (each write's change carries a
+//!   random token) once no write holds the row: found, the write succeeded;
+//!   not found, the caller hears UNAVAILABLE saying the outcome is unknown,
+//!   never a conflict (which would read as "it did not happen").
 //! - Inserts conflict on the name or on the request id, answered with the
 //!   existing record ([`StoreError::Exists`]).
 //! - The change feed (`listener`): this replica's commits at once, the
 //!   others' through LISTEN/NOTIFY, and the change log as the truth.
 //! - Deadlines are claimed (`FOR UPDATE SKIP LOCKED`, [`Store::claim_due`])
-//!   so each fires on one replica; every write clears a claim, and a claim
+//!   so each fires on one replica; every write clears a claim, a replica
+//!   releases the claims it did not fire ([`Store::release`]), and a claim
 //!   of a replica that died expires.
 //! - Time: the store keeps an [`OffsetClock`] in step with the database's
 //!   `clock_timestamp()`, which the server gives the registry, so leases
@@ -25,9 +35,14 @@
 //! - Filters run in SQL (`sql`), with the in-memory evaluator's results.
 //! - Done records never change, so Gets of them are answered from a
 //!   bounded cache that deletions on the feed (from any replica) and
-//!   resyncs invalidate; running ones are read from the database.
-//! - Faults: every call is bounded (`pool_timeout + statement_timeout`) and
-//!   fails UNAVAILABLE past it; `Store::health` follows the feed's polls.
+//!   resyncs invalidate; running ones are read from the database. A write
+//!   that finds another revision than the one it read drops the name's
+//!   cached copy (the feed may not have told of a re-creation yet).
+//! - Faults: every call is bounded (the connection within
+//!   `pool_timeout`, the answer within `pool_timeout + statement_timeout`,
+//!   an unknown outcome's settling within `statement_timeout` more; start-up
+//!   within the connect and migration timeouts) and fails UNAVAILABLE past
+//!   it; `Store::health` follows the feed's polls.
 //! - The schema is created and migrated by opsd (`schema`).
 
 mod listener;
@@ -36,9 +51,8 @@ mod schema;
 mod sql;
 
 use std::{
-    future::Future,
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc,
     },
     time::{Duration, SystemTime},
@@ -47,7 +61,11 @@ use std::{
 use deadpool_postgres::Pool;
 use prost::Message;
 use tokio::sync::{broadcast, watch};
-use tokio_postgres::{types::ToSql, Row};
+use tokio_postgres::{
+    types::{ToSql, Type},
+    Row,
+};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use self::{
@@ -57,7 +75,7 @@ use self::{
 };
 pub use self::{
     pool::{is_postgres_url, Target, TlsMode},
-    schema::{Migrated, SCHEMA_VERSION},
+    schema::{Migrated, MIGRATION_LOCK, SCHEMA_VERSION},
 };
 use super::{
     cache::{RecordCache, DEFAULT_CACHE_BYTES},
@@ -85,6 +103,9 @@ pub struct PostgresSettings {
     pub statement_timeout: Duration,
     /// How long a call may wait for a free connection.
     pub pool_timeout: Duration,
+    /// How long start-up may wait for another replica's migration (the
+    /// advisory lock) and run its own (each migration's statements).
+    pub migration_timeout: Duration,
 }
 
 impl Default for PostgresSettings {
@@ -94,14 +115,24 @@ impl Default for PostgresSettings {
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(5),
             pool_timeout: Duration::from_secs(2),
+            migration_timeout: Duration::from_secs(300),
         }
     }
 }
 
 impl PostgresSettings {
-    /// The longest any store call takes before it fails UNAVAILABLE.
+    /// The longest a store call waits for its connection and its answer
+    /// before it fails UNAVAILABLE. A write whose answer did not come in
+    /// time takes up to [`PostgresSettings::settle_timeout`] more to find
+    /// out whether it committed.
     pub fn call_timeout(&self) -> Duration {
         self.pool_timeout + self.statement_timeout
+    }
+
+    /// How long a write whose outcome is unknown may look for it: the lock
+    /// wait and the read of the change log, each a statement.
+    pub fn settle_timeout(&self) -> Duration {
+        self.statement_timeout
     }
 }
 
@@ -109,6 +140,8 @@ impl PostgresSettings {
 pub struct PostgresStore {
     pool: Pool,
     target: Target,
+    /// Cancels statements whose answer came too late.
+    tls: MakeRustlsConnect,
     settings: PostgresSettings,
     feed: Arc<Feed>,
     sender: broadcast::Sender<Change>,
@@ -229,20 +262,20 @@ WITH inserted AS (
   INSERT INTO opsd_operations (name, parent, revision, request_id, done, error_code,
       metadata_type, response_type, create_s, create_ns, update_s, update_ns,
       next_deadline, record)
-  VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+  VALUES ($1, $2, nextval('opsd_revisions'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
   ON CONFLICT DO NOTHING
-  RETURNING name
+  RETURNING name, revision
 ), change AS (
-  INSERT INTO opsd_changes (name, cause, revision, previous_deadline, deadline, time_ns)
-  SELECT name, 'created', 1, NULL, $12, $14 FROM inserted
-  RETURNING seq
+  INSERT INTO opsd_changes (name, cause, revision, previous_deadline, deadline, time_ns, token)
+  SELECT name, 'created', revision, NULL, $12, $14, $16 FROM inserted
+  RETURNING seq, revision
 ), counted AS (
   UPDATE opsd_counts SET
     running = running + CASE WHEN $4 THEN 0 ELSE 1 END,
     done = done + CASE WHEN $4 THEN 1 ELSE 0 END
   WHERE slot = $15 AND EXISTS (SELECT 1 FROM inserted)
 )
-SELECT seq FROM change";
+SELECT seq, revision FROM change";
 
 const UPDATE_SQL: &str = "\
 WITH old AS (
@@ -250,16 +283,16 @@ WITH old AS (
   WHERE name = $1 AND revision = $2
   FOR UPDATE
 ), updated AS (
-  UPDATE opsd_operations o SET revision = o.revision + 1, done = $3, error_code = $4,
-      metadata_type = $5, response_type = $6, create_s = $7, create_ns = $8,
-      update_s = $9, update_ns = $10, next_deadline = $11, record = $12,
+  UPDATE opsd_operations o SET revision = nextval('opsd_revisions'), done = $3,
+      error_code = $4, metadata_type = $5, response_type = $6, create_s = $7,
+      create_ns = $8, update_s = $9, update_ns = $10, next_deadline = $11, record = $12,
       claimed_until = NULL
   FROM old WHERE o.name = old.name
   RETURNING o.revision, o.request_id, old.next_deadline AS previous_deadline,
       old.done AS was_done
 ), change AS (
-  INSERT INTO opsd_changes (name, cause, revision, previous_deadline, deadline, time_ns)
-  SELECT $1, $13, revision, previous_deadline, $11, $14 FROM updated
+  INSERT INTO opsd_changes (name, cause, revision, previous_deadline, deadline, time_ns, token)
+  SELECT $1, $13, revision, previous_deadline, $11, $14, $16 FROM updated
   RETURNING seq
 ), counted AS (
   UPDATE opsd_counts c SET
@@ -267,7 +300,7 @@ WITH old AS (
     done = c.done + CASE WHEN u.was_done THEN -1 ELSE 0 END + CASE WHEN $3 THEN 1 ELSE 0 END
   FROM updated u WHERE c.slot = $15 AND u.was_done <> $3
 )
-SELECT updated.revision, updated.request_id, updated.previous_deadline, change.seq
+SELECT change.seq, updated.revision, updated.previous_deadline, updated.request_id
 FROM updated, change";
 
 const DELETE_SQL: &str = "\
@@ -275,8 +308,8 @@ WITH deleted AS (
   DELETE FROM opsd_operations WHERE name = $1 AND revision = $2
   RETURNING next_deadline, done
 ), change AS (
-  INSERT INTO opsd_changes (name, cause, revision, previous_deadline, deadline, time_ns)
-  SELECT $1, $3, $2, next_deadline, NULL, $4 FROM deleted
+  INSERT INTO opsd_changes (name, cause, revision, previous_deadline, deadline, time_ns, token)
+  SELECT $1, $3, $2, next_deadline, NULL, $4, $6 FROM deleted
   RETURNING seq
 ), counted AS (
   UPDATE opsd_counts c SET
@@ -284,7 +317,16 @@ WITH deleted AS (
     done = c.done - CASE WHEN d.done THEN 1 ELSE 0 END
   FROM deleted d WHERE c.slot = $5
 )
-SELECT deleted.next_deadline, change.seq FROM deleted, change";
+SELECT change.seq, $2::int8, deleted.next_deadline FROM deleted, change";
+
+/// Waits until no write holds the row (an ambiguous write holds it until
+/// it has committed or rolled back).
+const SETTLE_LOCK_SQL: &str = "SELECT 1 FROM opsd_operations WHERE name = $1 FOR KEY SHARE";
+
+/// The change a write with this token logged, if it committed; it came
+/// after `$1`, the highest sequence this replica had seen before it.
+const SETTLE_FIND_SQL: &str = "SELECT seq, revision, previous_deadline FROM opsd_changes \
+     WHERE seq > $1 AND token = $2";
 
 const CLAIM_SQL: &str = "\
 WITH due AS (
@@ -303,27 +345,81 @@ SELECT NULL, NULL, least(
   (SELECT min(claimed_until) FROM opsd_operations
    WHERE next_deadline <= $1 AND claimed_until > $1))";
 
+/// Lets go of this replica's claim (`$2`, its hold's end) on names it did
+/// not fire, so they are claimable again at once.
+const RELEASE_SQL: &str = "UPDATE opsd_operations SET claimed_until = NULL \
+     WHERE name = ANY($1) AND claimed_until = $2";
+
+/// Every deadline (`$1` true) or the running records' only.
+const DEADLINES_SQL: &str = "SELECT name, next_deadline, done FROM opsd_operations \
+     WHERE next_deadline IS NOT NULL AND ($1 OR NOT done)";
+
+/// One statement for [`PostgresStore::run`].
+enum Statement<'a> {
+    /// A fixed statement, prepared once per connection.
+    Cached(&'static str, &'a [&'a (dyn ToSql + Sync)]),
+    /// A statement whose text varies (List filters): not cached.
+    Typed(&'a str, &'a [(&'a (dyn ToSql + Sync), Type)]),
+}
+
+/// Why [`PostgresStore::run`] returned no rows.
+enum Failed {
+    /// The statement did not commit: it was never sent, or the database
+    /// answered with an error (its transaction rolled back).
+    Refused(StoreError),
+    /// It was sent and its answer did not come in time or was lost with
+    /// the connection: it may have committed.
+    Unknown(String),
+}
+
+/// What a write committed, as its statement (or the change log) tells.
+struct Written {
+    seq: i64,
+    revision: i64,
+    previous_deadline: Option<i64>,
+    /// The stored request id (updates only; `None` when settled).
+    request_id: Option<Option<Vec<u8>>>,
+}
+
+impl Written {
+    fn of(row: &Row) -> Self {
+        Self {
+            seq: row.get(0),
+            revision: row.get(1),
+            previous_deadline: row.try_get(2).ok().flatten(),
+            request_id: row.try_get::<_, Option<Vec<u8>>>(3).ok(),
+        }
+    }
+}
+
 impl PostgresStore {
     /// Connects to the database, applies the migrations it lacks, and
     /// starts the change feed. With [`Clock::System`], the store keeps its
     /// own clock in step with the database's (see [`PostgresStore::clock`]);
-    /// any other clock (a test's manual one) is used as given.
+    /// any other clock (a test's manual one) is used as given. Every step is
+    /// bounded: the migrations by the migration timeout, the others by the
+    /// connect and call timeouts.
     pub async fn connect(
         target: &Target,
         settings: PostgresSettings,
         clock: Clock,
     ) -> Result<Self, StoreError> {
         let pool = pool::pool(target, &settings)?;
-        let bounded = |what: &'static str| {
-            let limit = settings.call_timeout() + settings.connect_timeout;
+        let limit = settings.call_timeout() + settings.connect_timeout;
+        let within = |what: &'static str, limit: Duration| {
             move |_| StoreError::Unavailable(format!("{what} took longer than {limit:?}"))
         };
-        let limit = settings.call_timeout() + settings.connect_timeout;
         let mut client = tokio::time::timeout(limit, pool.get())
             .await
-            .map_err(bounded("connecting to the database"))?
+            .map_err(within("connecting to the database", limit))?
             .map_err(pool_error)?;
-        let migrated = schema::migrate(&mut client).await?;
+        let migrating = settings.migration_timeout + limit;
+        let migrated = tokio::time::timeout(
+            migrating,
+            schema::migrate(&mut client, settings.migration_timeout),
+        )
+        .await
+        .map_err(within("migrating the schema", migrating))??;
         if migrated.from != migrated.to {
             tracing::info!(
                 from = migrated.from,
@@ -331,23 +427,22 @@ impl PostgresStore {
                 "database schema migrated"
             );
         }
-        let page_token_key = page_token_key(&client).await?;
-        let schema: String = client
-            .query_one("SELECT current_schema()", &[])
-            .await
-            .map_err(pg_error)?
-            .get(0);
+        let (page_token_key, schema) = tokio::time::timeout(limit, async {
+            let key = page_token_key(&client).await?;
+            let schema: String = client
+                .query_one("SELECT current_schema()", &[])
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            Ok::<_, StoreError>((key, schema))
+        })
+        .await
+        .map_err(within("reading the store's settings", limit))??;
         drop(client);
-        // One channel per schema: deployments in other schemas of the same
-        // database do not hear each other (a channel is at most 63 bytes).
-        let mut channel = format!("opsd_changes.{schema}");
-        while channel.len() > 63 {
-            channel.pop();
-        }
         let offset = match clock {
             Clock::System => {
                 let offset = OffsetClock::default();
-                listener::step_clock(&pool, &offset).await?;
+                listener::step_clock(&pool, &offset, limit).await?;
                 Some(offset)
             }
             _ => None,
@@ -357,18 +452,19 @@ impl PostgresStore {
         let cache = Arc::new(RecordCache::new(DEFAULT_CACHE_BYTES));
         let feed = Feed::new(sender.clone(), cache.clone());
         let stop = CancellationToken::new();
+        let tls = pool::tls(target)?;
         let context = FeedContext {
             feed: feed.clone(),
             pool: pool.clone(),
             target: target.clone(),
             settings: settings.clone(),
-            channel,
+            channel: listener::channel(&schema),
             clock: offset,
             stop: stop.clone(),
         };
         tokio::time::timeout(limit, listener::start(&context))
             .await
-            .map_err(bounded("reading the change log"))??;
+            .map_err(within("reading the change log", limit))??;
         listener::spawn(context);
         #[cfg(any(test, feature = "failpoints"))]
         let ack_before_commit = std::env::var_os("OPSD_FAILPOINT_NON_DURABLE_ACK").is_some();
@@ -383,6 +479,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             target: target.clone(),
+            tls,
             settings,
             feed,
             sender,
@@ -397,21 +494,26 @@ impl PostgresStore {
     }
 
     /// Applies the migrations the database lacks, and nothing else
-    /// (`opsd migrate`).
+    /// (`opsd migrate`), within the connect and migration timeouts.
     pub async fn migrate(
         target: &Target,
         settings: &PostgresSettings,
     ) -> Result<Migrated, StoreError> {
-        let (mut client, connection) = pool::connect(target, settings).await?;
-        let driver = tokio::spawn(connection);
-        client
-            .batch_execute(&pool::session_sql(settings))
-            .await
-            .map_err(pg_error)?;
-        let migrated = schema::migrate(&mut client).await;
-        drop(client);
-        let _ = driver.await;
-        migrated
+        let limit = settings.connect_timeout + settings.migration_timeout;
+        tokio::time::timeout(limit, async {
+            let (mut client, connection) = pool::connect(target, settings).await?;
+            let driver = tokio::spawn(connection);
+            client
+                .batch_execute(&pool::session_sql(settings))
+                .await
+                .map_err(pg_error)?;
+            let migrated = schema::migrate(&mut client, settings.migration_timeout).await;
+            drop(client);
+            let _ = driver.await;
+            migrated
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("migrating took longer than {limit:?}")))?
     }
 
     /// The clock the store stamps changes with: the database's time (the
@@ -425,47 +527,179 @@ impl PostgresStore {
         &self.target
     }
 
-    /// Runs `call` within the call timeout.
-    async fn bounded<T>(
-        &self,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let limit = self.settings.call_timeout();
-        tokio::time::timeout(limit, call).await.map_err(|_| {
-            StoreError::Unavailable(format!("the database did not answer within {limit:?}"))
-        })?
+    /// Whether this replica hears the others' notifications (`false`: its
+    /// listener is down, or `LISTEN` does not work and it polls the change
+    /// log instead).
+    pub fn notifications(&self) -> bool {
+        self.feed.notifications()
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+    /// Runs one statement on a pooled connection: the connection within
+    /// the pool's timeout, the answer within the call timeout. A statement
+    /// whose answer does not come in time is cancelled on the server and
+    /// its connection discarded, never handed out again with a statement
+    /// still running on it; so is one whose connection fails under it.
+    /// Either may have committed ([`Failed::Unknown`]).
+    async fn run(&self, statement: Statement<'_>) -> Result<Vec<Row>, Failed> {
+        let deadline = tokio::time::Instant::now() + self.settings.call_timeout();
+        let client = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(err)) => return Err(Failed::Refused(pool_error(err))),
+            Err(_) => {
+                return Err(Failed::Refused(StoreError::Unavailable(format!(
+                    "no database connection within {:?}",
+                    self.settings.call_timeout()
+                ))))
+            }
+        };
+        // Set once the statement may have reached the server.
+        let sent = AtomicBool::new(false);
+        let answer = tokio::time::timeout_at(deadline, async {
+            match statement {
+                Statement::Cached(sql, params) => {
+                    let prepared = client.prepare_cached(sql).await?;
+                    sent.store(true, Ordering::Relaxed);
+                    client.query(&prepared, params).await
+                }
+                Statement::Typed(sql, params) => {
+                    sent.store(true, Ordering::Relaxed);
+                    client.query_typed(sql, params).await
+                }
+            }
+        })
+        .await;
+        let sent = sent.load(Ordering::Relaxed);
+        match answer {
+            Ok(Ok(rows)) => Ok(rows),
+            // The server answered: the statement's transaction rolled back.
+            Ok(Err(err)) if err.as_db_error().is_some() || !sent => {
+                Err(Failed::Refused(pg_error(err)))
+            }
+            Ok(Err(err)) => {
+                let why = pg_error(err).to_string();
+                self.discard(client);
+                Err(Failed::Unknown(why))
+            }
+            Err(_) => {
+                self.discard(client);
+                let why = format!(
+                    "the database did not answer within {:?}",
+                    self.settings.call_timeout()
+                );
+                if sent {
+                    Err(Failed::Unknown(why))
+                } else {
+                    Err(Failed::Refused(StoreError::Unavailable(why)))
+                }
+            }
+        }
     }
 
-    /// Runs one fixed statement (prepared once per connection).
+    /// Takes a connection out of the pool for good, and cancels whatever
+    /// still runs on it (in the background, within the connect timeout).
+    fn discard(&self, client: deadpool_postgres::Object) {
+        let token = client.cancel_token();
+        drop(deadpool_postgres::Object::take(client));
+        let (tls, within) = (self.tls.clone(), self.settings.connect_timeout);
+        tokio::spawn(async move {
+            match tokio::time::timeout(within, token.cancel_query(tls)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(cause = %err, "cannot cancel a late statement"),
+                Err(_) => tracing::debug!("cancelling a late statement timed out"),
+            }
+        });
+    }
+
+    /// Runs one reading statement.
     async fn query(
         &self,
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        self.bounded(async {
-            let client = self.client().await?;
-            let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
-            client.query(&statement, params).await.map_err(pg_error)
-        })
-        .await
+        self.run(Statement::Cached(sql, params))
+            .await
+            .map_err(|failed| match failed {
+                Failed::Refused(err) => err,
+                Failed::Unknown(why) => StoreError::Unavailable(why),
+            })
     }
 
-    /// Runs one writing statement: its own transaction, committed when it
-    /// returns.
+    /// Runs one writing statement of `name` (its own transaction, committed
+    /// when it returns) whose change carries `token`: the row it returned,
+    /// or none when its condition did not hold. A write whose outcome is
+    /// unknown is settled ([`PostgresStore::settle`]).
     async fn write(
         &self,
+        name: &str,
+        token: i64,
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, StoreError> {
+    ) -> Result<Option<Written>, StoreError> {
         #[cfg(any(test, feature = "failpoints"))]
         if self.ack_before_commit {
-            return self.write_acked_early(sql, params).await;
+            let rows = self.write_acked_early(sql, params).await?;
+            return Ok(rows.first().map(Written::of));
         }
-        self.query(sql, params).await
+        let seen = self.feed.high();
+        match self.run(Statement::Cached(sql, params)).await {
+            Ok(rows) => Ok(rows.first().map(Written::of)),
+            Err(Failed::Refused(err)) => Err(err),
+            Err(Failed::Unknown(why)) => self.settle(name, token, seen, why).await.map(Some),
+        }
+    }
+
+    /// Finds out whether a write whose answer was lost committed: waits
+    /// until no write holds its row (the lost one holds it until it ends,
+    /// and was cancelled), then looks for its change in the log by its
+    /// token. Found: the write committed. Not found: it was rolled back or
+    /// may still commit, which cannot be told apart; the caller hears
+    /// UNAVAILABLE saying that the outcome is unknown, never that the
+    /// write did not happen.
+    async fn settle(
+        &self,
+        name: &str,
+        token: i64,
+        seen: i64,
+        why: String,
+    ) -> Result<Written, StoreError> {
+        let within = self.settings.settle_timeout();
+        let found = tokio::time::timeout(within, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            // A lock wait that runs out (lock_timeout) still leaves the
+            // log to look at.
+            let lock = client
+                .prepare_cached(SETTLE_LOCK_SQL)
+                .await
+                .map_err(pg_error)?;
+            let _ = client.query(&lock, &[&name]).await;
+            let find = client
+                .prepare_cached(SETTLE_FIND_SQL)
+                .await
+                .map_err(pg_error)?;
+            let rows = client
+                .query(&find, &[&seen, &token])
+                .await
+                .map_err(pg_error)?;
+            Ok::<_, StoreError>(rows.first().map(|row| Written {
+                seq: row.get(0),
+                revision: row.get(1),
+                previous_deadline: row.get(2),
+                request_id: None,
+            }))
+        })
+        .await;
+        match found {
+            Ok(Ok(Some(written))) => {
+                tracing::warn!(name, cause = %why, "a write whose answer was lost had committed");
+                Ok(written)
+            }
+            Ok(Ok(None)) => Err(unknown(name, &why)),
+            Ok(Err(err)) => Err(unknown(name, &format!("{why}; then {err}"))),
+            Err(_) => Err(unknown(
+                name,
+                &format!("{why}; then its outcome could not be read within {within:?}"),
+            )),
+        }
     }
 
     /// The negative control: the statement runs in a transaction that is
@@ -477,8 +711,9 @@ impl PostgresStore {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        self.bounded(async {
-            let client = self.client().await?;
+        let limit = self.settings.call_timeout();
+        tokio::time::timeout(limit, async {
+            let client = self.pool.get().await.map_err(pool_error)?;
             let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
             client.batch_execute("BEGIN").await.map_err(pg_error)?;
             let rows = client.query(&statement, params).await.map_err(pg_error)?;
@@ -489,6 +724,7 @@ impl PostgresStore {
             Ok(rows)
         })
         .await
+        .map_err(|_| StoreError::Unavailable(format!("no answer within {limit:?}")))?
     }
 
     fn slot(&self) -> i32 {
@@ -510,6 +746,29 @@ impl PostgresStore {
                 .fill(ticket, &record.name, Arc::from(record.encode_to_vec()));
         }
     }
+
+    /// A conditional write of `name` found another revision: a done copy
+    /// of it in the cache is stale (the record was deleted and created
+    /// again, and the feed has not said so yet), so it goes.
+    fn conflict(&self, name: &str) -> StoreError {
+        self.cache.remove(name);
+        StoreError::Conflict
+    }
+}
+
+/// A write's outcome is unknown (see [`PostgresStore::settle`]).
+fn unknown(name: &str, why: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "the outcome of a write to {name} is unknown (it may or may not have committed; \
+         read the operation to find out): {why}"
+    ))
+}
+
+/// A random token for one write.
+fn token() -> i64 {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut bytes);
+    i64::from_le_bytes(bytes)
 }
 
 /// The page token key kept in `opsd_meta`, created by the first replica.
@@ -568,15 +827,12 @@ impl Store for PostgresStore {
         let mut params = Params::default();
         let sql = sql::list(query, &mut params);
         let rows = self
-            .bounded(async {
-                let client = self.client().await?;
-                // The text varies with the filter's shape: not cached.
-                client
-                    .query_typed(&sql, &params.typed())
-                    .await
-                    .map_err(pg_error)
-            })
-            .await?;
+            .run(Statement::Typed(&sql, &params.typed()))
+            .await
+            .map_err(|failed| match failed {
+                Failed::Refused(err) => err,
+                Failed::Unknown(why) => StoreError::Unavailable(why),
+            })?;
         let budget = i64::try_from(query.scan_budget.max(1)).unwrap_or(i64::MAX);
         let mut scan = Scan::default();
         let mut budget_end = None;
@@ -604,7 +860,7 @@ impl Store for PostgresStore {
         let time = self.clock.now();
         loop {
             let ticket = self.cache.ticket();
-            let (time_ns, slot) = (nanos(time), self.slot());
+            let (time_ns, slot, token) = (nanos(time), self.slot(), token());
             let params = [
                 &[
                     &record.name as &(dyn ToSql + Sync),
@@ -612,14 +868,13 @@ impl Store for PostgresStore {
                     &columns.request_id,
                 ][..],
                 &columns.written(),
-                &[&time_ns, &slot],
+                &[&time_ns, &slot, &token],
             ]
             .concat();
-            let rows = self.write(INSERT_SQL, &params).await?;
-            if let Some(row) = rows.first() {
-                record.revision = 1;
+            if let Some(written) = self.write(&record.name, token, INSERT_SQL, &params).await? {
+                record.revision = revision_of(written.revision)?;
                 self.feed.committed(Logged {
-                    seq: row.get(0),
+                    seq: written.seq,
                     change: Change {
                         name: Arc::from(record.name.as_str()),
                         cause: Cause::Created,
@@ -654,63 +909,58 @@ impl Store for PostgresStore {
         let time = self.clock.now();
         let expected = i64::try_from(expected).map_err(|_| StoreError::Conflict)?;
         let ticket = self.cache.ticket();
-        let (cause_name, time_ns, slot) = (cause.as_str(), nanos(time), self.slot());
+        let (cause_name, time_ns, slot, token) =
+            (cause.as_str(), nanos(time), self.slot(), token());
         let params = [
             &[&record.name as &(dyn ToSql + Sync), &expected][..],
             &columns.written(),
-            &[&cause_name, &time_ns, &slot],
+            &[&cause_name, &time_ns, &slot, &token],
         ]
         .concat();
-        let rows = self.write(UPDATE_SQL, &params).await?;
-        let Some(row) = rows.first() else {
-            return Err(StoreError::Conflict);
+        let Some(written) = self.write(&record.name, token, UPDATE_SQL, &params).await? else {
+            return Err(self.conflict(&record.name));
         };
-        let revision: i64 = row.get(0);
-        let request_id: Option<Vec<u8>> = row.get(1);
-        let previous: Option<i64> = row.get(2);
+        let revision = revision_of(written.revision)?;
         self.feed.committed(Logged {
-            seq: row.get(3),
+            seq: written.seq,
             change: Change {
                 name: Arc::from(record.name.as_str()),
                 cause,
-                previous_deadline: previous.map(from_nanos),
+                previous_deadline: written.previous_deadline.map(from_nanos),
                 deadline: columns.next_deadline.map(from_nanos),
                 time,
             },
         });
-        if record.done() {
-            record.revision = revision as u64;
+        // Settled writes do not know the stored request id: not cached.
+        if let (true, Some(request_id)) = (record.done(), written.request_id) {
+            record.revision = revision;
             record.request_id = request_id.and_then(|r| String::from_utf8(r).ok());
             self.cache_done(ticket, &record);
         }
-        Ok(revision as u64)
+        Ok(revision)
     }
 
     async fn delete(&self, name: &str, expected: Revision, cause: Cause) -> Result<(), StoreError> {
         let expected = i64::try_from(expected).map_err(|_| StoreError::Conflict)?;
         let time = self.clock.now();
-        let rows = self
-            .write(
-                DELETE_SQL,
-                &[
-                    &name,
-                    &expected,
-                    &cause.as_str(),
-                    &nanos(time),
-                    &self.slot(),
-                ],
-            )
-            .await?;
-        let Some(row) = rows.first() else {
-            return Err(StoreError::Conflict);
+        let token = token();
+        let params: [&(dyn ToSql + Sync); 6] = [
+            &name,
+            &expected,
+            &cause.as_str(),
+            &nanos(time),
+            &self.slot(),
+            &token,
+        ];
+        let Some(written) = self.write(name, token, DELETE_SQL, &params).await? else {
+            return Err(self.conflict(name));
         };
-        let previous: Option<i64> = row.get(0);
         self.feed.committed(Logged {
-            seq: row.get(1),
+            seq: written.seq,
             change: Change {
                 name: Arc::from(name),
                 cause,
-                previous_deadline: previous.map(from_nanos),
+                previous_deadline: written.previous_deadline.map(from_nanos),
                 deadline: None,
                 time,
             },
@@ -719,24 +969,12 @@ impl Store for PostgresStore {
     }
 
     async fn deadlines(&self) -> Result<Vec<Deadline>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT name, next_deadline, done FROM opsd_operations \
-                 WHERE next_deadline IS NOT NULL",
-                &[],
-            )
-            .await?;
+        let rows = self.query(DEADLINES_SQL, &[&true]).await?;
         Ok(deadlines(&rows))
     }
 
     async fn running_deadlines(&self) -> Result<Vec<Deadline>, StoreError> {
-        let rows = self
-            .query(
-                "SELECT name, next_deadline, done FROM opsd_operations \
-                 WHERE NOT done AND next_deadline IS NOT NULL",
-                &[],
-            )
-            .await?;
+        let rows = self.query(DEADLINES_SQL, &[&false]).await?;
         Ok(deadlines(&rows))
     }
 
@@ -747,10 +985,14 @@ impl Store for PostgresStore {
         hold: Duration,
     ) -> Result<Option<Claimed>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let until = now + hold;
         let rows = self
-            .query(CLAIM_SQL, &[&nanos(now), &limit, &nanos(now + hold)])
+            .query(CLAIM_SQL, &[&nanos(now), &limit, &nanos(until)])
             .await?;
-        let mut claimed = Claimed::default();
+        let mut claimed = Claimed {
+            until: Some(until),
+            ..Claimed::default()
+        };
         let mut due: Vec<(i64, Arc<str>)> = Vec::new();
         for row in &rows {
             match row.get::<_, Option<&str>>(0) {
@@ -763,6 +1005,15 @@ impl Store for PostgresStore {
         due.sort();
         claimed.names = due.into_iter().map(|(_, name)| name).collect();
         Ok(Some(claimed))
+    }
+
+    async fn release(&self, names: &[Arc<str>], until: SystemTime) -> Result<(), StoreError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+        self.query(RELEASE_SQL, &[&names, &nanos(until)]).await?;
+        Ok(())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
@@ -794,6 +1045,12 @@ impl Store for PostgresStore {
     fn page_token_key(&self) -> [u8; 32] {
         self.page_token_key
     }
+}
+
+/// A stored revision as the store trait counts them.
+fn revision_of(revision: i64) -> Result<Revision, StoreError> {
+    u64::try_from(revision)
+        .map_err(|_| StoreError::Internal("a stored revision is negative".into()))
 }
 
 fn deadlines(rows: &[Row]) -> Vec<Deadline> {

@@ -6,7 +6,11 @@
 //! `opsd migrate` beside running replicas) apply each migration once, in
 //! order; the version table `opsd_schema` records what was applied. A
 //! database whose schema is newer than this binary knows is refused before
-//! anything is touched.
+//! anything is touched. A migration may take longer than a store call and
+//! may wait for another replica's, but not forever: the lock wait and each
+//! migration's statements are bounded by the migration timeout.
+
+use std::time::Duration;
 
 use tokio_postgres::Client;
 
@@ -14,10 +18,17 @@ use super::pool::pg_error;
 use crate::store::StoreError;
 
 /// (version, name, SQL), in order.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (
+        2,
+        "revisions and log horizon",
+        include_str!("migrations/0002_revisions_and_log_horizon.sql"),
+    ),
+];
 
 /// The advisory lock key that serialises migrations ("opsdmigr").
-const LOCK_KEY: i64 = 0x6f70_7364_6d69_6772;
+pub const MIGRATION_LOCK: i64 = 0x6f70_7364_6d69_6772;
 
 /// The schema version this binary writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -29,8 +40,14 @@ pub struct Migrated {
     pub to: i32,
 }
 
-/// Applies every migration the database lacks.
-pub(super) async fn migrate(client: &mut Client) -> Result<Migrated, StoreError> {
+/// Applies every migration the database lacks; waiting for another
+/// replica's migration, and each migration's statements, are bounded by
+/// `timeout` (on the server: a replica whose statement outlasts it fails).
+pub(super) async fn migrate(
+    client: &mut Client,
+    timeout: Duration,
+) -> Result<Migrated, StoreError> {
+    let ms = timeout.as_millis().max(1);
     let encoding: String = client
         .query_one("SHOW server_encoding", &[])
         .await
@@ -46,16 +63,22 @@ pub(super) async fn migrate(client: &mut Client) -> Result<Migrated, StoreError>
     for (version, name, sql) in MIGRATIONS {
         let txn = client.transaction().await.map_err(pg_error)?;
         // A migration may take longer than the store's statement timeout,
-        // and may wait for another replica's.
-        txn.batch_execute(
-            "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
-             SET LOCAL idle_in_transaction_session_timeout = 0",
-        )
+        // and may wait for another replica's: the migration timeout.
+        txn.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}; \
+             SET LOCAL idle_in_transaction_session_timeout = 0"
+        ))
         .await
         .map_err(pg_error)?;
-        txn.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
-            .map_err(pg_error)?;
+            .map_err(|err| match pg_error(err) {
+                StoreError::Unavailable(why) => StoreError::Unavailable(format!(
+                    "waited {timeout:?} for another replica's schema migration (the \
+                     advisory lock {MIGRATION_LOCK:#x}): {why}"
+                )),
+                other => other,
+            })?;
         txn.batch_execute(
             "CREATE TABLE IF NOT EXISTS opsd_schema ( \
                version integer PRIMARY KEY, \
