@@ -167,6 +167,11 @@ pub struct Config {
     pub metrics: bool,
     /// Serve the operator page at `/ui/` (`--no-ui` turns it off).
     pub ui: bool,
+    /// Origins whose browser pages may call opsd across origins (CORS, for
+    /// REST and gRPC-Web): `scheme://host[:port]` each, or `*` for any.
+    /// Empty (the default): no CORS headers, so browsers call only from
+    /// opsd's own origin (the operator page).
+    pub cors_allow_origins: Vec<String>,
     pub limits: Limits,
     pub traces: TraceSettings,
 }
@@ -184,6 +189,7 @@ impl Default for Config {
             scenarios: Vec::new(),
             metrics: true,
             ui: true,
+            cors_allow_origins: Vec::new(),
             limits: Limits::default(),
             traces: TraceSettings::default(),
         }
@@ -251,6 +257,9 @@ impl Config {
         if self.traces.queue_size == 0 {
             return fail("--otlp-queue-size must be at least 1".into());
         }
+        for origin in &self.cors_allow_origins {
+            check_origin(origin)?;
+        }
         if self.postgres.pool_size == 0 {
             return fail("--pg-pool-size must be at least 1".into());
         }
@@ -264,6 +273,37 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A `--cors-allow-origin`: `*`, or an origin as browsers send it in
+/// `Origin` (`scheme://host[:port]`, no path, no trailing slash).
+fn check_origin(origin: &str) -> Result<(), ConfigError> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let bad = |why: &str| {
+        Err(ConfigError(format!(
+            "--cors-allow-origin {origin:?}: {why} (an origin is scheme://host[:port], \
+             as in https://console.example.com, or * for any)"
+        )))
+    };
+    let Ok(uri) = origin.parse::<http::Uri>() else {
+        return bad("not a URL");
+    };
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return bad("the scheme must be http or https"),
+    }
+    if uri
+        .authority()
+        .is_none_or(|a| a.host().is_empty() || a.as_str().contains('@'))
+    {
+        return bad("no host");
+    }
+    if !origin.ends_with(uri.authority().map_or("", |a| a.as_str())) {
+        return bad("an origin has no path");
+    }
+    Ok(())
 }
 
 /// An OTLP/gRPC collector's address: `http://HOST:PORT`. TLS to the
@@ -355,6 +395,30 @@ mod tests {
         let mut config = Config::default();
         config.traces.queue_size = 0;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let check = |origin: &str| {
+            let config = Config {
+                cors_allow_origins: vec![origin.to_owned()],
+                ..Config::default()
+            };
+            config.validate().map_err(|e| e.to_string())
+        };
+        check("*").unwrap();
+        check("https://console.example.com").unwrap();
+        check("http://localhost:5173").unwrap();
+        assert!(check("https://console.example.com/")
+            .unwrap_err()
+            .contains("no path"));
+        assert!(check("https://console.example.com/app").is_err());
+        assert!(check("console.example.com").is_err());
+        assert!(check("ftp://console.example.com")
+            .unwrap_err()
+            .contains("scheme"));
+        assert!(check("https://user@console.example.com").is_err());
+        assert!(check("").is_err());
     }
 
     #[test]

@@ -79,6 +79,12 @@ pub struct ServeArgs {
     #[arg(long)]
     no_ui: bool,
 
+    /// Let browser pages from this origin call opsd (CORS, for REST and
+    /// gRPC-Web): scheme://host[:port], or * for any. Repeatable. Without
+    /// it, no CORS headers are sent: only opsd's own pages may call it.
+    #[arg(long = "cors-allow-origin", value_name = "ORIGIN")]
+    cors_allow_origins: Vec<String>,
+
     /// Which REST routes to serve besides operations.proto's and the
     /// --http-rules files': `google` (the default) also serves Google Cloud's
     /// operation URLs under any version segment (`/{version}/{name=**/operations/*}`,
@@ -246,6 +252,7 @@ impl ServeArgs {
             scenarios: self.scenarios,
             metrics: !self.no_metrics,
             ui: !self.no_ui,
+            cors_allow_origins: self.cors_allow_origins,
             ..Config::default()
         };
         config.operations.disabled_methods = self.disable_methods.into_iter().collect();

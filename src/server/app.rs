@@ -7,6 +7,12 @@
 //! method is known once routed), and whether it counts against
 //! `--max-in-flight` (Waits and streams do not). [`App`] routes it; gRPC
 //! calls to opsd's services go through the request guard (`guard.rs`).
+//!
+//! Browsers reach the same gRPC services through gRPC-Web (tonic-web turns
+//! the call into gRPC before the guard and back after), and, with
+//! `--cors-allow-origin`, from pages of other origins: CORS (tower-http)
+//! wraps every request that carries an `Origin`, answering preflights
+//! itself.
 
 use std::{convert::Infallible, future::Future, pin::Pin};
 
@@ -18,7 +24,8 @@ use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 use tonic::{body::Body, service::Routes, Status};
-use tower::ServiceExt;
+use tower::{Layer, ServiceExt};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use super::{
     connections::Connections,
@@ -124,7 +131,10 @@ impl Kind {
         // REST Waits and feeds are the routes with the `:wait` and `:watch`
         // verbs (every default route and service config maps them so); the
         // server's own pages do not count either.
-        let own = matches!(path, "/healthz" | "/metrics") || path.starts_with("/ui");
+        // CORS preflights (OPTIONS) are answered by the CORS layer alone.
+        let own = matches!(path, "/healthz" | "/metrics")
+            || path.starts_with("/ui")
+            || request.method() == http::Method::OPTIONS;
         Self {
             grpc,
             method: None,
@@ -150,6 +160,56 @@ pub struct App {
     pub ui: bool,
     /// For `/healthz`: the store's health, where it has one.
     pub store_health: Option<watch::Receiver<bool>>,
+    /// With `--cors-allow-origin`: the CORS policy requests with an
+    /// `Origin` pass through.
+    pub cors: Option<CorsLayer>,
+}
+
+/// The CORS policy for `origins` (`*` allows any): the methods REST uses
+/// (gRPC-Web posts), any request header the browser asks for (so
+/// `authorization`, `content-type`, `x-grpc-web`, `grpc-timeout`), the
+/// response headers that carry gRPC's outcome and `Retry-After`. No
+/// credentials (cookies): opsd's callers send bearer tokens.
+pub fn cors_policy(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                http::Method::GET,
+                http::Method::POST,
+                http::Method::PATCH,
+                http::Method::DELETE,
+            ])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([
+                http::HeaderName::from_static("grpc-status"),
+                http::HeaderName::from_static("grpc-message"),
+                http::HeaderName::from_static("grpc-status-details-bin"),
+                http::header::RETRY_AFTER,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// Whether a gRPC request is gRPC-Web (`application/grpc-web`,
+/// `application/grpc-web+proto`, `application/grpc-web-text…`).
+fn is_grpc_web<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc-web"))
 }
 
 /// The future of one request. A gRPC call holds only the router's future;
@@ -161,11 +221,35 @@ pub type Routed = Either<
 >;
 
 impl App {
-    /// Routes `request`, of `kind`.
+    /// Routes `request`, of `kind`, through the CORS policy when it is
+    /// set and the request comes from a page (`Origin`).
     pub fn route(&self, request: Request<Incoming>, kind: Kind) -> Routed {
+        match &self.cors {
+            Some(cors) if request.headers().contains_key(http::header::ORIGIN) => {
+                let app = self.clone();
+                let service = cors.layer(tower::service_fn(move |request| {
+                    app.route_inner(request, kind)
+                }));
+                Either::Right(Box::pin(service.oneshot(request)))
+            }
+            _ => self.route_inner(request, kind),
+        }
+    }
+
+    fn route_inner(&self, request: Request<Incoming>, kind: Kind) -> Routed {
+        // Only opsd's unary request bodies are guarded.
+        let guard = kind.method.map(|_| self.guard);
+        if kind.grpc && is_grpc_web(&request) {
+            let routes = self.grpc.clone();
+            let grpc = tower::service_fn(move |request: Request<Body>| {
+                let request = request.map(|body| Guarded::new(body, guard));
+                routes.clone().oneshot(request)
+            });
+            return Either::Right(Box::pin(
+                tonic_web::GrpcWebLayer::new().layer(grpc).oneshot(request),
+            ));
+        }
         if kind.grpc {
-            // Only opsd's unary request bodies are guarded.
-            let guard = kind.method.map(|_| self.guard);
             let request = request.map(|body| Guarded::new(body, guard));
             return Either::Left(self.grpc.clone().oneshot(request));
         }

@@ -296,6 +296,7 @@ impl Server {
             shed: Shed::new(limits.max_in_flight),
             ui: config.ui,
             store_health,
+            cors: app::cors_policy(&config.cors_allow_origins),
         };
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
