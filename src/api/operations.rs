@@ -114,7 +114,7 @@ impl Operations for OperationsService {
         self.enabled(Method::List)?;
         let page = self
             .registry
-            .list(list_request(request.into_inner()))
+            .list(list_request(request))
             .await?;
         let response = Response::new(ListOperationsResponse {
             operations: page.records.iter().map(operation).collect(),

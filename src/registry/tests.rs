@@ -353,6 +353,7 @@ mod listing {
                     filter: filter.into(),
                     page_size,
                     page_token: token,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
