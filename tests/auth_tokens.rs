@@ -365,3 +365,57 @@ async fn health_stays_open_and_the_rest_needs_a_token() {
     );
     f.server.stop().await;
 }
+
+#[tokio::test]
+async fn open_reflection_and_metrics_on_their_own_listener_need_no_token() {
+    let dir = Dir::new("auth-open");
+    let key = SigningKey::ec("k");
+    let mut config = auth::config(&dir, &[&key], Some(POLICY));
+    if let Some(auth) = config.auth.as_mut() {
+        auth.open_reflection = true;
+    }
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = opsd::Server::new(config).await.unwrap();
+    let metrics = server.metrics_address().unwrap();
+    let server = TestServer::serve(server).await;
+    let mut reflection = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+        server.channel().await,
+    );
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+    // The services themselves still need a token.
+    assert_eq!(
+        grpc(&server, None).await,
+        Err((Code::Unauthenticated, "CREDENTIALS_MISSING".into()))
+    );
+    // /metrics answers on its own listener, and not on the main port.
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("opsd_auth_denials_total"), "{text}");
+    let main = reqwest::Client::new()
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(key.sign(&claims("admin")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(main.status(), 404);
+    let other = reqwest::get(format!("http://{metrics}/v1/operations")).await.unwrap();
+    assert_eq!(other.status(), 404);
+    server.stop().await;
+}
