@@ -454,7 +454,10 @@ mod tests {
             scope: Some("https://www.googleapis.com/auth/cloud-platform".into()),
         });
         let challenge = www_authenticate(&scope).unwrap();
-        assert!(challenge.contains(r#"error="insufficient_scope""#), "{challenge}");
+        assert!(
+            challenge.contains(r#"error="insufficient_scope""#),
+            "{challenge}"
+        );
         assert!(challenge.contains("cloud-platform"), "{challenge}");
         let denied = Status::from(Error::PermissionDenied {
             reason: PERMISSION_DENIED,

@@ -84,13 +84,17 @@ async fn rotated_keys_are_fetched_and_unknown_kids_are_rate_limited() {
     let mut ops = server.operations().await;
     let call = |token: String| bearer(tonic::Request::new(get(&name)), &token);
 
-    ops.get_operation(call(old.sign(&claims("admin")))).await.unwrap();
+    ops.get_operation(call(old.sign(&claims("admin"))))
+        .await
+        .unwrap();
     assert_eq!(endpoint.fetches(), 1);
 
     // The issuer rotates a key in; the first token that names it makes
     // opsd fetch the set again, and passes.
     endpoint.serve(jwks(&[&old, &new]));
-    ops.get_operation(call(new.sign(&claims("admin")))).await.unwrap();
+    ops.get_operation(call(new.sign(&claims("admin"))))
+        .await
+        .unwrap();
     assert_eq!(endpoint.fetches(), 2);
 
     // Unknown kids right after: refused, without a fetch each.
@@ -104,8 +108,12 @@ async fn rotated_keys_are_fetched_and_unknown_kids_are_rate_limited() {
     }
     assert!(endpoint.fetches() <= 3, "{} fetches", endpoint.fetches());
     // Keys already known still pass.
-    ops.get_operation(call(new.sign(&claims("admin")))).await.unwrap();
-    ops.get_operation(call(old.sign(&claims("admin")))).await.unwrap();
+    ops.get_operation(call(new.sign(&claims("admin"))))
+        .await
+        .unwrap();
+    ops.get_operation(call(old.sign(&claims("admin"))))
+        .await
+        .unwrap();
     server.stop().await;
 }
 

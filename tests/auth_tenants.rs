@@ -48,7 +48,11 @@ async fn start() -> Fixture {
     let dir = Dir::new("auth-tenants");
     let key = SigningKey::ec("k");
     let server = TestServer::start_with(auth::config(&dir, &[&key], Some(POLICY))).await;
-    for (parent, prefix) in [("projects/a", "a"), ("projects/b", "b"), ("projects/ab", "ab")] {
+    for (parent, prefix) in [
+        ("projects/a", "a"),
+        ("projects/b", "b"),
+        ("projects/ab", "ab"),
+    ] {
         for i in 1..=3 {
             server
                 .registry
@@ -81,7 +85,11 @@ fn code<T>(result: Result<T, tonic::Status>) -> Code {
 
 /// The gRPC answers of each Operations and Console method on `name`, as
 /// `token`: (method, code, message when refused).
-async fn operations_matrix(channel: Channel, token: &str, name: &str) -> Vec<(&'static str, Code, String)> {
+async fn operations_matrix(
+    channel: Channel,
+    token: &str,
+    name: &str,
+) -> Vec<(&'static str, Code, String)> {
     let mut ops = OperationsClient::new(channel.clone());
     let mut console = ConsoleClient::new(channel.clone());
     let mut workers = WorkersClient::new(channel);
@@ -90,7 +98,11 @@ async fn operations_matrix(channel: Channel, token: &str, name: &str) -> Vec<(&'
     macro_rules! record {
         ($method:literal, $call:expr) => {{
             let result = $call.await;
-            let message = result.as_ref().err().map(|s| s.message().to_owned()).unwrap_or_default();
+            let message = result
+                .as_ref()
+                .err()
+                .map(|s| s.message().to_owned())
+                .unwrap_or_default();
             if let Err(status) = &result {
                 if status.code() == Code::PermissionDenied {
                     assert_eq!(reason(status), "IAM_PERMISSION_DENIED");
@@ -120,7 +132,10 @@ async fn operations_matrix(channel: Channel, token: &str, name: &str) -> Vec<(&'
             }
         ))
     );
-    record!("GetOperationInfo", console.get_operation_info(as_(token, get(name))));
+    record!(
+        "GetOperationInfo",
+        console.get_operation_info(as_(token, get(name)))
+    );
     record!(
         "ListOperationInfos",
         console.list_operation_infos(as_(
@@ -133,13 +148,16 @@ async fn operations_matrix(channel: Channel, token: &str, name: &str) -> Vec<(&'
     );
     record!(
         "GetOperationReport",
-        workers.get_operation_report(as_(
-            token,
-            GetOperationReportRequest { name: name.into() }
-        ))
+        workers.get_operation_report(as_(token, GetOperationReportRequest { name: name.into() }))
     );
-    record!("CancelOperation", ops.cancel_operation(as_(token, cancel(name))));
-    record!("DeleteOperation", ops.delete_operation(as_(token, delete(name))));
+    record!(
+        "CancelOperation",
+        ops.cancel_operation(as_(token, cancel(name)))
+    );
+    record!(
+        "DeleteOperation",
+        ops.delete_operation(as_(token, delete(name)))
+    );
     answers
 }
 
@@ -149,7 +167,9 @@ async fn another_tenants_operations_are_denied_alike_whether_they_exist_or_not()
     let alice = f.token("alice@example.com");
     let bob = f.token("bob@example.com");
     // Alice in A: everything answers (the report of an unscripted operation is NOT_FOUND).
-    for (method, code, message) in operations_matrix(f.server.channel().await, &alice, "projects/a/operations/a1").await {
+    for (method, code, message) in
+        operations_matrix(f.server.channel().await, &alice, "projects/a/operations/a1").await
+    {
         assert!(
             matches!(code, Code::Ok | Code::NotFound),
             "{method}: {code:?} {message}"
@@ -163,8 +183,13 @@ async fn another_tenants_operations_are_denied_alike_whether_they_exist_or_not()
     ] {
         let there = operations_matrix(f.server.channel().await, &alice, existing).await;
         let absent = operations_matrix(f.server.channel().await, &alice, missing).await;
-        for ((method, code, message), (_, absent_code, absent_message)) in there.iter().zip(&absent) {
-            assert_eq!(*code, Code::PermissionDenied, "{method} {existing}: {message}");
+        for ((method, code, message), (_, absent_code, absent_message)) in there.iter().zip(&absent)
+        {
+            assert_eq!(
+                *code,
+                Code::PermissionDenied,
+                "{method} {existing}: {message}"
+            );
             assert_eq!(*absent_code, Code::PermissionDenied, "{method} {missing}");
             assert_eq!(
                 message.replace(existing, "NAME"),
@@ -178,10 +203,17 @@ async fn another_tenants_operations_are_denied_alike_whether_they_exist_or_not()
         assert!(!f.server.registry.get(name).await.unwrap().done());
     }
     // Bob in B and in the prefix trap; not in A.
-    for (method, code, _) in operations_matrix(f.server.channel().await, &bob, "projects/ab/operations/ab2").await {
-        assert!(matches!(code, Code::Ok | Code::NotFound), "{method}: {code:?}");
+    for (method, code, _) in
+        operations_matrix(f.server.channel().await, &bob, "projects/ab/operations/ab2").await
+    {
+        assert!(
+            matches!(code, Code::Ok | Code::NotFound),
+            "{method}: {code:?}"
+        );
     }
-    for (method, code, _) in operations_matrix(f.server.channel().await, &bob, "projects/a/operations/a2").await {
+    for (method, code, _) in
+        operations_matrix(f.server.channel().await, &bob, "projects/a/operations/a2").await
+    {
         assert_eq!(code, Code::PermissionDenied, "{method}");
     }
     // A client principal cannot call the worker API.
@@ -220,7 +252,10 @@ async fn the_same_matrix_holds_over_rest() {
     };
     use reqwest::Method;
     for (name, expected) in [
-        ("projects/a/operations/a1", [200, 200, 200, 200, 200, 200, 200]),
+        (
+            "projects/a/operations/a1",
+            [200, 200, 200, 200, 200, 200, 200],
+        ),
         ("projects/b/operations/b1", [403; 7]),
         ("projects/ab/operations/ab1", [403; 7]),
         ("projects/b/operations/zz", [403; 7]),
@@ -239,7 +274,10 @@ async fn the_same_matrix_holds_over_rest() {
             assert_eq!(*status, expected, "call {i} on {name}: {body}");
             if *status == 403 {
                 assert_eq!(body["error"]["status"], "PERMISSION_DENIED");
-                assert_eq!(body["error"]["details"][0]["reason"], "IAM_PERMISSION_DENIED");
+                assert_eq!(
+                    body["error"]["details"][0]["reason"],
+                    "IAM_PERMISSION_DENIED"
+                );
             }
         }
     }
@@ -285,24 +323,57 @@ async fn listings_show_only_the_callers_names() {
     let alice = f.token("alice@example.com");
     let bob = f.token("bob@example.com");
     let mut ops = f.server.operations().await;
-    let a = ["projects/a/operations/a1", "projects/a/operations/a2", "projects/a/operations/a3"];
-    for target in ["projects/a", "projects/a/operations", "projects/-", "-", "-/operations"] {
-        assert_eq!(list_all(&mut ops, &alice, target, "").await.unwrap(), a, "{target}");
+    let a = [
+        "projects/a/operations/a1",
+        "projects/a/operations/a2",
+        "projects/a/operations/a3",
+    ];
+    for target in [
+        "projects/a",
+        "projects/a/operations",
+        "projects/-",
+        "-",
+        "-/operations",
+    ] {
+        assert_eq!(
+            list_all(&mut ops, &alice, target, "").await.unwrap(),
+            a,
+            "{target}"
+        );
     }
     // Filters cannot widen what a caller sees.
-    for filter in [r#"name = "projects/b/*""#, r#"name != "x""#, "done = false OR done = true", r#"NOT name = "projects/a/*""#] {
+    for filter in [
+        r#"name = "projects/b/*""#,
+        r#"name != "x""#,
+        "done = false OR done = true",
+        r#"NOT name = "projects/a/*""#,
+    ] {
         let seen = list_all(&mut ops, &alice, "-", filter).await.unwrap();
-        assert!(seen.iter().all(|n| n.starts_with("projects/a/")), "{filter}: {seen:?}");
+        assert!(
+            seen.iter().all(|n| n.starts_with("projects/a/")),
+            "{filter}: {seen:?}"
+        );
     }
     // A parent no grant can cover is denied, the prefix trap included.
-    for target in ["projects/b", "projects/ab", "operations", "projects/a/locations/-"] {
+    for target in [
+        "projects/b",
+        "projects/ab",
+        "operations",
+        "projects/a/locations/-",
+    ] {
         let denied = list_all(&mut ops, &alice, target, "").await;
-        let expected = if target == "projects/a/locations/-" { Code::Ok } else { Code::PermissionDenied };
+        let expected = if target == "projects/a/locations/-" {
+            Code::Ok
+        } else {
+            Code::PermissionDenied
+        };
         assert_eq!(code(denied), expected, "{target}");
     }
     let bobs = list_all(&mut ops, &bob, "projects/-", "").await.unwrap();
     assert_eq!(bobs.len(), 6);
-    assert!(bobs.iter().all(|n| n.starts_with("projects/b/") || n.starts_with("projects/ab/")));
+    assert!(bobs
+        .iter()
+        .all(|n| n.starts_with("projects/b/") || n.starts_with("projects/ab/")));
 
     // A page token is bound to its caller.
     let first = ops
@@ -392,12 +463,25 @@ async fn feeds_send_only_the_callers_names() {
         initial.push(change.name);
     }
     initial.sort();
-    assert_eq!(initial, ["projects/a/operations/a1", "projects/a/operations/a2", "projects/a/operations/a3"]);
+    assert_eq!(
+        initial,
+        [
+            "projects/a/operations/a1",
+            "projects/a/operations/a2",
+            "projects/a/operations/a3"
+        ]
+    );
     // Changes in B (a deletion too) are not sent; the next change sent is A's.
     let mut ops = f.server.operations().await;
-    ops.cancel_operation(as_(&admin, cancel("projects/b/operations/b1"))).await.unwrap();
-    ops.delete_operation(as_(&admin, delete("projects/ab/operations/ab1"))).await.unwrap();
-    ops.cancel_operation(as_(&admin, cancel("projects/a/operations/a1"))).await.unwrap();
+    ops.cancel_operation(as_(&admin, cancel("projects/b/operations/b1")))
+        .await
+        .unwrap();
+    ops.delete_operation(as_(&admin, delete("projects/ab/operations/ab1")))
+        .await
+        .unwrap();
+    ops.cancel_operation(as_(&admin, cancel("projects/a/operations/a1")))
+        .await
+        .unwrap();
     let next = tokio::time::timeout(Duration::from_secs(5), changes.message())
         .await
         .unwrap()
@@ -426,21 +510,48 @@ async fn workers_work_only_under_their_names() {
     let admin = f.token("admin");
     let mut workers = WorkersClient::new(f.server.channel().await);
     // Create: under A with or without an id; not under B or the trap.
-    workers.create_operation(as_(&worker_a, op("projects/a", "w1"))).await.unwrap();
-    workers.create_operation(as_(&worker_a, op("projects/a", ""))).await.unwrap();
+    workers
+        .create_operation(as_(&worker_a, op("projects/a", "w1")))
+        .await
+        .unwrap();
+    workers
+        .create_operation(as_(&worker_a, op("projects/a", "")))
+        .await
+        .unwrap();
     for parent in ["projects/b", "projects/ab", ""] {
-        let denied = workers.create_operation(as_(&worker_a, op(parent, "w2"))).await.unwrap_err();
+        let denied = workers
+            .create_operation(as_(&worker_a, op(parent, "w2")))
+            .await
+            .unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied, "{parent}");
     }
     // Update and complete: A's, not B's.
-    let update = |name: &str| UpdateOperationRequest { name: name.into(), metadata: None };
-    workers.update_operation(as_(&worker_a, update("projects/a/operations/w1"))).await.unwrap();
-    let denied = workers.update_operation(as_(&worker_a, update("projects/b/operations/b1"))).await.unwrap_err();
+    let update = |name: &str| UpdateOperationRequest {
+        name: name.into(),
+        metadata: None,
+    };
+    workers
+        .update_operation(as_(&worker_a, update("projects/a/operations/w1")))
+        .await
+        .unwrap();
+    let denied = workers
+        .update_operation(as_(&worker_a, update("projects/b/operations/b1")))
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
-    let denied = workers.complete_operation(as_(&worker_a, respond("projects/ab/operations/ab1", "x"))).await.unwrap_err();
+    let denied = workers
+        .complete_operation(as_(&worker_a, respond("projects/ab/operations/ab1", "x")))
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
-    workers.complete_operation(as_(&worker_a, respond("projects/a/operations/w1", "x"))).await.unwrap();
-    workers.register_types(as_(&worker_a, RegisterTypesRequest::default())).await.unwrap();
+    workers
+        .complete_operation(as_(&worker_a, respond("projects/a/operations/w1", "x")))
+        .await
+        .unwrap();
+    workers
+        .register_types(as_(&worker_a, RegisterTypesRequest::default()))
+        .await
+        .unwrap();
     // Watch: a stream over everything reports only A's events.
     let mut events = workers
         .watch_operations(as_(&worker_a, WatchOperationsRequest::default()))
@@ -470,16 +581,27 @@ async fn workers_work_only_under_their_names() {
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     let mut ops = f.server.operations().await;
-    ops.cancel_operation(as_(&admin, cancel("projects/b/operations/b2"))).await.unwrap();
-    ops.delete_operation(as_(&admin, delete("projects/ab/operations/ab2"))).await.unwrap();
-    ops.cancel_operation(as_(&admin, cancel("projects/a/operations/a2"))).await.unwrap();
-    assert_eq!(next_event(&mut events).await.name, "projects/a/operations/a2");
+    ops.cancel_operation(as_(&admin, cancel("projects/b/operations/b2")))
+        .await
+        .unwrap();
+    ops.delete_operation(as_(&admin, delete("projects/ab/operations/ab2")))
+        .await
+        .unwrap();
+    ops.cancel_operation(as_(&admin, cancel("projects/a/operations/a2")))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut events).await.name,
+        "projects/a/operations/a2"
+    );
     f.server.stop().await;
 }
 
 /// A raw HTTP/1.1 GET (no client-side path normalisation): the status.
 async fn raw_get(server: &TestServer, path: &str, token: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(server.address())
+        .await
+        .unwrap();
     let request = format!(
         "GET {path} HTTP/1.1\r\nhost: opsd\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
     );
@@ -516,6 +638,11 @@ async fn rest_paths_that_climb_out_never_reach_another_tenant() {
     }
     // Alice's own operation is reachable, and so the refusals are not a
     // broken token.
-    assert_eq!(raw_get(&f.server, "/v1/projects/a/operations/a1", &alice).await.0, 200);
+    assert_eq!(
+        raw_get(&f.server, "/v1/projects/a/operations/a1", &alice)
+            .await
+            .0,
+        200
+    );
     f.server.stop().await;
 }

@@ -98,7 +98,10 @@ async fn refused(server: &TestServer, token: Option<&str>, why: &str) {
     );
     let (status, challenge, reason) = rest(server, token).await;
     assert_eq!((status, reason.as_str()), (401, why), "{token:?}");
-    assert!(challenge.contains(r#"error="invalid_token""#), "{challenge}");
+    assert!(
+        challenge.contains(r#"error="invalid_token""#),
+        "{challenge}"
+    );
 }
 
 /// Both transports answer `token` as a token without the scope.
@@ -111,8 +114,14 @@ async fn unscoped(server: &TestServer, token: &str) {
         ))
     );
     let (status, challenge, reason) = rest(server, Some(token)).await;
-    assert_eq!((status, reason.as_str()), (403, "ACCESS_TOKEN_SCOPE_INSUFFICIENT"));
-    assert!(challenge.contains(r#"error="insufficient_scope""#), "{challenge}");
+    assert_eq!(
+        (status, reason.as_str()),
+        (403, "ACCESS_TOKEN_SCOPE_INSUFFICIENT")
+    );
+    assert!(
+        challenge.contains(r#"error="insufficient_scope""#),
+        "{challenge}"
+    );
     assert!(challenge.contains(SCOPE), "{challenge}");
 }
 
@@ -175,7 +184,12 @@ async fn forged_tokens_are_unauthenticated() {
     let alice = claims("alice@example.com");
     // Signed by a key that is not the one its kid names.
     let stranger = SigningKey::ec("ec-1");
-    refused(&f.server, Some(&stranger.sign(&alice)), "ACCESS_TOKEN_INVALID").await;
+    refused(
+        &f.server,
+        Some(&stranger.sign(&alice)),
+        "ACCESS_TOKEN_INVALID",
+    )
+    .await;
     // A signature from another token.
     let good = f.ed.sign(&alice);
     let other = f.ed.sign(&claims("admin"));
@@ -201,7 +215,12 @@ async fn forged_tokens_are_unauthenticated() {
     refused(&f.server, Some(&mismatched), "ACCESS_TOKEN_INVALID").await;
     // A kid the JWKS (a file: never fetched again) does not have.
     let unknown = SigningKey::ec("ec-2");
-    refused(&f.server, Some(&unknown.sign(&alice)), "ACCESS_TOKEN_INVALID").await;
+    refused(
+        &f.server,
+        Some(&unknown.sign(&alice)),
+        "ACCESS_TOKEN_INVALID",
+    )
+    .await;
     f.server.stop().await;
 }
 
@@ -212,7 +231,12 @@ async fn claims_that_do_not_hold_are_unauthenticated() {
         c.insert("exp".into(), json!(now() - 3600));
         c.insert("iat".into(), json!(now() - 7200));
     });
-    refused(&f.server, Some(&f.rsa.sign(&expired)), "ACCESS_TOKEN_EXPIRED").await;
+    refused(
+        &f.server,
+        Some(&f.rsa.sign(&expired)),
+        "ACCESS_TOKEN_EXPIRED",
+    )
+    .await;
     for (what, claims) in [
         (
             "not yet valid",
@@ -279,7 +303,11 @@ async fn the_scope_must_be_held_as_a_whole_word() {
     unscoped(&f.server, &scoped(json!("openid email"))).await;
     unscoped(&f.server, &scoped(json!(format!("{SCOPE}X")))).await;
     unscoped(&f.server, &scoped(json!(format!("{SCOPE}.read-only")))).await;
-    unscoped(&f.server, &scoped(json!(SCOPE.trim_end_matches("-platform")))).await;
+    unscoped(
+        &f.server,
+        &scoped(json!(SCOPE.trim_end_matches("-platform"))),
+    )
+    .await;
     let scp = f.rsa.sign(&with("alice@example.com", |c| {
         c.remove("scope");
         c.insert("scp".into(), json!([format!("{SCOPE}.read-only")]));
@@ -306,11 +334,18 @@ async fn health_stays_open_and_the_rest_needs_a_token() {
         .await
         .unwrap();
     // The operator page's files are open; its calls carry the token.
-    let page = http.get(format!("{}/ui/", f.server.url)).send().await.unwrap();
+    let page = http
+        .get(format!("{}/ui/", f.server.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
     // A CORS preflight carries no credentials.
     let preflight = http
-        .request(reqwest::Method::OPTIONS, format!("{}/v1/{NAME}", f.server.url))
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/{NAME}", f.server.url),
+        )
         .header("origin", "https://console.test")
         .header("access-control-request-method", "GET")
         .send()
@@ -325,9 +360,10 @@ async fn health_stays_open_and_the_rest_needs_a_token() {
         .unwrap();
     assert_eq!(metrics.status(), 401);
     // Reflection too.
-    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-        f.server.channel().await,
-    );
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            f.server.channel().await,
+        );
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(
@@ -378,9 +414,10 @@ async fn open_reflection_and_metrics_on_their_own_listener_need_no_token() {
     let server = opsd::Server::new(config).await.unwrap();
     let metrics = server.metrics_address().unwrap();
     let server = TestServer::serve(server).await;
-    let mut reflection = tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
-        server.channel().await,
-    );
+    let mut reflection =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+            server.channel().await,
+        );
     let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(
@@ -415,7 +452,9 @@ async fn open_reflection_and_metrics_on_their_own_listener_need_no_token() {
         .await
         .unwrap();
     assert_eq!(main.status(), 404);
-    let other = reqwest::get(format!("http://{metrics}/v1/operations")).await.unwrap();
+    let other = reqwest::get(format!("http://{metrics}/v1/operations"))
+        .await
+        .unwrap();
     assert_eq!(other.status(), 404);
     server.stop().await;
 }

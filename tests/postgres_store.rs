@@ -83,12 +83,9 @@ async fn slow_commits(db: &tokio_postgres::Client) {
 async fn set_slow(db: &tokio_postgres::Client, seconds: Option<f64>, deaf: bool) {
     db.batch_execute("DELETE FROM test_slow").await.unwrap();
     if let Some(seconds) = seconds {
-        db.execute(
-            "INSERT INTO test_slow VALUES ($1, $2)",
-            &[&seconds, &deaf],
-        )
-        .await
-        .unwrap();
+        db.execute("INSERT INTO test_slow VALUES ($1, $2)", &[&seconds, &deaf])
+            .await
+            .unwrap();
     }
 }
 
@@ -108,7 +105,10 @@ async fn until_no_slow_commit(db: &tokio_postgres::Client) {
         if sleeping == 0 {
             return;
         }
-        assert!(Instant::now() < give_up, "a slow commit was never cancelled");
+        assert!(
+            Instant::now() < give_up,
+            "a slow commit was never cancelled"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -162,7 +162,11 @@ async fn a_write_whose_answer_is_late_is_cancelled_and_settled(pg: Arc<Postgres>
     // still on it: the one-connection pool answers at once.
     let started = Instant::now();
     assert!(store.get("operations/b").await.unwrap().is_some());
-    assert!(started.elapsed() < Duration::from_millis(400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A commit that outlasts the call and cannot be stopped: it commits,
     // and the caller hears that it did.
@@ -344,7 +348,10 @@ async fn schemas_never_share_a_channel(pg: Arc<Postgres>) {
         .await
         .unwrap();
     // The other replica of schema A hears it...
-    assert_eq!(next_change_of(&mut heard_a, "operations/x").await, Cause::Created);
+    assert_eq!(
+        next_change_of(&mut heard_a, "operations/x").await,
+        Cause::Created
+    );
     assert_eq!(
         next_change_of(&mut heard_a, "operations/x").await,
         Cause::Cancelled
@@ -380,7 +387,11 @@ async fn start_up_waits_for_another_migration_only_so_long(pg: Arc<Postgres>) {
     .expect("start-up waited for the migration lock without end");
     let err = refused.err().expect("the lock is held").to_string();
     assert!(err.contains("migration"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     holder
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await
@@ -391,9 +402,11 @@ async fn start_up_waits_for_another_migration_only_so_long(pg: Arc<Postgres>) {
 fn main() -> std::process::ExitCode {
     main_with(|pg| {
         vec![
-            trial("a_write_whose_answer_is_late_is_cancelled_and_settled", pg, |pg| {
-                Box::pin(a_write_whose_answer_is_late_is_cancelled_and_settled(pg))
-            }),
+            trial(
+                "a_write_whose_answer_is_late_is_cancelled_and_settled",
+                pg,
+                |pg| Box::pin(a_write_whose_answer_is_late_is_cancelled_and_settled(pg)),
+            ),
             trial("a_stale_cached_copy_never_makes_a_delete_spin", pg, |pg| {
                 Box::pin(a_stale_cached_copy_never_makes_a_delete_spin(pg))
             }),
@@ -409,9 +422,11 @@ fn main() -> std::process::ExitCode {
             trial("schemas_never_share_a_channel", pg, |pg| {
                 Box::pin(schemas_never_share_a_channel(pg))
             }),
-            trial("start_up_waits_for_another_migration_only_so_long", pg, |pg| {
-                Box::pin(start_up_waits_for_another_migration_only_so_long(pg))
-            }),
+            trial(
+                "start_up_waits_for_another_migration_only_so_long",
+                pg,
+                |pg| Box::pin(start_up_waits_for_another_migration_only_so_long(pg)),
+            ),
         ]
     })
 }

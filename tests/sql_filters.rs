@@ -174,7 +174,16 @@ fn restriction() -> impl Strategy<Value = Restriction> {
         // A caller's grant (auth): whole segments, `*` and `**`.
         prop::collection::vec(
             prop::sample::select(vec![
-                "projects", "*", "**", "locations", "l1", "l2", "operations", "a", "a.b", "op",
+                "projects",
+                "*",
+                "**",
+                "locations",
+                "l1",
+                "l2",
+                "operations",
+                "a",
+                "a.b",
+                "op",
             ]),
             1..7,
         )

@@ -13,7 +13,9 @@ use common::{
     calls::get,
     op, TestServer,
 };
-use opsd::{config::TlsSettings, pb::google::longrunning::operations_client::OperationsClient, Config};
+use opsd::{
+    config::TlsSettings, pb::google::longrunning::operations_client::OperationsClient, Config,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
 };
@@ -82,10 +84,17 @@ fn tls_config(config: &mut Config, dir: &Dir, pki: &Pki, mtls: bool) {
 }
 
 fn https(server: &TestServer) -> String {
-    format!("https://{HOST}:{}", server.address().rsplit_once(':').unwrap().1)
+    format!(
+        "https://{HOST}:{}",
+        server.address().rsplit_once(':').unwrap().1
+    )
 }
 
-async fn grpc_channel(server: &TestServer, pki: &Pki, identity: Option<(String, String)>) -> Result<Channel, tonic::transport::Error> {
+async fn grpc_channel(
+    server: &TestServer,
+    pki: &Pki,
+    identity: Option<(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca_pem))
         .domain_name(HOST);
@@ -99,13 +108,18 @@ async fn grpc_channel(server: &TestServer, pki: &Pki, identity: Option<(String, 
         .await
 }
 
-fn rest_client(server: &TestServer, pki: &Pki, identity: Option<(String, String)>) -> reqwest::Client {
+fn rest_client(
+    server: &TestServer,
+    pki: &Pki,
+    identity: Option<(String, String)>,
+) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
         .resolve(HOST, server.address().parse().unwrap());
     if let Some((cert, key)) = identity {
-        builder = builder.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+        builder = builder
+            .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
     }
     builder.build().unwrap()
 }
@@ -113,17 +127,19 @@ fn rest_client(server: &TestServer, pki: &Pki, identity: Option<(String, String)
 /// The certificate a fresh TLS handshake sees.
 async fn served_certificate(server: &TestServer, pki: &Pki) -> Vec<u8> {
     let mut roots = rustls::RootCertStore::empty();
-    let ca = rustls::pki_types::CertificateDer::from(
-        pem_der(&pki.ca_pem),
-    );
+    let ca = rustls::pki_types::CertificateDer::from(pem_der(&pki.ca_pem));
     roots.add(ca).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.address())
+        .await
+        .unwrap();
     let tls = connector
         .connect(HOST.try_into().unwrap(), tcp)
         .await
@@ -148,7 +164,14 @@ async fn grpc_and_rest_are_served_over_tls_on_one_port() {
     let name = server.registry_op("x").await;
 
     let mut ops = OperationsClient::new(grpc_channel(&server, &pki, None).await.unwrap());
-    assert_eq!(ops.get_operation(get(&name)).await.unwrap().into_inner().name, name);
+    assert_eq!(
+        ops.get_operation(get(&name))
+            .await
+            .unwrap()
+            .into_inner()
+            .name,
+        name
+    );
 
     for http2 in [false, true] {
         let client = rest_client(&server, &pki, None);
@@ -160,7 +183,11 @@ async fn grpc_and_rest_are_served_over_tls_on_one_port() {
         };
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 200);
-        let expected = if http2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
+        let expected = if http2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
         // reqwest offers both by ALPN; the server picks h2 when offered.
         if http2 {
             assert_eq!(response.version(), expected);
@@ -175,8 +202,15 @@ async fn grpc_and_rest_are_served_over_tls_on_one_port() {
         .resolve(HOST, server.address().parse().unwrap())
         .build()
         .unwrap();
-    let response = http1.get(format!("{}/healthz", https(&server))).send().await.unwrap();
-    assert_eq!((response.status().as_u16(), response.version()), (200, http::Version::HTTP_11));
+    let response = http1
+        .get(format!("{}/healthz", https(&server)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (response.status().as_u16(), response.version()),
+        (200, http::Version::HTTP_11)
+    );
 
     // A plain-text client gets no answer it can read.
     let plain = reqwest::get(format!("http://{}/healthz", server.address())).await;
@@ -239,14 +273,18 @@ async fn a_silent_tls_client_is_closed_at_the_handshake_deadline() {
     config.limits.header_read_timeout = Duration::from_millis(300);
     tls_config(&mut config, &dir, &pki, false);
     let server = TestServer::start_with(config).await;
-    let mut silent = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(server.address())
+        .await
+        .unwrap();
     let mut buffer = [0u8; 64];
     let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buffer))
         .await
         .expect("closed within the deadline");
     assert!(matches!(read, Ok(0) | Err(_)));
     // Garbage instead of a ClientHello: closed at once.
-    let mut garbage = tokio::net::TcpStream::connect(server.address()).await.unwrap();
+    let mut garbage = tokio::net::TcpStream::connect(server.address())
+        .await
+        .unwrap();
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut answer)).await;
@@ -272,10 +310,19 @@ async fn client_certificates_stand_as_the_subject_with_auth() {
     let server = TestServer::start_with(config).await;
 
     let worker = pki.client_cert("spiffe://opsd.test/worker-a");
-    let channel = grpc_channel(&server, &pki, Some(worker.clone())).await.unwrap();
+    let channel = grpc_channel(&server, &pki, Some(worker.clone()))
+        .await
+        .unwrap();
     let mut workers = opsd::pb::opsd::v1::workers_client::WorkersClient::new(channel.clone());
-    let created = workers.create_operation(op("projects/a", "w1")).await.unwrap().into_inner();
-    let denied = workers.create_operation(op("projects/b", "w1")).await.unwrap_err();
+    let created = workers
+        .create_operation(op("projects/a", "w1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let denied = workers
+        .create_operation(op("projects/b", "w1"))
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
     let mut ops = OperationsClient::new(channel);
     ops.get_operation(get(&created.name)).await.unwrap();
@@ -297,14 +344,29 @@ async fn client_certificates_stand_as_the_subject_with_auth() {
     // A certificate the policy does not know: authenticated, allowed nothing.
     let stranger = pki.client_cert("spiffe://opsd.test/stranger");
     let mut ops = OperationsClient::new(grpc_channel(&server, &pki, Some(stranger)).await.unwrap());
-    assert_eq!(ops.get_operation(get(&created.name)).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        ops.get_operation(get(&created.name))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
     // Neither a certificate nor a token.
     let mut ops = OperationsClient::new(grpc_channel(&server, &pki, None).await.unwrap());
-    assert_eq!(ops.get_operation(get(&created.name)).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        ops.get_operation(get(&created.name))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
     // A certificate from another CA does not pass the handshake.
     let other = Pki::new().client_cert("spiffe://opsd.test/worker-a");
     let result = match grpc_channel(&server, &pki, Some(other)).await {
-        Ok(channel) => OperationsClient::new(channel).get_operation(get(&created.name)).await.map(|_| ()),
+        Ok(channel) => OperationsClient::new(channel)
+            .get_operation(get(&created.name))
+            .await
+            .map(|_| ()),
         Err(err) => Err(tonic::Status::unavailable(err.to_string())),
     };
     assert!(result.is_err());
@@ -319,10 +381,22 @@ async fn without_auth_mtls_requires_a_client_certificate() {
     tls_config(&mut config, &dir, &pki, true);
     let server = TestServer::start_with(config).await;
     let name = server.registry_op("x").await;
-    let with_cert = grpc_channel(&server, &pki, Some(pki.client_cert("spiffe://opsd.test/any"))).await.unwrap();
-    OperationsClient::new(with_cert).get_operation(get(&name)).await.unwrap();
+    let with_cert = grpc_channel(
+        &server,
+        &pki,
+        Some(pki.client_cert("spiffe://opsd.test/any")),
+    )
+    .await
+    .unwrap();
+    OperationsClient::new(with_cert)
+        .get_operation(get(&name))
+        .await
+        .unwrap();
     let without = match grpc_channel(&server, &pki, None).await {
-        Ok(channel) => OperationsClient::new(channel).get_operation(get(&name)).await.map(|_| ()),
+        Ok(channel) => OperationsClient::new(channel)
+            .get_operation(get(&name))
+            .await
+            .map(|_| ()),
         Err(err) => Err(tonic::Status::unavailable(err.to_string())),
     };
     assert!(without.is_err());

@@ -69,10 +69,7 @@ impl Console for ConsoleService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationInfosResponse>, Status> {
-        let page = self
-            .registry
-            .list(list_request(request))
-            .await?;
+        let page = self.registry.list(list_request(request)).await?;
         Ok(Response::new(ListOperationInfosResponse {
             operations: page.records.iter().map(operation_info).collect(),
             next_page_token: page.next_page_token,

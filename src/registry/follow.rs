@@ -101,10 +101,7 @@ impl Registry {
     ) -> Result<mpsc::Receiver<Result<Followed, Error>>, Error> {
         let selection = Selection {
             parent: parse_list_target(parent).map_err(|e| e.for_field("parent"))?,
-            filter: Visibility::restrict(
-                visibility.as_ref(),
-                filter::parse(filter)?.map(Arc::new),
-            ),
+            filter: Visibility::restrict(visibility.as_ref(), filter::parse(filter)?.map(Arc::new)),
             visibility,
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);

@@ -78,7 +78,10 @@ impl Visibility {
     }
 
     /// `filter`, restricted to what the caller may see.
-    pub(super) fn restrict(visibility: Option<&Self>, filter: Option<Arc<Filter>>) -> Option<Arc<Filter>> {
+    pub(super) fn restrict(
+        visibility: Option<&Self>,
+        filter: Option<Arc<Filter>>,
+    ) -> Option<Arc<Filter>> {
         let Some(visibility) = visibility else {
             return filter;
         };
@@ -198,7 +201,8 @@ impl Registry {
         let parent = parse_list_target(&request.name).map_err(|e| e.for_field("name"))?;
         let limit = page_size(request.page_size)?;
         let visibility = request.visibility.as_ref();
-        let filter = Visibility::restrict(visibility, filter::parse(&request.filter)?.map(Arc::new));
+        let filter =
+            Visibility::restrict(visibility, filter::parse(&request.filter)?.map(Arc::new));
         let binding = binding(&parent, &request.filter, visibility);
         let now = self.now();
         let tokens = &self.shared.page_tokens;
@@ -287,7 +291,9 @@ mod tests {
             "projects/p/operations/x"
         );
         let q = pattern("projects/q");
-        assert!(tokens().decode(&token, &binding(&q, "", None), &q, now).is_err());
+        assert!(tokens()
+            .decode(&token, &binding(&q, "", None), &q, now)
+            .is_err());
         assert!(tokens()
             .decode(&token, &binding(&p, "done = true", None), &p, now)
             .is_err());
@@ -300,9 +306,17 @@ mod tests {
             caller: "bob".into(),
             ..alice.clone()
         };
-        let token = tokens().encode(&binding(&p, "", Some(&alice)), "projects/p/operations/x", now);
-        assert!(tokens().decode(&token, &binding(&p, "", Some(&alice)), &p, now).is_ok());
-        assert!(tokens().decode(&token, &binding(&p, "", Some(&bob)), &p, now).is_err());
+        let token = tokens().encode(
+            &binding(&p, "", Some(&alice)),
+            "projects/p/operations/x",
+            now,
+        );
+        assert!(tokens()
+            .decode(&token, &binding(&p, "", Some(&alice)), &p, now)
+            .is_ok());
+        assert!(tokens()
+            .decode(&token, &binding(&p, "", Some(&bob)), &p, now)
+            .is_err());
         assert!(tokens().decode(&token, &b, &p, now).is_err());
         let token = tokens().encode(&b, "projects/p/operations/x", now);
         // Another server key.

@@ -435,7 +435,16 @@ mod listing {
     fn grant() -> impl Strategy<Value = crate::store::filter::NamePattern> {
         proptest::collection::vec(
             proptest::sample::select(vec![
-                "projects", "p0", "p1", "p2", "*", "**", "locations", "l", "operations", "op001",
+                "projects",
+                "p0",
+                "p1",
+                "p2",
+                "*",
+                "**",
+                "locations",
+                "l",
+                "operations",
+                "op001",
             ]),
             1..6,
         )

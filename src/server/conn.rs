@@ -161,7 +161,10 @@ pub async fn serve(
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!(?peer, "closing a connection that did not complete its TLS handshake in time");
+                    tracing::debug!(
+                        ?peer,
+                        "closing a connection that did not complete its TLS handshake in time"
+                    );
                     metrics::connection_closed("handshake_timeout");
                     return;
                 }

@@ -28,7 +28,8 @@
 //!   counted by [`count_transitions`].
 //! - `opsd_connections` (gauge, read at scrape) and
 //!   `opsd_connections_closed_total{reason}`: connections the server closed
-//!   on its own (`handshake_timeout`, `idle`, `evicted`, `too_many_pings`).
+//!   on its own (`handshake_timeout`, `tls_handshake_failed`, `idle`,
+//!   `evicted`, `too_many_pings`).
 //! - `opsd_drain_cut_calls_total`: calls still unanswered when a drain
 //!   timed out.
 //! - `opsd_auth_denials_total{reason}`: calls refused by auth, by their

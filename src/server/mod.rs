@@ -221,9 +221,9 @@ impl Server {
             .transpose()
             .map_err(ServerError::Tls)?;
         let metrics_listener = match config.metrics_listen {
-            Some(address) => Some(
-                bind(address).map_err(|cause| ServerError::MetricsListen { address, cause })?,
-            ),
+            Some(address) => {
+                Some(bind(address).map_err(|cause| ServerError::MetricsListen { address, cause })?)
+            }
             None => None,
         };
         // With auth on, every call is decided before its handler runs.
@@ -532,14 +532,13 @@ fn follow_store_health(
 /// Reloads the TLS certificate and key on each SIGHUP until `stop`; a
 /// reload that fails keeps the current ones.
 fn reload_on_sighup(tls: tls::Tls, stop: tokio_util::sync::CancellationToken) {
-    let mut hangups =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => signal,
-            Err(err) => {
-                tracing::warn!(cause = %err, "cannot listen for SIGHUP: the TLS certificate will not be reloaded");
-                return;
-            }
-        };
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot listen for SIGHUP: the TLS certificate will not be reloaded");
+            return;
+        }
+    };
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -585,29 +584,39 @@ fn serve_metrics(
             };
             let (handle, registry, connections) =
                 (handle.clone(), registry.clone(), connections.clone());
-            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let (handle, registry, connections) =
-                    (handle.clone(), registry.clone(), connections.clone());
-                async move {
-                    let mut response = if request.uri().path() == "/metrics"
-                        && request.method() == http::Method::GET
-                    {
-                        let text = metrics::render(&handle, &registry, connections.len()).await;
-                        let mut response = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let (handle, registry, connections) =
+                        (handle.clone(), registry.clone(), connections.clone());
+                    async move {
+                        let mut response = if request.uri().path() == "/metrics"
+                            && request.method() == http::Method::GET
+                        {
+                            let text = metrics::render(&handle, &registry, connections.len()).await;
+                            let mut response = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(text),
+                            ));
+                            response.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static(
+                                    "text/plain; version=0.0.4; charset=utf-8",
+                                ),
+                            );
+                            response
+                        } else {
+                            let mut response = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"only GET /metrics is served here\n"),
+                            ));
+                            *response.status_mut() = http::StatusCode::NOT_FOUND;
+                            response
+                        };
                         response.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                            http::header::CACHE_CONTROL,
+                            http::HeaderValue::from_static("no-store"),
                         );
-                        response
-                    } else {
-                        let mut response = http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"only GET /metrics is served here\n")));
-                        *response.status_mut() = http::StatusCode::NOT_FOUND;
-                        response
-                    };
-                    response.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
             tokio::spawn(async move {
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let served = hyper::server::conn::http1::Builder::new()

@@ -62,6 +62,7 @@ use crate::{
         grpc::{console_server::Console, operations_server::Operations, workers_server::Workers},
         transport, Linked, Polled, Resource,
     },
+    error::{AuthFailure, Error},
     pb::{
         google::longrunning::{
             CancelOperationRequest, DeleteOperationRequest, GetOperationRequest,
@@ -74,7 +75,6 @@ use crate::{
             WatchOperationsRequest,
         },
     },
-    error::{AuthFailure, Error},
     registry::{Registry, Visibility},
 };
 
@@ -204,7 +204,13 @@ fn authorize<T: Resource + Targeted>(
             Ok(())
         }
         Err(error) => {
-            tracing::debug!(subject = &*principal.subject, method, name, reason = error.reason(), "call denied");
+            tracing::debug!(
+                subject = &*principal.subject,
+                method,
+                name,
+                reason = error.reason(),
+                "call denied"
+            );
             metrics::auth_denied(error.reason());
             Err(error)
         }

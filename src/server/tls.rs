@@ -105,10 +105,10 @@ fn load_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     if certs.is_empty() {
         return Err(format!("--tls-cert {}: no certificate", cert.display()));
     }
-    let private =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
-    let signing = any_supported_type(&private)
+    let private = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+    let signing =
+        any_supported_type(&private).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
     let certified = CertifiedKey::new(certs, signing);
     certified
         .keys_match()
@@ -144,7 +144,8 @@ impl Tls {
                 for cert in CertificateDer::pem_file_iter(ca)
                     .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?
                 {
-                    let cert = cert.map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
+                    let cert =
+                        cert.map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;
                     roots
                         .add(cert)
                         .map_err(|e| format!("--tls-client-ca {}: {e}", ca.display()))?;

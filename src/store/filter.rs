@@ -395,7 +395,10 @@ mod tests {
         ] {
             assert!(bad.parse::<NamePattern>().is_err(), "{bad}");
         }
-        assert_eq!(name_pattern("projects/a.b/**").to_string(), "projects/a.b/**");
+        assert_eq!(
+            name_pattern("projects/a.b/**").to_string(),
+            "projects/a.b/**"
+        );
     }
 
     #[test]
@@ -411,8 +414,12 @@ mod tests {
         assert!(!a.overlaps(&parent(&["projects", "ab"])));
         assert!(!a.overlaps(&parent(&[])));
         assert!(name_pattern("**").overlaps(&parent(&[])));
-        assert!(!name_pattern("projects/*/operations/*")
-            .overlaps(&parent(&["projects", "a", "locations", "l"])));
+        assert!(!name_pattern("projects/*/operations/*").overlaps(&parent(&[
+            "projects",
+            "a",
+            "locations",
+            "l"
+        ])));
     }
 
     proptest::proptest! {

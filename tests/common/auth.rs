@@ -228,9 +228,8 @@ pub fn config(dir: &Dir, keys: &[&SigningKey], policy: Option<&str>) -> Config {
 
 /// `request` with `authorization: Bearer {token}`.
 pub fn bearer<T>(mut request: tonic::Request<T>, token: &str) -> tonic::Request<T> {
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }

@@ -321,11 +321,13 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                 presentation,
             ),
             RestMethod::Delete => {
-                ops.delete_operation(grpc(&message, headers, extensions)?).await?;
+                ops.delete_operation(grpc(&message, headers, extensions)?)
+                    .await?;
                 b"{}".to_vec()
             }
             RestMethod::Cancel => {
-                ops.cancel_operation(grpc(&message, headers, extensions)?).await?;
+                ops.cancel_operation(grpc(&message, headers, extensions)?)
+                    .await?;
                 b"{}".to_vec()
             }
             RestMethod::Report => {

@@ -360,10 +360,19 @@ mod tests {
         .unwrap();
         assert_eq!(set.keys.len(), 2);
         assert!(set.candidates(Some("h"), Algorithm::HS256).is_none());
-        assert_eq!(set.candidates(Some("r"), Algorithm::RS256).unwrap().count(), 1);
+        assert_eq!(
+            set.candidates(Some("r"), Algorithm::RS256).unwrap().count(),
+            1
+        );
         // The RSA key's `alg` narrows it to RS256.
-        assert_eq!(set.candidates(Some("r"), Algorithm::PS256).unwrap().count(), 0);
-        assert_eq!(set.candidates(Some("r"), Algorithm::HS256).unwrap().count(), 0);
+        assert_eq!(
+            set.candidates(Some("r"), Algorithm::PS256).unwrap().count(),
+            0
+        );
+        assert_eq!(
+            set.candidates(Some("r"), Algorithm::HS256).unwrap().count(),
+            0
+        );
         assert_eq!(set.candidates(None, Algorithm::EdDSA).unwrap().count(), 1);
         assert!(KeySet::parse(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).is_err());
         assert!(KeySet::parse(b"[]").is_err());

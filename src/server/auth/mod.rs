@@ -197,7 +197,10 @@ impl Auth {
             Ok(None) => {
                 if let Some(peer) = peer {
                     let principal = self.policy.principal(peer.sans.iter().map(String::as_str));
-                    tracing::debug!(subject = &*principal.subject, "authenticated by client certificate");
+                    tracing::debug!(
+                        subject = &*principal.subject,
+                        "authenticated by client certificate"
+                    );
                     return Authn::Principal(principal);
                 }
                 return Authn::Refused(self.refusal(Refusal::Failed(
@@ -222,9 +225,7 @@ impl Auth {
                             Authn::Refused(error) => Err(error),
                             _ => Err(auth.refusal(invalid("unknown key id"))),
                         },
-                        Err(Refusal::UnknownKid(_)) => {
-                            Err(auth.refusal(invalid("unknown key id")))
-                        }
+                        Err(Refusal::UnknownKid(_)) => Err(auth.refusal(invalid("unknown key id"))),
                         Err(refusal) => Err(auth.refusal(refusal)),
                     }
                 }))
@@ -239,7 +240,10 @@ impl Auth {
     /// The principal of a verified token, or the missing scope.
     fn admit(&self, verified: &Verified) -> Authn {
         if !verified.scoped {
-            tracing::debug!(subject = &*verified.principal.subject, "token without the required scope");
+            tracing::debug!(
+                subject = &*verified.principal.subject,
+                "token without the required scope"
+            );
             metrics::auth_denied(SCOPE_INSUFFICIENT);
             return Authn::Refused(Error::PermissionDenied {
                 reason: SCOPE_INSUFFICIENT,
@@ -367,7 +371,9 @@ mod tests {
     #[test]
     fn scopes_match_whole_words_only() {
         let scope = policy::DEFAULT_SCOPE;
-        assert!(claims(&format!(r#"{{"exp": 1, "scope": "openid {scope} email"}}"#)).has_scope(scope));
+        assert!(
+            claims(&format!(r#"{{"exp": 1, "scope": "openid {scope} email"}}"#)).has_scope(scope)
+        );
         assert!(claims(&format!(r#"{{"exp": 1, "scp": ["a", "{scope}"]}}"#)).has_scope(scope));
         assert!(claims(&format!(r#"{{"exp": 1, "scp": "{scope}"}}"#)).has_scope(scope));
         for near in [
@@ -376,8 +382,14 @@ mod tests {
             "https://www.googleapis.com/auth/cloud".to_owned(),
             String::new(),
         ] {
-            assert!(!claims(&format!(r#"{{"exp": 1, "scope": "{near}"}}"#)).has_scope(scope), "{near}");
-            assert!(!claims(&format!(r#"{{"exp": 1, "scp": ["{near}"]}}"#)).has_scope(scope), "{near}");
+            assert!(
+                !claims(&format!(r#"{{"exp": 1, "scope": "{near}"}}"#)).has_scope(scope),
+                "{near}"
+            );
+            assert!(
+                !claims(&format!(r#"{{"exp": 1, "scp": ["{near}"]}}"#)).has_scope(scope),
+                "{near}"
+            );
         }
         assert!(!claims(r#"{"exp": 1}"#).has_scope(scope));
     }

@@ -207,7 +207,10 @@ pub enum Target<'a> {
     /// The operation a creation makes: parent and (maybe empty) id.
     Create { parent: &'a str, id: &'a str },
     /// A worker's stream: a parent (maybe empty) and names.
-    Watch { parent: &'a str, names: &'a [String] },
+    Watch {
+        parent: &'a str,
+        names: &'a [String],
+    },
     /// Nothing in particular (RegisterTypes).
     Anywhere,
 }
@@ -332,8 +335,7 @@ impl Principal {
             }
             Target::Listing(parent) => self.listing(permission, parent).map(Some),
             Target::Create { parent, id } => {
-                if check_parent_name(parent).is_err() || (!id.is_empty() && check_id(id).is_err())
-                {
+                if check_parent_name(parent).is_err() || (!id.is_empty() && check_id(id).is_err()) {
                     return Ok(None);
                 }
                 let id = if id.is_empty() { ANY_ID } else { id };
@@ -454,7 +456,10 @@ impl Policy {
                 })
                 .collect::<Result<Vec<_>, String>>()
                 .map_err(|e| format!("principal {:?}: {e}", entry.subject))?;
-            if subjects.insert(entry.subject.clone(), grants.into()).is_some() {
+            if subjects
+                .insert(entry.subject.clone(), grants.into())
+                .is_some()
+            {
                 return Err(format!("principal {:?} is listed twice", entry.subject));
             }
         }
@@ -536,17 +541,37 @@ principals:
             assert!(Policy::parse(bad).is_err(), "{bad}");
         }
         let open = Policy::default().principal(["anyone"]);
-        assert!(allowed(&open, "DeleteOperation", Target::Name("projects/z/operations/x")));
+        assert!(allowed(
+            &open,
+            "DeleteOperation",
+            Target::Name("projects/z/operations/x")
+        ));
     }
 
     #[test]
     fn names_are_checked_by_whole_segments() {
         let alice = principal("alice@example.com");
-        assert!(allowed(&alice, "GetOperation", Target::Name("projects/a/operations/x")));
-        assert!(!allowed(&alice, "GetOperation", Target::Name("projects/ab/operations/x")));
-        assert!(!allowed(&alice, "CancelOperation", Target::Name("projects/a/operations/x")));
+        assert!(allowed(
+            &alice,
+            "GetOperation",
+            Target::Name("projects/a/operations/x")
+        ));
+        assert!(!allowed(
+            &alice,
+            "GetOperation",
+            Target::Name("projects/ab/operations/x")
+        ));
+        assert!(!allowed(
+            &alice,
+            "CancelOperation",
+            Target::Name("projects/a/operations/x")
+        ));
         // A name that does not parse is the handler's to refuse.
-        assert!(allowed(&alice, "GetOperation", Target::Name("projects/a/../b/operations/x")));
+        assert!(allowed(
+            &alice,
+            "GetOperation",
+            Target::Name("projects/a/../b/operations/x")
+        ));
         let err = alice
             .authorize(
                 Permission::OperationsGet,
@@ -562,11 +587,27 @@ principals:
     #[test]
     fn listings_need_a_grant_that_can_match_under_the_parent() {
         let alice = principal("alice@example.com");
-        assert!(allowed(&alice, "ListOperations", Target::Listing("projects/a")));
-        assert!(allowed(&alice, "ListOperations", Target::Listing("projects/-")));
+        assert!(allowed(
+            &alice,
+            "ListOperations",
+            Target::Listing("projects/a")
+        ));
+        assert!(allowed(
+            &alice,
+            "ListOperations",
+            Target::Listing("projects/-")
+        ));
         assert!(allowed(&alice, "ListOperations", Target::Listing("-")));
-        assert!(!allowed(&alice, "ListOperations", Target::Listing("projects/ab")));
-        assert!(!allowed(&alice, "ListOperations", Target::Listing("operations")));
+        assert!(!allowed(
+            &alice,
+            "ListOperations",
+            Target::Listing("projects/ab")
+        ));
+        assert!(!allowed(
+            &alice,
+            "ListOperations",
+            Target::Listing("operations")
+        ));
         let visibility = alice
             .authorize(Permission::OperationsList, Target::Listing("-"))
             .unwrap()
@@ -580,28 +621,64 @@ principals:
     fn workers_create_and_watch_under_their_names_only() {
         let worker = principal("worker-a");
         let create = |parent, id| Target::Create { parent, id };
-        assert!(allowed(&worker, "CreateOperation", create("projects/a", "")));
-        assert!(allowed(&worker, "CreateOperation", create("projects/a", "x")));
-        assert!(!allowed(&worker, "CreateOperation", create("projects/ab", "")));
+        assert!(allowed(
+            &worker,
+            "CreateOperation",
+            create("projects/a", "")
+        ));
+        assert!(allowed(
+            &worker,
+            "CreateOperation",
+            create("projects/a", "x")
+        ));
+        assert!(!allowed(
+            &worker,
+            "CreateOperation",
+            create("projects/ab", "")
+        ));
         assert!(!allowed(&worker, "CreateOperation", create("", "")));
         let exact = Policy::parse(
             "principals: [{subject: w, grants: [{names: ['projects/a/operations/x'], permissions: ['workers.create']}]}]",
         )
         .unwrap()
         .principal(["w"]);
-        assert!(allowed(&exact, "CreateOperation", create("projects/a", "x")));
+        assert!(allowed(
+            &exact,
+            "CreateOperation",
+            create("projects/a", "x")
+        ));
         // A generated id is not `x`.
-        assert!(!allowed(&exact, "CreateOperation", create("projects/a", "")));
+        assert!(!allowed(
+            &exact,
+            "CreateOperation",
+            create("projects/a", "")
+        ));
         let watch = |parent, names| Target::Watch { parent, names };
-        assert!(allowed(&worker, "WatchOperations", watch("projects/a", &[])));
+        assert!(allowed(
+            &worker,
+            "WatchOperations",
+            watch("projects/a", &[])
+        ));
         assert!(allowed(&worker, "WatchOperations", watch("", &[])));
-        assert!(!allowed(&worker, "WatchOperations", watch("projects/b", &[])));
+        assert!(!allowed(
+            &worker,
+            "WatchOperations",
+            watch("projects/b", &[])
+        ));
         let other = ["projects/b/operations/x".to_owned()];
         assert!(!allowed(&worker, "WatchOperations", watch("", &other)));
         assert!(allowed(&worker, "RegisterTypes", Target::Anywhere));
         let alice = principal("alice@example.com");
         assert!(!allowed(&alice, "RegisterTypes", Target::Anywhere));
-        assert!(!allowed(&alice, "WatchOperations", watch("projects/a", &[])));
-        assert!(!allowed(&alice, "UpdateOperation", Target::Name("projects/a/operations/x")));
+        assert!(!allowed(
+            &alice,
+            "WatchOperations",
+            watch("projects/a", &[])
+        ));
+        assert!(!allowed(
+            &alice,
+            "UpdateOperation",
+            Target::Name("projects/a/operations/x")
+        ));
     }
 }

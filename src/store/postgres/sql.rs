@@ -164,7 +164,10 @@ fn restriction(test: &Restriction, params: &mut Params) -> String {
             )
         }
         Restriction::Granted(pattern) => {
-            format!("('/' || name) ~ {}", params.push(pattern.to_regex(), Type::TEXT))
+            format!(
+                "('/' || name) ~ {}",
+                params.push(pattern.to_regex(), Type::TEXT)
+            )
         }
     }
 }
