@@ -102,7 +102,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let open = OpenCall::new(&self.conn);
         let kind = Kind::of(&request);
         if let Some(auth) = &self.app.auth {
-            match auth.authenticate(&request, kind, self.peer.as_deref()) {
+            match auth.authenticate(&request, kind.grpc, self.peer.as_deref()) {
                 Authn::Exempt => {}
                 Authn::Principal(principal) => {
                     request.extensions_mut().insert(principal);

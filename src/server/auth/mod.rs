@@ -41,7 +41,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub use self::policy::{Permission, Policy, Principal};
-use super::{app::Kind, metrics, tls::PeerIdentity, ui};
+use super::{metrics, tls::PeerIdentity, ui};
 use crate::{
     config::AuthSettings,
     error::{AuthFailure, Error, SCOPE_INSUFFICIENT},
@@ -166,9 +166,9 @@ impl Auth {
     /// Whether a request needs no credentials: gRPC health, reflection with
     /// `--auth-open-reflection`, `/healthz`, the operator page's files (its
     /// calls carry the token pasted into it), CORS preflights.
-    fn exempt<B>(&self, request: &Request<B>, kind: Kind) -> bool {
+    fn exempt<B>(&self, request: &Request<B>, grpc: bool) -> bool {
         let path = request.uri().path();
-        if kind.grpc {
+        if grpc {
             return path.starts_with("/grpc.health.v1.Health/")
                 || (self.open_reflection && path.starts_with("/grpc.reflection."));
         }
@@ -181,15 +181,15 @@ impl Auth {
                     .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD))
     }
 
-    /// Authenticates one request (see the module docs). `peer` is the
-    /// connection's verified client certificate, if any.
+    /// Authenticates one request (see the module docs), gRPC or HTTP.
+    /// `peer` is the connection's verified client certificate, if any.
     pub fn authenticate<B>(
         self: &Arc<Self>,
         request: &Request<B>,
-        kind: Kind,
+        grpc: bool,
         peer: Option<&PeerIdentity>,
     ) -> Authn {
-        if self.exempt(request, kind) {
+        if self.exempt(request, grpc) {
             return Authn::Exempt;
         }
         let token = match bearer(request.headers()) {
