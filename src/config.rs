@@ -411,8 +411,10 @@ mod tests {
     #[test]
     fn auth_needs_an_issuer_and_an_audience() {
         let check = |auth: AuthSettings| {
-            let mut config = Config::default();
-            config.auth = Some(auth);
+            let config = Config {
+                auth: Some(auth),
+                ..Config::default()
+            };
             config.validate().map_err(|e| e.to_string())
         };
         let auth = AuthSettings {
