@@ -488,6 +488,44 @@ async fn feeds_send_only_the_callers_names() {
         .unwrap()
         .unwrap();
     assert_eq!(next.name, "projects/a/operations/a1");
+    // The SSE watch over REST: the same.
+    let mut response = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/-/operations:watch?sendInitial=true",
+            f.server.url
+        ))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut text = String::new();
+    while text.matches("data: ").count() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .expect("the stream is open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    ops.cancel_operation(as_(&admin, cancel("projects/b/operations/b3")))
+        .await
+        .unwrap();
+    ops.cancel_operation(as_(&admin, cancel("projects/a/operations/a3")))
+        .await
+        .unwrap();
+    // The next event is A's (B's change, made first, is not sent).
+    while text.matches("data: ").count() < 4 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .expect("the stream is open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!text.contains("projects/b/"), "{text}");
+    assert!(!text.contains("projects/ab/"), "{text}");
+    drop(response);
     // A feed of B's parent is denied.
     let denied = console
         .watch_operation_changes(as_(

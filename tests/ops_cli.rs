@@ -235,8 +235,11 @@ fn a_token_goes_with_every_call_to_a_server_with_auth() {
     assert_eq!(refused.status.code(), Some(64 + 16));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"));
     let token = key.sign(&claims("admin"));
-    assert!(ok(ops(&server, &["--token", &token, "get", "operations/failed"]))
-        .starts_with("operations/failed"));
+    assert!(ok(ops(
+        &server,
+        &["--token", &token, "get", "operations/failed"]
+    ))
+    .starts_with("operations/failed"));
     let from_env = Command::new(env!("CARGO_BIN_EXE_opsd"))
         .args(["ops", "--server", &server.address, "list"])
         .env("OPSD_TOKEN", &token)
