@@ -64,13 +64,8 @@ impl Endpoint {
     }
 }
 
-#[tokio::test]
-async fn rotated_keys_are_fetched_and_unknown_kids_are_rate_limited() {
-    let old = SigningKey::ec("old");
-    let new = SigningKey::ed25519("new");
-    let endpoint = Endpoint::default();
-    endpoint.serve(jwks(&[&old]));
-    let url = endpoint.start().await;
+/// The test configuration with auth on, its keys at `url`.
+fn config(url: String) -> Config {
     let mut config = Config::for_tests();
     config.auth = Some(AuthSettings {
         jwks: url,
@@ -78,7 +73,16 @@ async fn rotated_keys_are_fetched_and_unknown_kids_are_rate_limited() {
         audiences: vec![AUDIENCE.into()],
         ..Default::default()
     });
-    let server = TestServer::start_with(config).await;
+    config
+}
+
+#[tokio::test]
+async fn rotated_keys_are_fetched_and_unknown_kids_are_rate_limited() {
+    let old = SigningKey::ec("old");
+    let new = SigningKey::ed25519("new");
+    let endpoint = Endpoint::default();
+    endpoint.serve(jwks(&[&old]));
+    let server = TestServer::start_with(config(endpoint.start().await)).await;
     assert_eq!(endpoint.fetches(), 1, "fetched at start-up");
     let name = server.registry_op("x").await;
     let mut ops = server.operations().await;
@@ -121,14 +125,10 @@ async fn rotated_keys_are_fetched_and_unknown_kids_are_rate_limited() {
 async fn a_jwks_url_that_cannot_be_read_stops_start_up() {
     let endpoint = Endpoint::default();
     endpoint.serve("not json".into());
-    let url = endpoint.start().await;
-    let mut config = Config::for_tests();
-    config.auth = Some(AuthSettings {
-        jwks: url,
-        issuer: ISSUER.into(),
-        audiences: vec![AUDIENCE.into()],
-        ..Default::default()
-    });
-    let err = opsd::Server::new(config).await.err().unwrap().to_string();
+    let err = opsd::Server::new(config(endpoint.start().await))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("JWKS"), "{err}");
 }

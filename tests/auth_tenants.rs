@@ -435,6 +435,18 @@ async fn listings_show_only_the_callers_names() {
     f.server.stop().await;
 }
 
+/// Reads server-sent events into `text` until it holds `count`.
+async fn read_events(response: &mut reqwest::Response, text: &mut String, count: usize) {
+    while text.matches("data: ").count() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .expect("the stream is open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
 #[tokio::test]
 async fn feeds_send_only_the_callers_names() {
     let f = start().await;
@@ -500,14 +512,7 @@ async fn feeds_send_only_the_callers_names() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let mut text = String::new();
-    while text.matches("data: ").count() < 3 {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
-            .await
-            .expect("events arrive")
-            .unwrap()
-            .expect("the stream is open");
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_events(&mut response, &mut text, 3).await;
     ops.cancel_operation(as_(&admin, cancel("projects/b/operations/b3")))
         .await
         .unwrap();
@@ -515,14 +520,7 @@ async fn feeds_send_only_the_callers_names() {
         .await
         .unwrap();
     // The next event is A's (B's change, made first, is not sent).
-    while text.matches("data: ").count() < 4 {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
-            .await
-            .expect("events arrive")
-            .unwrap()
-            .expect("the stream is open");
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_events(&mut response, &mut text, 4).await;
     assert!(!text.contains("projects/b/"), "{text}");
     assert!(!text.contains("projects/ab/"), "{text}");
     drop(response);
@@ -596,28 +594,18 @@ async fn workers_work_only_under_their_names() {
         .await
         .unwrap()
         .into_inner();
-    let denied = workers
-        .watch_operations(as_(
-            &worker_a,
-            WatchOperationsRequest {
-                parent: "projects/b".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
-    let denied = workers
-        .watch_operations(as_(
-            &worker_a,
-            WatchOperationsRequest {
-                names: vec!["projects/b/operations/b2".into()],
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied);
+    // Watching B's parent, or one of B's names, is denied.
+    for (parent, names) in [
+        ("projects/b", vec![]),
+        ("", vec!["projects/b/operations/b2".into()]),
+    ] {
+        let request = WatchOperationsRequest {
+            parent: parent.into(),
+            names,
+        };
+        let denied = workers.watch_operations(as_(&worker_a, request)).await;
+        assert_eq!(code(denied), Code::PermissionDenied, "{parent}");
+    }
     let mut ops = f.server.operations().await;
     ops.cancel_operation(as_(&admin, cancel("projects/b/operations/b2")))
         .await

@@ -154,14 +154,39 @@ fn pem_der(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
-#[tokio::test]
-async fn grpc_and_rest_are_served_over_tls_on_one_port() {
-    let dir = Dir::new("tls");
+/// A TLS server without auth (`mtls`: client certificates of the PKI
+/// required) with a running operation: the server, its PKI, its files and
+/// the operation's name.
+async fn start_tls(test: &str, mtls: bool) -> (TestServer, Pki, Dir, String) {
+    let dir = Dir::new(test);
     let pki = Pki::new();
     let mut config = Config::for_tests();
-    tls_config(&mut config, &dir, &pki, false);
+    tls_config(&mut config, &dir, &pki, mtls);
     let server = TestServer::start_with(config).await;
     let name = server.registry_op("x").await;
+    (server, pki, dir, name)
+}
+
+/// GetOperation over a fresh TLS channel with `identity`: a handshake
+/// refused is an error too.
+async fn get_with(
+    server: &TestServer,
+    pki: &Pki,
+    identity: Option<(String, String)>,
+    name: &str,
+) -> Result<(), tonic::Status> {
+    let channel = grpc_channel(server, pki, identity)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    OperationsClient::new(channel)
+        .get_operation(get(name))
+        .await
+        .map(drop)
+}
+
+#[tokio::test]
+async fn grpc_and_rest_are_served_over_tls_on_one_port() {
+    let (server, pki, _dir, name) = start_tls("tls", false).await;
 
     let mut ops = OperationsClient::new(grpc_channel(&server, &pki, None).await.unwrap());
     assert_eq!(
@@ -223,12 +248,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     // opsd's SIGHUP handler may not be installed yet when the first signal
     // goes: this one keeps the default action (exit) away.
     let mut _ours = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
-    let dir = Dir::new("tls-reload");
-    let pki = Pki::new();
-    let mut config = Config::for_tests();
-    tls_config(&mut config, &dir, &pki, false);
-    let server = TestServer::start_with(config).await;
-    let name = server.registry_op("x").await;
+    let (server, pki, dir, name) = start_tls("tls-reload", false).await;
     let mut ops = OperationsClient::new(grpc_channel(&server, &pki, None).await.unwrap());
     ops.get_operation(get(&name)).await.unwrap();
     let before = served_certificate(&server, &pki).await;
@@ -362,43 +382,19 @@ async fn client_certificates_stand_as_the_subject_with_auth() {
     );
     // A certificate from another CA does not pass the handshake.
     let other = Pki::new().client_cert("spiffe://opsd.test/worker-a");
-    let result = match grpc_channel(&server, &pki, Some(other)).await {
-        Ok(channel) => OperationsClient::new(channel)
-            .get_operation(get(&created.name))
-            .await
-            .map(|_| ()),
-        Err(err) => Err(tonic::Status::unavailable(err.to_string())),
-    };
-    assert!(result.is_err());
+    assert!(get_with(&server, &pki, Some(other), &created.name)
+        .await
+        .is_err());
     server.stop().await;
 }
 
 #[tokio::test]
 async fn without_auth_mtls_requires_a_client_certificate() {
-    let dir = Dir::new("mtls");
-    let pki = Pki::new();
-    let mut config = Config::for_tests();
-    tls_config(&mut config, &dir, &pki, true);
-    let server = TestServer::start_with(config).await;
-    let name = server.registry_op("x").await;
-    let with_cert = grpc_channel(
-        &server,
-        &pki,
-        Some(pki.client_cert("spiffe://opsd.test/any")),
-    )
-    .await
-    .unwrap();
-    OperationsClient::new(with_cert)
-        .get_operation(get(&name))
+    let (server, pki, _dir, name) = start_tls("mtls", true).await;
+    let identity = pki.client_cert("spiffe://opsd.test/any");
+    get_with(&server, &pki, Some(identity), &name)
         .await
         .unwrap();
-    let without = match grpc_channel(&server, &pki, None).await {
-        Ok(channel) => OperationsClient::new(channel)
-            .get_operation(get(&name))
-            .await
-            .map(|_| ()),
-        Err(err) => Err(tonic::Status::unavailable(err.to_string())),
-    };
-    assert!(without.is_err());
+    assert!(get_with(&server, &pki, None, &name).await.is_err());
     server.stop().await;
 }
