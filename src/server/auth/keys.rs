@@ -9,7 +9,8 @@
 //!
 //! Only asymmetric keys are kept, each with the algorithms its type allows
 //! (RSA: RS256/384/512 and PS256/384/512; EC P-256: ES256, P-384: ES384;
-//! OKP Ed25519: EdDSA), narrowed to its `alg` when the JWK names one. A
+//! OKP Ed25519: EdDSA), narrowed to its `alg` when the JWK names one (keys
+//! marked `"use": "enc"` are skipped). A
 //! token whose `alg` its key does not allow is refused before any
 //! signature check, so neither `none` nor an HMAC made with a public key
 //! can pass; symmetric (`oct`) keys are skipped when the set is read.
@@ -31,7 +32,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use jsonwebtoken::{
-    jwk::{AlgorithmParameters, EllipticCurve, Jwk},
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse},
     Algorithm, DecodingKey,
 };
 use tokio_util::sync::CancellationToken;
@@ -63,9 +64,13 @@ pub(super) struct KeySet {
 }
 
 /// The algorithms a JWK's type allows, narrowed to its `alg`; `None` for
-/// keys that are never used (symmetric ones, other curves).
+/// keys that are never used (symmetric ones, other curves, keys for
+/// encryption: `"use": "enc"`).
 fn algorithms(jwk: &Jwk) -> Option<Vec<Algorithm>> {
     use Algorithm::*;
+    if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
+        return None;
+    }
     let by_type = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => vec![RS256, RS384, RS512, PS256, PS384, PS512],
         AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
@@ -354,11 +359,13 @@ mod tests {
                 {"kty": "OKP", "kid": "e", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
                 {"kty": "RSA", "kid": "r", "alg": "RS256", "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw", "e": "AQAB"},
                 {"kty": "EC", "kid": "p", "crv": "P-521", "x": "AA", "y": "AA"},
+                {"kty": "OKP", "kid": "enc", "use": "enc", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
                 {"kty": "nonsense"}
             ]}"#,
         )
         .unwrap();
         assert_eq!(set.keys.len(), 2);
+        assert!(set.candidates(Some("enc"), Algorithm::EdDSA).is_none());
         assert!(set.candidates(Some("h"), Algorithm::HS256).is_none());
         assert_eq!(
             set.candidates(Some("r"), Algorithm::RS256).unwrap().count(),
