@@ -9,11 +9,11 @@
 //!
 //! Only asymmetric keys are kept, each with the algorithms its type allows
 //! (RSA: RS256/384/512 and PS256/384/512; EC P-256: ES256, P-384: ES384;
-//! OKP Ed25519: EdDSA), narrowed to its `alg` when the JWK names one (keys
-//! marked `"use": "enc"` are skipped). A
+//! OKP Ed25519: EdDSA), narrowed to its `alg` when the JWK names one. A
 //! token whose `alg` its key does not allow is refused before any
 //! signature check, so neither `none` nor an HMAC made with a public key
-//! can pass; symmetric (`oct`) keys are skipped when the set is read.
+//! can pass; symmetric (`oct`) keys, and keys marked `"use": "enc"`, are
+//! skipped when the set is read.
 
 use std::{
     path::PathBuf,
