@@ -4,7 +4,7 @@
 #   benches/suite.sh [section ...]
 #
 # Sections (all by default): ratios open-loop notify waiters memory list
-# durable churn overload callgrind readcache postgres traces. Servers run pinned to core 0 and the load generator to core 1
+# durable churn overload callgrind readcache postgres traces auth. Servers run pinned to core 0 and the load generator to core 1
 # (`taskset`), so neither takes CPU from the other and the server's CPU per
 # call is measured cleanly; every opsd figure is printed next to the no-op
 # ceiling measured in the same run and layout (opsd-ceiling, bench/src/bin). Set
@@ -19,7 +19,7 @@ ROUNDS=${ROUNDS:-5}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn overload callgrind readcache postgres traces)
+[ ${#sections[@]} -eq 0 ] && sections=(ratios open-loop notify waiters memory list durable churn overload callgrind readcache postgres traces auth)
 
 cargo build --release --quiet -p opsd -p opsd-bench
 opsd=target/release/opsd
@@ -318,4 +318,48 @@ if has traces; then
   sleep 2 # the last batch reaches the sink
   curl -s http://127.0.0.1:50114/metrics | grep '^opsd_trace_spans' || true
   echo "sink: $(tail -1 "$work/sink.log")"
+fi
+
+if has auth; then
+  # Auth on (an RS256 JWKS, a policy of a few principals, every call's name
+  # checked) with the client reusing one token, against auth off as the
+  # ceiling: the cost of the token cache's lookup and the per-name check.
+  echo "## auth: GetOperation with a reused RS256 bearer token vs auth off, $ROUNDS rounds"
+  mkdir -p "$work/auth"
+  openssl genrsa -out "$work/auth/key.pem" 2048 2>/dev/null
+  b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+  n=$(openssl rsa -in "$work/auth/key.pem" -noout -modulus | cut -d= -f2 | xxd -r -p | b64url)
+  printf '{"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "n": "%s", "e": "AQAB"}]}' "$n" >"$work/auth/jwks.json"
+  cat >"$work/auth/policy.yaml" <<'EOF'
+principals:
+  - subject: alice@example.com
+    grants:
+      - names: ["projects/a/**"]
+        permissions: ["operations.*"]
+  - subject: worker-a
+    grants:
+      - names: ["projects/a/**"]
+        permissions: ["workers.*"]
+  - subject: bench
+    grants:
+      - names: ["projects/a/**", "projects/b/**"]
+        permissions: ["operations.list"]
+      - names: ["operations/*"]
+        permissions: ["operations.get", "workers.*"]
+EOF
+  now=$(date +%s)
+  header=$(printf '{"alg":"RS256","typ":"JWT","kid":"k1"}' | b64url)
+  claims=$(printf '{"iss":"https://issuer.bench","aud":"opsd","sub":"bench","scope":"https://www.googleapis.com/auth/cloud-platform","iat":%d,"exp":%d}' \
+    "$now" $((now + 86400)) | b64url)
+  token="$header.$claims.$(printf '%s.%s' "$header" "$claims" | openssl dgst -sha256 -sign "$work/auth/key.pem" | b64url)"
+  serve authed 50116 "$opsd" serve --listen 127.0.0.1:50116 --store memory \
+    --auth-jwks "$work/auth/jwks.json" --auth-issuer https://issuer.bench --auth-audience opsd \
+    --auth-policy "$work/auth/policy.yaml"
+  serve open 50117 "$opsd" serve --listen 127.0.0.1:50117 --store memory
+  # The token goes to both servers (the open one ignores it), so the
+  # client's work and the bytes on the wire are the same.
+  load --token "$token" get --target http://127.0.0.1:50116 --server-pid "$pid_authed" \
+    --ceiling http://127.0.0.1:50117 --ceiling-pid "$pid_open" \
+    --rounds "$ROUNDS" --concurrency 16 --duration 4s
+  stop "$pid_authed"; stop "$pid_open"
 fi

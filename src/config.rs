@@ -130,6 +130,33 @@ impl Default for TraceSettings {
     }
 }
 
+/// Who may call (`--auth-*`); auth is on when [`Config::auth`] is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// A JWKS file, or an `http(s)://` URL (`--auth-jwks`).
+    pub jwks: String,
+    /// The issuer tokens must name (`--auth-issuer`).
+    pub issuer: String,
+    /// The audiences a token may name, at least one (`--auth-audience`).
+    pub audiences: Vec<String>,
+    /// Who may do what (`--auth-policy`); without it every authenticated
+    /// caller with the required scope may do everything.
+    pub policy: Option<PathBuf>,
+    /// Reflection answers without credentials (`--auth-open-reflection`).
+    pub open_reflection: bool,
+}
+
+/// TLS on the listener (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The certificate chain (PEM), reloaded on SIGHUP.
+    pub cert: PathBuf,
+    /// Its private key (PEM), reloaded on SIGHUP.
+    pub key: PathBuf,
+    /// The CA (PEM) whose client certificates are accepted (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Room kept in a message for the envelope around an operation or a page.
 const ENVELOPE_ROOM: usize = 64 * 1024;
 
@@ -174,6 +201,13 @@ pub struct Config {
     pub cors_allow_origins: Vec<String>,
     pub limits: Limits,
     pub traces: TraceSettings,
+    /// Auth (`None`: off, anyone who reaches the port may call).
+    pub auth: Option<AuthSettings>,
+    /// TLS on the listener (`None`: plain text).
+    pub tls: Option<TlsSettings>,
+    /// Serve `/metrics` on this address instead of the main port
+    /// (`--metrics-listen`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -192,6 +226,9 @@ impl Default for Config {
             cors_allow_origins: Vec::new(),
             limits: Limits::default(),
             traces: TraceSettings::default(),
+            auth: None,
+            tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -262,6 +299,20 @@ impl Config {
         }
         if self.postgres.pool_size == 0 {
             return fail("--pg-pool-size must be at least 1".into());
+        }
+        if let Some(auth) = &self.auth {
+            if auth.jwks.is_empty() {
+                return fail("--auth-jwks needs a file or an http(s):// URL".into());
+            }
+            if auth.issuer.is_empty() {
+                return fail("--auth-issuer is required with --auth-jwks".into());
+            }
+            if auth.audiences.iter().all(String::is_empty) {
+                return fail("--auth-audience is required with --auth-jwks".into());
+            }
+        }
+        if self.metrics_listen.is_some() && !self.metrics {
+            return fail("--metrics-listen cannot go with --no-metrics".into());
         }
         let room = Limits::message_room(limits.max_message_size);
         if registry.max_operation_bytes > room || registry.max_page_bytes > room {
@@ -419,6 +470,36 @@ mod tests {
             .contains("scheme"));
         assert!(check("https://user@console.example.com").is_err());
         assert!(check("").is_err());
+    }
+
+    #[test]
+    fn auth_needs_an_issuer_and_an_audience() {
+        let check = |auth: AuthSettings| {
+            let config = Config {
+                auth: Some(auth),
+                ..Config::default()
+            };
+            config.validate().map_err(|e| e.to_string())
+        };
+        let auth = AuthSettings {
+            jwks: "jwks.json".into(),
+            issuer: "https://issuer".into(),
+            audiences: vec!["opsd".into()],
+            ..Default::default()
+        };
+        check(auth.clone()).unwrap();
+        assert!(check(AuthSettings {
+            issuer: String::new(),
+            ..auth.clone()
+        })
+        .unwrap_err()
+        .contains("--auth-issuer"));
+        assert!(check(AuthSettings {
+            audiences: vec![],
+            ..auth
+        })
+        .unwrap_err()
+        .contains("--auth-audience"));
     }
 
     #[test]

@@ -42,6 +42,33 @@ pub enum Precondition {
     NotCancellable,
 }
 
+/// Why a call's credentials were refused, as its `ErrorInfo.reason` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `authorization: Bearer` header (nor a client certificate).
+    Missing,
+    /// The token expired.
+    Expired,
+    /// Anything else: not a JWT, a bad signature, an algorithm or key that
+    /// does not fit, the wrong issuer or audience, not yet valid.
+    Invalid,
+}
+
+impl AuthFailure {
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "CREDENTIALS_MISSING",
+            AuthFailure::Expired => "ACCESS_TOKEN_EXPIRED",
+            AuthFailure::Invalid => "ACCESS_TOKEN_INVALID",
+        }
+    }
+}
+
+/// The `ErrorInfo.reason` of a token without the required scope.
+pub const SCOPE_INSUFFICIENT: &str = "ACCESS_TOKEN_SCOPE_INSUFFICIENT";
+/// The `ErrorInfo.reason` of a call no grant allows.
+pub const PERMISSION_DENIED: &str = "IAM_PERMISSION_DENIED";
+
 /// An opsd failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -104,6 +131,23 @@ pub enum Error {
     /// The server is draining.
     #[error("The server is shutting down.")]
     ShuttingDown,
+    /// The call carries no valid credentials (auth on). Which check failed
+    /// stays in the server's debug log; the client learns only the stable
+    /// `reason`.
+    #[error("Request had invalid authentication credentials. Expected a valid OAuth 2 bearer token (authorization: Bearer ...).")]
+    Unauthenticated { reason: AuthFailure },
+    /// The caller is known but may not make this call: its token lacks the
+    /// required scope (`reason` ACCESS_TOKEN_SCOPE_INSUFFICIENT, `scope`
+    /// set), or no grant gives it the permission on the name
+    /// (IAM_PERMISSION_DENIED). The message is the same whether the
+    /// operation exists or not.
+    #[error("{message}")]
+    PermissionDenied {
+        reason: &'static str,
+        message: String,
+        /// The scope the token lacked.
+        scope: Option<String>,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -142,6 +186,8 @@ impl Error {
             Error::MethodDisabled { .. } | Error::Unimplemented { .. } => Code::Unimplemented,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
+            Error::Unauthenticated { .. } => Code::Unauthenticated,
+            Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(_) => Code::Internal,
         }
@@ -165,6 +211,8 @@ impl Error {
             Error::PayloadTooLarge { .. } => REQUEST_TOO_LARGE,
             Error::Unimplemented { reason, .. } | Error::ResourceExhausted { reason, .. } => reason,
             Error::ShuttingDown => "SERVER_SHUTTING_DOWN",
+            Error::Unauthenticated { reason } => reason.reason(),
+            Error::PermissionDenied { reason, .. } => reason,
             Error::Store(StoreError::Unavailable(_)) => "STORE_UNAVAILABLE",
             Error::Store(_) => "INTERNAL",
         }
@@ -212,6 +260,11 @@ impl Error {
             Error::MethodDisabled { method, .. } => {
                 metadata.insert("method".to_owned(), (*method).to_owned());
             }
+            Error::PermissionDenied {
+                scope: Some(scope), ..
+            } => {
+                metadata.insert("scope".to_owned(), scope.clone());
+            }
             _ => {}
         }
         details.set_error_info(self.reason(), ERROR_DOMAIN, metadata);
@@ -235,6 +288,26 @@ pub fn retry_after(status: &Status) -> Option<Duration> {
         return None;
     }
     status.get_details_retry_info()?.retry_delay
+}
+
+/// The `WWW-Authenticate` header of a REST answer with this status (RFC
+/// 6750): `invalid_token` for UNAUTHENTICATED, `insufficient_scope` (with
+/// the scope) for a token without the required scope.
+pub fn www_authenticate(status: &Status) -> Option<String> {
+    match status.code() {
+        Code::Unauthenticated => Some(r#"Bearer realm="opsd", error="invalid_token""#.to_owned()),
+        Code::PermissionDenied => {
+            let info = status.get_details_error_info()?;
+            if info.reason != SCOPE_INSUFFICIENT {
+                return None;
+            }
+            let scope = info.metadata.get("scope").cloned().unwrap_or_default();
+            Some(format!(
+                r#"Bearer realm="opsd", error="insufficient_scope", scope="{scope}""#
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// The `ErrorInfo.reason` that REST answers with HTTP 413.
@@ -362,6 +435,39 @@ mod tests {
             http_status(Code::Unimplemented, ""),
             http::StatusCode::NOT_IMPLEMENTED
         );
+    }
+
+    #[test]
+    fn auth_errors_map_to_401_and_403_with_their_challenge() {
+        let status = Status::from(Error::Unauthenticated {
+            reason: AuthFailure::Expired,
+        });
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(
+            status.get_error_details().error_info().unwrap().reason,
+            "ACCESS_TOKEN_EXPIRED"
+        );
+        assert!(www_authenticate(&status).unwrap().contains("invalid_token"));
+        let scope = Status::from(Error::PermissionDenied {
+            reason: SCOPE_INSUFFICIENT,
+            message: "needs a scope".into(),
+            scope: Some("https://www.googleapis.com/auth/cloud-platform".into()),
+        });
+        let challenge = www_authenticate(&scope).unwrap();
+        assert!(
+            challenge.contains(r#"error="insufficient_scope""#),
+            "{challenge}"
+        );
+        assert!(challenge.contains("cloud-platform"), "{challenge}");
+        let denied = Status::from(Error::PermissionDenied {
+            reason: PERMISSION_DENIED,
+            message: "no".into(),
+            scope: None,
+        });
+        assert_eq!(www_authenticate(&denied), None);
+        let pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET).unwrap();
+        assert_eq!(json_envelope(&status, &pool, JsonOptions::default()).0, 401);
+        assert_eq!(json_envelope(&denied, &pool, JsonOptions::default()).0, 403);
     }
 
     #[test]

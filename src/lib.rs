@@ -7,9 +7,11 @@
 //!
 //! - `main.rs` (the binary): flags → [`Config`] → [`server::run`].
 //! - [`server`]: one port for gRPC, REST, health, reflection and
-//!   `/metrics`; limits; drain; [`server::observe`], the one wrapper that
-//!   times, counts, traces and reports every call; [`server::trace`], the
-//!   OTLP export of those traces.
+//!   `/metrics` (TLS optional); limits; drain; [`server::auth`], who is
+//!   calling (JWT bearer tokens, client certificates) and the policy;
+//!   [`server::observe`], the one wrapper that times, counts, traces,
+//!   reports and (with auth on) authorizes every call; [`server::trace`],
+//!   the OTLP export of those traces.
 //! - [`config`]: one [`Config`] assembled from the layers' settings, checked
 //!   by [`Config::validate`].
 //! - [`api`]: the protocol faces. [`api::operations`] serves

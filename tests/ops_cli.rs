@@ -211,3 +211,41 @@ fn watch_follows_changes_live() {
     watch.kill().unwrap();
     watch.wait().unwrap();
 }
+
+#[test]
+fn a_token_goes_with_every_call_to_a_server_with_auth() {
+    use common::auth::{claims, jwks, Dir, SigningKey, AUDIENCE, ISSUER};
+    let dir = Dir::new("ops-cli-auth");
+    let key = SigningKey::ec("k");
+    let jwks = dir.write("jwks.json", &jwks(&[&key]));
+    let server = Opsd::start(&[
+        "--store",
+        "memory",
+        "--scenario",
+        &scenario(),
+        "--auth-jwks",
+        jwks.to_str().unwrap(),
+        "--auth-issuer",
+        ISSUER,
+        "--auth-audience",
+        AUDIENCE,
+    ]);
+    // UNAUTHENTICATED (16) → 80.
+    let refused = ops(&server, &["get", "operations/failed"]);
+    assert_eq!(refused.status.code(), Some(64 + 16));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"));
+    let token = key.sign(&claims("admin"));
+    assert!(ok(ops(
+        &server,
+        &["--token", &token, "get", "operations/failed"]
+    ))
+    .starts_with("operations/failed"));
+    let from_env = Command::new(env!("CARGO_BIN_EXE_opsd"))
+        .args(["ops", "--server", &server.address, "list"])
+        .env("OPSD_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(ok(from_env).contains("operations/failed"));
+    // Health needs none.
+    assert!(ok(ops(&server, &["health"])).contains("SERVING"));
+}

@@ -1,7 +1,8 @@
 //! Filters in SQL select exactly what the in-memory evaluator selects: a
 //! differential property test over random operation sets and random filter
 //! trees (every restriction, `AND`/`OR`/`NOT`, wildcards, values with `%`,
-//! `_`, `*`, quotes and non-ASCII text, times to the nanosecond), walked
+//! `_`, `*`, quotes and non-ASCII text, times to the nanosecond, a caller's
+//! name patterns from its grants), walked
 //! page by page with random page sizes and scan budgets, on the memory store
 //! and on PostgreSQL side by side.
 
@@ -170,6 +171,23 @@ fn restriction() -> impl Strategy<Value = Restriction> {
             time()
         )
             .prop_map(|(f, op, at)| Restriction::Time(f, op, at)),
+        // A caller's grant (auth): whole segments, `*` and `**`.
+        prop::collection::vec(
+            prop::sample::select(vec![
+                "projects",
+                "*",
+                "**",
+                "locations",
+                "l1",
+                "l2",
+                "operations",
+                "a",
+                "a.b",
+                "op",
+            ]),
+            1..7,
+        )
+        .prop_map(|segments| Restriction::Granted(segments.join("/").parse().unwrap())),
     ]
 }
 

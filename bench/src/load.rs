@@ -25,6 +25,32 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+
+/// The bearer token the GetOperation workloads and their setup send
+/// (`--token`, for a server with auth on), set once at start.
+static TOKEN: std::sync::OnceLock<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+    std::sync::OnceLock::new();
+
+/// Sets the token every [`authorized`] request carries.
+pub fn set_token(token: &str) -> Result<(), String> {
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "the token is not ASCII".to_owned())?;
+    TOKEN
+        .set(value)
+        .map_err(|_| "the token is already set".to_owned())
+}
+
+/// `message` as a request, with the `--token` bearer header if there is one.
+pub fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = TOKEN.get() {
+        request
+            .metadata_mut()
+            .insert("authorization", token.clone());
+    }
+    request
+}
 use tonic::transport::{Channel, Endpoint};
 
 use opsd::pb::{
@@ -209,9 +235,9 @@ impl Clients {
         match workload {
             Workload::Get { name, .. } => self
                 .ops
-                .get_operation(opsd::pb::google::longrunning::GetOperationRequest {
-                    name: name.clone(),
-                })
+                .get_operation(authorized(
+                    opsd::pb::google::longrunning::GetOperationRequest { name: name.clone() },
+                ))
                 .await
                 .map(drop)
                 .map_err(code),

@@ -21,6 +21,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: BenchCommand,
+    /// A bearer token for a server with auth on: GetOperation (`get`) and
+    /// its setup send it (a server without auth ignores it).
+    #[arg(long, global = true, env = "OPSD_BENCH_TOKEN")]
+    token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -202,17 +206,17 @@ async fn bench_target(target: &str, done: bool) -> Result<String, load::BenchErr
         request_id: id.into(),
         ..Default::default()
     };
-    match workers.create_operation(request).await {
+    match workers.create_operation(load::authorized(request)).await {
         Ok(op) => {
             let op = op.into_inner();
             if done && !op.done {
                 let response = prost_types::Any::from_msg(&())?;
                 workers
-                    .complete_operation(CompleteOperationRequest {
+                    .complete_operation(load::authorized(CompleteOperationRequest {
                         name: op.name.clone(),
                         result: Some(complete_operation_request::Result::Response(response)),
                         metadata: None,
-                    })
+                    }))
                     .await?;
             }
             Ok(op.name)
@@ -439,6 +443,12 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(token) = &cli.token {
+        if let Err(err) = load::set_token(token) {
+            eprintln!("opsd-bench: --token: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
     // The load generator runs on one thread: pinned to one core, a second
     // thread (the runtime's main thread beside a worker) would take turns
     // with it and add milliseconds of scheduling delay to the figures.

@@ -21,7 +21,7 @@ use crate::{
             WatchOperationChangesRequest,
         },
     },
-    registry::{operation_info, Followed, Registry},
+    registry::{operation_info, Followed, Registry, Visibility},
 };
 
 /// The `opsd.v1.Console` service. Cloning it is shallow.
@@ -69,10 +69,7 @@ impl Console for ConsoleService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationInfosResponse>, Status> {
-        let page = self
-            .registry
-            .list(list_request(request.into_inner()))
-            .await?;
+        let page = self.registry.list(list_request(request)).await?;
         Ok(Response::new(ListOperationInfosResponse {
             operations: page.records.iter().map(operation_info).collect(),
             next_page_token: page.next_page_token,
@@ -93,10 +90,15 @@ impl Console for ConsoleService {
         &self,
         request: Request<WatchOperationChangesRequest>,
     ) -> Result<Response<ChangeStream>, Status> {
+        // What the caller may see, from the server's authorization.
+        let visibility = request.extensions().get::<Visibility>().cloned();
         let request = request.into_inner();
-        let changes =
-            self.registry
-                .follow(&request.parent, &request.filter, request.send_initial)?;
+        let changes = self.registry.follow(
+            &request.parent,
+            &request.filter,
+            request.send_initial,
+            visibility,
+        )?;
         let stream = ReceiverStream::new(changes).map(|followed| match followed {
             Ok(followed) => Ok(change(followed)),
             Err(err) => Err(Status::from(err)),

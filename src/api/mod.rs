@@ -25,19 +25,26 @@ use tonic::{metadata::MetadataMap, Request, Response};
 
 use crate::{
     pb::{google::longrunning as lro, opsd::v1 as wapi},
-    registry::{Record, Registry, TraceLink},
+    registry::{Record, Registry, TraceLink, Visibility},
 };
 
 /// The registry's List request for a `ListOperationsRequest` (the
 /// Operations and Console services list alike). `return_partial_success` is
 /// accepted and has no effect: one store answers for every parent, so
 /// nothing is ever unreachable.
-pub(crate) fn list_request(request: lro::ListOperationsRequest) -> crate::registry::ListRequest {
+/// What the caller may see comes from the server's authorization, as a
+/// request extension ([`Visibility`]).
+pub(crate) fn list_request(
+    request: Request<lro::ListOperationsRequest>,
+) -> crate::registry::ListRequest {
+    let visibility = request.extensions().get::<Visibility>().cloned();
+    let request = request.into_inner();
     crate::registry::ListRequest {
         name: request.name,
         filter: request.filter,
         page_size: request.page_size,
         page_token: request.page_token,
+        visibility,
     }
 }
 

@@ -112,10 +112,7 @@ impl Operations for OperationsService {
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
         self.enabled(Method::List)?;
-        let page = self
-            .registry
-            .list(list_request(request.into_inner()))
-            .await?;
+        let page = self.registry.list(list_request(request)).await?;
         let response = Response::new(ListOperationsResponse {
             operations: page.records.iter().map(operation).collect(),
             next_page_token: page.next_page_token,

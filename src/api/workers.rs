@@ -24,7 +24,7 @@ use crate::{
     },
     registry::{
         model::wire_duration, operation, CancelPolicy, CreateParams, EventKind, Outcome, Registry,
-        ScriptSpec, TraceLink, WatchFilter, WorkerEvent,
+        ScriptSpec, TraceLink, Visibility, WatchFilter, WorkerEvent,
     },
 };
 
@@ -141,8 +141,10 @@ impl Workers for WorkersService {
         &self,
         request: Request<WatchOperationsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        // What the worker may watch, from the server's authorization.
+        let visibility = request.extensions().get::<Visibility>().cloned();
         let request = request.into_inner();
-        let filter = WatchFilter::new(&request.parent, &request.names)?;
+        let filter = WatchFilter::new(&request.parent, &request.names)?.visible_to(visibility);
         let events = self.registry.watch(filter);
         let stream = ReceiverStream::new(events).map(|e| Ok(event(e)));
         Ok(Response::new(Box::pin(stream)))

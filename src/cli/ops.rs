@@ -42,7 +42,12 @@ use opsd::{
 };
 use prost_reflect::DescriptorPool;
 use serde_json::{json, Value};
-use tonic::{transport::Channel, Code, Status};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::Channel,
+    Code, Status,
+};
 
 #[derive(Args, Debug)]
 pub struct OpsArgs {
@@ -54,6 +59,11 @@ pub struct OpsArgs {
         env = "OPSD_SERVER"
     )]
     server: String,
+
+    /// A bearer token for a server with auth on (sent as `authorization:
+    /// Bearer TOKEN` with every call).
+    #[arg(long, global = true, env = "OPSD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 
     /// `text`: a table for lists, a one-line summary per operation. `json`:
     /// ProtoJSON, as the REST surface writes it.
@@ -154,9 +164,10 @@ pub async fn run(args: OpsArgs) -> ExitCode {
         command => {
             async {
                 let channel = connect(&args.server).await?;
+                let bearer = Bearer::new(args.token.as_deref())?;
                 let mut session = Session {
-                    console: ConsoleClient::new(channel.clone()),
-                    operations: OperationsClient::new(channel),
+                    console: ConsoleClient::with_interceptor(channel.clone(), bearer.clone()),
+                    operations: OperationsClient::with_interceptor(channel, bearer),
                     output: args.output,
                     pool: base_pool(),
                     out: std::io::stdout().lock(),
@@ -208,9 +219,41 @@ async fn connect(server: &str) -> Result<Channel, Status> {
         .map_err(|e| Status::unavailable(format!("cannot reach {url}: {e}")))
 }
 
+/// Adds `--token` to every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    fn new(token: Option<&str>) -> Result<Self, Status> {
+        token
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("--token is not ASCII"))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry `--token`.
+type Authorized = InterceptedService<Channel, Bearer>;
+
 struct Session {
-    console: ConsoleClient<Channel>,
-    operations: OperationsClient<Channel>,
+    console: ConsoleClient<Authorized>,
+    operations: OperationsClient<Authorized>,
     output: Output,
     /// Renders `Any`s: the well-known types and opsd's own.
     pool: DescriptorPool,

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::ValueEnum;
 use opsd::{
     api::{operations::Method, rest::RestRoutes},
-    config::{read_page_token_key, Config, StoreConfig},
+    config::{read_page_token_key, AuthSettings, Config, StoreConfig, TlsSettings},
     registry::PollingReports,
     server::trace::Traces,
     store::PostgresSettings,
@@ -220,6 +220,56 @@ pub struct ServeArgs {
     /// opsd_trace_spans_dropped_total), never waited for.
     #[arg(long, default_value_t = 2048)]
     otlp_queue_size: usize,
+
+    /// Turns auth on: a JWKS document (RSA, EC P-256/P-384 and Ed25519
+    /// keys) from a FILE, or from an http(s):// URL (fetched at start-up,
+    /// refreshed on its Cache-Control max-age or every 10 minutes, and
+    /// fetched again, at most once per 5 s, for a token whose key id it does
+    /// not have). Every call then needs a bearer JWT (or a client
+    /// certificate, with --tls-client-ca); health stays open.
+    #[arg(long, value_name = "FILE|URL", env = "OPSD_AUTH_JWKS")]
+    auth_jwks: Option<String>,
+
+    /// The issuer (`iss`) tokens must name; required with --auth-jwks.
+    #[arg(long, value_name = "ISS", env = "OPSD_AUTH_ISSUER")]
+    auth_issuer: Option<String>,
+
+    /// An audience (`aud`) tokens may name; repeatable, at least one with
+    /// --auth-jwks.
+    #[arg(long = "auth-audience", value_name = "AUD")]
+    auth_audiences: Vec<String>,
+
+    /// Who may do what (YAML; README, Auth): the required scope and, per
+    /// subject (`sub` or `email`, or a certificate's SAN), name patterns and
+    /// permissions. Without it, every caller with a valid token and the
+    /// scope may do everything.
+    #[arg(long, value_name = "FILE")]
+    auth_policy: Option<PathBuf>,
+
+    /// Reflection answers without credentials when auth is on.
+    #[arg(long)]
+    auth_open_reflection: bool,
+
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. h2 and
+    /// HTTP/1.1 by ALPN on the same port. Certificate and key are reloaded
+    /// on SIGHUP without dropping connections.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Accept client certificates signed by this CA (PEM), mTLS: a verified
+    /// certificate's SAN stands as the subject of calls without a bearer
+    /// token. Without --auth-jwks, a client certificate is required.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Serve /metrics on this address (its own listener, no credentials)
+    /// instead of on the main port.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -303,6 +353,21 @@ impl ServeArgs {
         limits.max_connections = self.max_connections.max(1);
         config.traces.otlp_endpoint = self.otlp_endpoint.filter(|e| !e.is_empty());
         config.traces.queue_size = self.otlp_queue_size;
+        config.auth = self.auth_jwks.map(|jwks| AuthSettings {
+            jwks,
+            issuer: self.auth_issuer.unwrap_or_default(),
+            audiences: self.auth_audiences,
+            policy: self.auth_policy,
+            open_reflection: self.auth_open_reflection,
+        });
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            config.tls = Some(TlsSettings {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            });
+        }
+        config.metrics_listen = self.metrics_listen;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -442,6 +507,8 @@ async fn serve(config: Config) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::{Cli, Command};
     use clap::Parser;
@@ -575,6 +642,51 @@ mod tests {
         assert_eq!(off.traces.otlp_endpoint, None);
         let tls = config(&["opsd", "serve", "--otlp-endpoint", "https://c:4317"]);
         assert!(tls.unwrap_err().contains("TLS"));
+    }
+
+    #[test]
+    fn auth_tls_and_metrics_flags_reach_the_config() {
+        let config = |args: &[&str]| {
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let on = config(&[
+            "opsd",
+            "serve",
+            "--auth-jwks",
+            "jwks.json",
+            "--auth-issuer",
+            "https://issuer",
+            "--auth-audience",
+            "a",
+            "--auth-audience",
+            "b",
+            "--auth-policy",
+            "policy.yaml",
+            "--auth-open-reflection",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--metrics-listen",
+            "127.0.0.1:9090",
+        ])
+        .unwrap();
+        let auth = on.auth.unwrap();
+        assert_eq!(auth.audiences, ["a", "b"]);
+        assert_eq!(auth.policy.as_deref(), Some(Path::new("policy.yaml")));
+        assert!(auth.open_reflection);
+        let tls = on.tls.unwrap();
+        assert_eq!(tls.client_ca.as_deref(), Some(Path::new("ca.pem")));
+        assert_eq!(on.metrics_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let no_issuer = config(&["opsd", "serve", "--auth-jwks", "j", "--auth-audience", "a"]);
+        assert!(no_issuer.unwrap_err().contains("--auth-issuer"));
+        assert!(Cli::try_parse_from(["opsd", "serve", "--tls-cert", "c.pem"]).is_err());
+        assert_eq!(config(&["opsd", "serve"]).unwrap().auth, None);
     }
 
     #[test]

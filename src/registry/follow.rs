@@ -11,6 +11,9 @@
 //! order, each name once), so a burst of changes to one operation is sent as
 //! its latest state. A follower that falls behind the feed re-sends every
 //! selected operation, so nothing is missed; so does a resync on the feed.
+//! With a [`Visibility`] (auth on), a follower selects only the names its
+//! caller may see, by name alone: not even a deletion of another name is
+//! sent.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -20,7 +23,7 @@ use std::{
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::{expired, filter, name::parse_list_target, Record, Registry};
+use super::{expired, filter, name::parse_list_target, Record, Registry, Visibility};
 use crate::{
     error::Error,
     store::{filter::Filter, parent_of, Cause, Change, ListQuery, ParentPattern},
@@ -45,12 +48,15 @@ pub enum Followed {
 /// filter.
 struct Selection {
     parent: ParentPattern,
+    /// The caller's filter, restricted to what it may see.
     filter: Option<Arc<Filter>>,
+    visibility: Option<Visibility>,
 }
 
 impl Selection {
     fn covers(&self, name: &str) -> bool {
         self.parent.matches_parent(parent_of(name))
+            && self.visibility.as_ref().is_none_or(|v| v.covers(name))
     }
 }
 
@@ -83,17 +89,20 @@ impl Registry {
     /// Follows the operations under `parent` (`-` wildcards; `-` alone for
     /// all) that pass `filter`: every committed change is sent as the
     /// operation's new state, or its deletion. With `initial`, every
-    /// selected operation is sent first, as it is now. The stream ends when
-    /// the receiver is dropped or the registry shuts down.
+    /// selected operation is sent first, as it is now. With `visibility`,
+    /// only the names it covers. The stream ends when the receiver is
+    /// dropped or the registry shuts down.
     pub fn follow(
         &self,
         parent: &str,
         filter: &str,
         initial: bool,
+        visibility: Option<Visibility>,
     ) -> Result<mpsc::Receiver<Result<Followed, Error>>, Error> {
         let selection = Selection {
             parent: parse_list_target(parent).map_err(|e| e.for_field("parent"))?,
-            filter: filter::parse(filter)?.map(Arc::new),
+            filter: Visibility::restrict(visibility.as_ref(), filter::parse(filter)?.map(Arc::new)),
+            visibility,
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         // Subscribe before the initial read, so no change falls in between.

@@ -12,6 +12,13 @@
 //! the request's `name` and `filter`, keyed with the store's secret (or
 //! `--page-token-key-file`). Forged, truncated, foreign, expired or
 //! mismatched tokens are INVALID_ARGUMENT, never data.
+//!
+//! With auth on, the server's authorization hands each List a
+//! [`Visibility`]: the name patterns the caller may list. They join the
+//! filter the store evaluates (OR-ed, AND-ed with the caller's filter), so
+//! nothing the caller may not see is ever read into a page, and a page
+//! token is bound to the caller too (another caller's token is
+//! INVALID_ARGUMENT).
 
 use std::{
     sync::Arc,
@@ -26,7 +33,10 @@ use sha2::Sha256;
 use super::{expired, filter, name::parse_list_target, operation, OperationName, Record, Registry};
 use crate::{
     error::Error,
-    store::{ListQuery, ParentPattern},
+    store::{
+        filter::{Filter, NamePattern, Restriction},
+        ListQuery, ParentPattern,
+    },
 };
 
 /// The page size used when the request asks for 0.
@@ -45,6 +55,48 @@ pub struct ListRequest {
     pub filter: String,
     pub page_size: i32,
     pub page_token: String,
+    /// What the caller may see (`None`: everything, auth off).
+    pub visibility: Option<Visibility>,
+}
+
+/// What one caller may see: operations whose names match one of its
+/// patterns. The server's authorization builds it from the caller's
+/// grants; the registry applies it to List, the change follower and worker
+/// streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    /// Who the caller is: page tokens are bound to it.
+    pub caller: String,
+    /// The names the caller may see.
+    pub names: Vec<NamePattern>,
+}
+
+impl Visibility {
+    /// Whether the caller may see `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        self.names.iter().any(|p| p.matches(name))
+    }
+
+    /// `filter`, restricted to what the caller may see.
+    pub(super) fn restrict(
+        visibility: Option<&Self>,
+        filter: Option<Arc<Filter>>,
+    ) -> Option<Arc<Filter>> {
+        let Some(visibility) = visibility else {
+            return filter;
+        };
+        let granted = Filter::Or(
+            visibility
+                .names
+                .iter()
+                .map(|p| Filter::Test(Restriction::Granted(p.clone())))
+                .collect(),
+        );
+        Some(Arc::new(match filter {
+            Some(filter) => Filter::And(vec![granted, Filter::clone(&filter)]),
+            None => granted,
+        }))
+    }
 }
 
 /// One page of operations.
@@ -134,9 +186,13 @@ impl PageTokens {
     }
 }
 
-/// What a token is bound to: the listing's parent and its filter.
-fn binding(parent: &ParentPattern, filter: &str) -> String {
-    format!("{}\0{}", parent.as_string(), filter)
+/// What a token is bound to: the listing's parent and its filter, and the
+/// caller when auth is on.
+fn binding(parent: &ParentPattern, filter: &str, visibility: Option<&Visibility>) -> String {
+    match visibility {
+        None => format!("{}\0{}", parent.as_string(), filter),
+        Some(v) => format!("{}\0{}\0{}", parent.as_string(), filter, v.caller),
+    }
 }
 
 impl Registry {
@@ -144,8 +200,10 @@ impl Registry {
     pub async fn list(&self, request: ListRequest) -> Result<ListPage, Error> {
         let parent = parse_list_target(&request.name).map_err(|e| e.for_field("name"))?;
         let limit = page_size(request.page_size)?;
-        let filter = filter::parse(&request.filter)?.map(Arc::new);
-        let binding = binding(&parent, &request.filter);
+        let visibility = request.visibility.as_ref();
+        let filter =
+            Visibility::restrict(visibility, filter::parse(&request.filter)?.map(Arc::new));
+        let binding = binding(&parent, &request.filter, visibility);
         let now = self.now();
         let tokens = &self.shared.page_tokens;
         let after = if request.page_token.is_empty() {
@@ -226,17 +284,41 @@ mod tests {
     fn tokens_round_trip_and_are_bound_to_the_listing() {
         let now = SystemTime::now();
         let p = pattern("projects/p");
-        let b = binding(&p, "");
+        let b = binding(&p, "", None);
         let token = tokens().encode(&b, "projects/p/operations/x", now);
         assert_eq!(
             tokens().decode(&token, &b, &p, now).unwrap(),
             "projects/p/operations/x"
         );
         let q = pattern("projects/q");
-        assert!(tokens().decode(&token, &binding(&q, ""), &q, now).is_err());
         assert!(tokens()
-            .decode(&token, &binding(&p, "done = true"), &p, now)
+            .decode(&token, &binding(&q, "", None), &q, now)
             .is_err());
+        assert!(tokens()
+            .decode(&token, &binding(&p, "done = true", None), &p, now)
+            .is_err());
+        // Another caller.
+        let alice = Visibility {
+            caller: "alice".into(),
+            names: vec!["**".parse().unwrap()],
+        };
+        let bob = Visibility {
+            caller: "bob".into(),
+            ..alice.clone()
+        };
+        let token = tokens().encode(
+            &binding(&p, "", Some(&alice)),
+            "projects/p/operations/x",
+            now,
+        );
+        assert!(tokens()
+            .decode(&token, &binding(&p, "", Some(&alice)), &p, now)
+            .is_ok());
+        assert!(tokens()
+            .decode(&token, &binding(&p, "", Some(&bob)), &p, now)
+            .is_err());
+        assert!(tokens().decode(&token, &b, &p, now).is_err());
+        let token = tokens().encode(&b, "projects/p/operations/x", now);
         // Another server key.
         let other = PageTokens::new([8; 32], Duration::from_secs(60));
         assert!(other.decode(&token, &b, &p, now).is_err());
@@ -254,7 +336,7 @@ mod tests {
         fn mutated_tokens_are_all_invalid(flip in 0usize..200, bit in 0u8..8, cut in 0usize..200, swap in 0usize..200) {
             let now = SystemTime::now();
             let p = pattern("projects/p");
-            let b = binding(&p, "");
+            let b = binding(&p, "", None);
             let token = tokens().encode(&b, "projects/p/operations/x", now);
             let raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
 

@@ -43,7 +43,7 @@ use crate::{
 
 pub use crate::clock::{Clock, ManualClock};
 pub use follow::Followed;
-pub use list::{ListPage, ListRequest};
+pub use list::{ListPage, ListRequest, Visibility};
 pub use model::{
     operation, operation_info, CancelPolicy, Outcome, Record, Script, ScriptSpec, TraceLink,
 };

@@ -18,7 +18,8 @@
 //! deleted or expired while no stream watched it answers the worker's next
 //! call with FAILED_PRECONDITION or NOT_FOUND, so workers open their stream
 //! before they create operations. The stream ends when the worker goes away
-//! or the server shuts down.
+//! or the server shuts down. With a [`Visibility`] (auth on), a stream
+//! reports only the names its worker may watch.
 
 use std::{
     collections::HashSet,
@@ -28,7 +29,9 @@ use std::{
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::{name::parse_list_target, OperationName, Registry, ABORTED_CODE, CANCELLED_CODE};
+use super::{
+    name::parse_list_target, OperationName, Registry, Visibility, ABORTED_CODE, CANCELLED_CODE,
+};
 use crate::{
     error::Error,
     store::{
@@ -85,6 +88,7 @@ impl EventKind {
 pub struct WatchFilter {
     parent: Option<ParentPattern>,
     names: HashSet<String>,
+    visibility: Option<Visibility>,
 }
 
 impl WatchFilter {
@@ -104,20 +108,35 @@ impl WatchFilter {
                     .map_err(|e| e.for_field("names"))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { parent, names })
+        Ok(Self {
+            parent,
+            names,
+            visibility: None,
+        })
+    }
+
+    /// Only the names `visibility` covers, of those selected.
+    pub fn visible_to(mut self, visibility: Option<Visibility>) -> Self {
+        self.visibility = visibility;
+        self
     }
 
     fn everything(&self) -> bool {
         self.parent.is_none() && self.names.is_empty()
     }
 
+    fn visible(&self, name: &str) -> bool {
+        self.visibility.as_ref().is_none_or(|v| v.covers(name))
+    }
+
     fn matches(&self, name: &str) -> bool {
-        self.everything()
+        let selected = self.everything()
             || self.names.contains(name)
             || self
                 .parent
                 .as_ref()
-                .is_some_and(|p| p.matches_parent(parent_of(name)))
+                .is_some_and(|p| p.matches_parent(parent_of(name)));
+        selected && self.visible(name)
     }
 }
 
@@ -292,7 +311,7 @@ impl Registry {
         let store = self.store();
         let entry = |r: &StoredRecord| (Arc::from(r.name.as_str()), r.cancel_deadline.is_some());
         let mut found = Vec::new();
-        for name in &filter.names {
+        for name in filter.names.iter().filter(|n| filter.visible(n)) {
             if let Some(record) = store.get(name).await?.filter(|r| !r.done()) {
                 found.push(entry(&record));
             }
@@ -302,7 +321,10 @@ impl Registry {
             None if filter.everything() => ParentPattern::everything(),
             None => return Ok(found),
         };
-        let running = Some(Arc::new(Filter::Test(Restriction::Done(Op::Eq, false))));
+        let running = Visibility::restrict(
+            filter.visibility.as_ref(),
+            Some(Arc::new(Filter::Test(Restriction::Done(Op::Eq, false)))),
+        );
         let mut after = None;
         loop {
             let scan = store

@@ -28,6 +28,7 @@ use tower::{Layer, ServiceExt};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use super::{
+    auth::Auth,
     connections::Connections,
     guard::{GuardSettings, Guarded},
     metrics,
@@ -156,6 +157,8 @@ pub struct App {
     pub connections: std::sync::Arc<Connections>,
     pub guard: GuardSettings,
     pub shed: std::sync::Arc<Shed>,
+    /// Authentication, when auth is on.
+    pub auth: Option<std::sync::Arc<Auth>>,
     /// Whether `/ui/` serves the operator page.
     pub ui: bool,
     /// For `/healthz`: the store's health, where it has one.
@@ -267,13 +270,17 @@ impl App {
         }))
     }
 
-    /// The answer to a call shed before it was routed: a trailers-only gRPC
-    /// answer, or REST's JSON error envelope (429, `Retry-After`).
+    /// The answer to a call refused before it was routed (shed, or without
+    /// valid credentials): a trailers-only gRPC answer, or REST's JSON error
+    /// envelope (429 with `Retry-After`, 401 or 403 with `WWW-Authenticate`).
     pub fn refusal<B>(&self, request: &Request<B>, kind: Kind, error: Error) -> Response<Body> {
         if kind.grpc {
-            let mut response = Response::new(Body::empty());
-            *response.headers_mut() = self.shed.grpc_refusal();
-            return response;
+            if let Error::Overloaded { .. } = error {
+                let mut response = Response::new(Body::empty());
+                *response.headers_mut() = self.shed.grpc_refusal();
+                return response;
+            }
+            return Status::from(error).into_http();
         }
         self.rest
             .error_answer(request.uri().query(), &Status::from(error))

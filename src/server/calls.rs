@@ -4,10 +4,18 @@
 //! 1. The connection counts the call open until its response has been sent
 //!    (hyper drops the body): its idle deadline, making room at the cap and
 //!    the drain's count of cut calls read that.
-//! 2. Load shedding ([`super::shed`]) admits the call, or refuses it at once
+//! 2. Authentication, when auth is on ([`super::auth`]): the call's bearer
+//!    token (or its connection's client certificate) becomes the
+//!    [`Principal`] in the request's extensions, or the call is refused at
+//!    once with UNAUTHENTICATED (REST 401 with `WWW-Authenticate`), or
+//!    PERMISSION_DENIED for a token without the required scope; before
+//!    shedding, so a flood without credentials is refused cheaply. A token
+//!    whose key id the JWKS does not have waits for the set to be fetched
+//!    again (rate-limited), then passes the next steps.
+//! 3. Load shedding ([`super::shed`]) admits the call, or refuses it at once
 //!    with RESOURCE_EXHAUSTED (REST 429 with `Retry-After`); the refusal is
 //!    counted and logged as a call.
-//! 3. A gRPC call to opsd's services carries a [`Witness`]: if it was
+//! 4. A gRPC call to opsd's services carries a [`Witness`]: if it was
 //!    answered before its handler ran (a malformed or oversized message, a
 //!    slow body), `Observed` never saw it, and it is counted and logged here.
 //!
@@ -28,25 +36,30 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use tonic::{body::Body, Code, Status};
+use tonic::{body::Body, Status};
 
 use super::{
     app::{App, Kind, Routed},
+    auth::{Authn, Principal},
     connections::ConnState,
     observe::{refused, Witness},
     shed::Permit,
+    tls::PeerIdentity,
 };
+use crate::error::Error;
 
 /// The service hyper calls for each request of one connection.
 #[derive(Clone)]
 pub struct ConnService {
     app: App,
     conn: Arc<ConnState>,
+    /// The connection's verified client certificate (mTLS).
+    peer: Option<Arc<PeerIdentity>>,
 }
 
 impl ConnService {
-    pub fn new(app: App, conn: Arc<ConnState>) -> Self {
-        Self { app, conn }
+    pub fn new(app: App, conn: Arc<ConnState>, peer: Option<Arc<PeerIdentity>>) -> Self {
+        Self { app, conn, peer }
     }
 }
 
@@ -88,38 +101,38 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, mut request: Request<Incoming>) -> CallFuture {
         let open = OpenCall::new(&self.conn);
         let kind = Kind::of(&request);
+        if let Some(auth) = &self.app.auth {
+            match auth.authenticate(&request, kind.grpc, self.peer.as_deref()) {
+                Authn::Exempt => {}
+                Authn::Principal(principal) => {
+                    request.extensions_mut().insert(principal);
+                }
+                Authn::Refused(error) => return self.refuse(request, kind, open, error),
+                Authn::Later(verified) => {
+                    let service = self.clone();
+                    return CallFuture::deferred(Box::pin(async move {
+                        match verified.await {
+                            Ok(principal) => {
+                                request.extensions_mut().insert::<Principal>(principal);
+                                service.admit(request, kind, open).await
+                            }
+                            Err(error) => service.refuse(request, kind, open, error).await,
+                        }
+                    }));
+                }
+            }
+        }
+        self.admit(request, kind, open)
+    }
+}
+
+impl ConnService {
+    /// Sheds or routes an authenticated (or exempt) call.
+    fn admit(&self, mut request: Request<Incoming>, kind: Kind, open: OpenCall) -> CallFuture {
         let permit = if kind.counted {
             match self.app.shed.admit() {
                 Ok(permit) => permit,
-                Err(error) => {
-                    let method = kind
-                        .method
-                        .or_else(|| self.app.rest_method(&request))
-                        .unwrap_or("-");
-                    let response = self.app.refusal(&request, kind, error);
-                    refused(
-                        method,
-                        transport(kind),
-                        Code::ResourceExhausted,
-                        Instant::now(),
-                    );
-                    let deadline = Instant::now() + self.app.guard.body_read_timeout;
-                    return CallFuture {
-                        routed: None,
-                        refusal: Some(Refusal {
-                            body: request.into_body(),
-                            response: Some(response),
-                            seen: 0,
-                            deadline,
-                            timer: None,
-                        }),
-                        held: Some(Held {
-                            _open: open,
-                            _permit: None,
-                        }),
-                        witness: None,
-                    };
-                }
+                Err(error) => return self.refuse(request, kind, open, error),
             }
         } else {
             None
@@ -132,11 +145,47 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         CallFuture {
             routed: Some(self.app.route(request, kind)),
             refusal: None,
+            deferred: None,
             held: Some(Held {
                 _open: open,
                 _permit: permit,
             }),
             witness,
+        }
+    }
+
+    /// Refuses a call before it is routed (credentials, shedding): counted
+    /// and logged as a call, answered once its body is in.
+    fn refuse(
+        &self,
+        request: Request<Incoming>,
+        kind: Kind,
+        open: OpenCall,
+        error: Error,
+    ) -> CallFuture {
+        let method = kind
+            .method
+            .or_else(|| self.app.rest_method(&request))
+            .unwrap_or("-");
+        let code = error.code();
+        let response = self.app.refusal(&request, kind, error);
+        refused(method, transport(kind), code, Instant::now());
+        let deadline = Instant::now() + self.app.guard.body_read_timeout;
+        CallFuture {
+            routed: None,
+            refusal: Some(Refusal {
+                body: request.into_body(),
+                response: Some(response),
+                seen: 0,
+                deadline,
+                timer: None,
+            }),
+            deferred: None,
+            held: Some(Held {
+                _open: open,
+                _permit: None,
+            }),
+            witness: None,
         }
     }
 }
@@ -147,8 +196,25 @@ pin_project_lite::pin_project! {
         #[pin]
         routed: Option<Routed>,
         refusal: Option<Refusal>,
+        // A call whose credentials are still being checked: the whole call,
+        // decided later (rare: a key id the JWKS did not have).
+        deferred: Option<Pin<Box<dyn Future<Output = Result<Response<CallBody>, Infallible>> + Send>>>,
         held: Option<Held>,
         witness: Option<(Witness, &'static str, Instant)>,
+    }
+}
+
+impl CallFuture {
+    fn deferred(
+        call: Pin<Box<dyn Future<Output = Result<Response<CallBody>, Infallible>> + Send>>,
+    ) -> Self {
+        Self {
+            routed: None,
+            refusal: None,
+            deferred: Some(call),
+            held: None,
+            witness: None,
+        }
     }
 }
 
@@ -157,6 +223,9 @@ impl Future for CallFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if let Some(deferred) = this.deferred.as_mut() {
+            return deferred.as_mut().poll(cx);
+        }
         let response = match this.refusal.as_mut() {
             Some(refusal) => ready!(refusal.poll(cx)),
             None => match this.routed.as_pin_mut() {

@@ -4,7 +4,8 @@
 //! - **Handshake deadline.** A connection that has not sent the HTTP/2
 //!   preface and its SETTINGS, or its first HTTP/1 request head, within
 //!   `--header-read-timeout` is closed: silent sockets and clients that
-//!   dribble the preface do not stay for ever.
+//!   dribble the preface do not stay for ever. On a TLS port the TLS
+//!   handshake comes first and counts toward the same deadline.
 //! - **Idle deadline.** A connection with no call open for `--idle-timeout`
 //!   is shut down gracefully (GOAWAY; HTTP/1 closes an idle connection at
 //!   once; hyper also closes an HTTP/1 connection that sends no new request
@@ -55,8 +56,9 @@ use super::{
     calls::ConnService,
     connections::Entry,
     frames::{goaway, ENHANCE_YOUR_CALM},
-    io::{ConnIo, Handback},
+    io::{ConnIo, Handback, Socket},
     metrics,
+    tls::{PeerIdentity, Tls},
 };
 
 /// How long a connection that makes room has to finish after its GOAWAY.
@@ -125,16 +127,58 @@ pub async fn serve(
     builder: Arc<auto::Builder<TokioExecutor>>,
     settings: ConnSettings,
     signals: Signals,
+    tls: Option<Tls>,
 ) {
     let state = entry.state().clone();
     let peer = stream.peer_addr().ok();
-    let (back, mut handback) = oneshot::channel();
-    let io = ConnIo::new(stream, state.clone(), settings.min_ping_interval, back);
-    // Boxed, not pinned on the stack, so it can be dropped before the close.
-    let mut conn =
-        Box::pin(builder.serve_connection(TokioIo::new(io), ConnService::new(app, state.clone())));
-
     let handshake_deadline = Instant::now() + settings.header_read_timeout;
+    let (socket, identity) = match tls {
+        None => (Socket::Plain(stream), None),
+        Some(tls) => {
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout_at(handshake_deadline, tls.acceptor.accept(stream)) => accepted,
+                // Making room: a connection without a handshake goes at once.
+                () = state.evicted() => {
+                    metrics::connection_closed("evicted");
+                    return;
+                }
+                () = signals.cut.cancelled() => return,
+            };
+            match accepted {
+                Ok(Ok(stream)) => {
+                    let identity = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|cert| PeerIdentity::of(cert))
+                        .map(Arc::new);
+                    (Socket::Tls(Box::new(stream)), identity)
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(?peer, cause = %err, "TLS handshake failed");
+                    metrics::connection_closed("tls_handshake_failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        ?peer,
+                        "closing a connection that did not complete its TLS handshake in time"
+                    );
+                    metrics::connection_closed("handshake_timeout");
+                    return;
+                }
+            }
+        }
+    };
+    let (back, mut handback) = oneshot::channel();
+    let io = ConnIo::new(socket, state.clone(), settings.min_ping_interval, back);
+    // Boxed, not pinned on the stack, so it can be dropped before the close.
+    let mut conn = Box::pin(builder.serve_connection(
+        TokioIo::new(io),
+        ConnService::new(app, state.clone(), identity),
+    ));
+
     // Whether hyper was asked to shut the connection down gracefully (once).
     let mut shutting_down = false;
     macro_rules! graceful {

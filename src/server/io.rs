@@ -1,5 +1,6 @@
-//! The IO of one accepted connection as hyper sees it: the TCP stream, with
-//! the scanners of [`super::frames`] on both sides.
+//! The IO of one accepted connection as hyper sees it: the TCP stream (or
+//! the TLS stream over it, [`Socket`]), with the scanners of
+//! [`super::frames`] on both sides, over the decrypted bytes.
 //!
 //! Reading, [`ConnIo`] reports the handshake to the connection's state (for
 //! its deadline), polices the client's PINGs (a client over the rate gets
@@ -28,6 +29,7 @@ use tokio::{
     net::TcpStream,
     sync::oneshot,
 };
+use tokio_rustls::server::TlsStream;
 
 use super::{
     connections::ConnState,
@@ -38,10 +40,75 @@ use super::{
 /// buffer of this size, so held bytes and a frame header always fit.
 const SCRATCH: usize = 256;
 
+/// An accepted connection's byte stream: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum Socket {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Socket::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Socket::Plain(s) => s.is_write_vectored(),
+            Socket::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// What the connection's task gets back when hyper drops the IO.
 #[derive(Debug)]
 pub struct Handback {
-    pub stream: TcpStream,
+    pub stream: Socket,
     /// The client spoke HTTP/2.
     pub http2: bool,
     /// The server's last frame was written whole: a frame may follow.
@@ -56,7 +123,7 @@ pub struct Handback {
 #[derive(Debug)]
 pub struct ConnIo {
     /// Taken when the IO is dropped, to go back to the task.
-    stream: Option<TcpStream>,
+    stream: Option<Socket>,
     state: Arc<ConnState>,
     inbound: Inbound,
     outbound: Outbound,
@@ -72,7 +139,7 @@ pub struct ConnIo {
 impl ConnIo {
     /// Watches `stream`; when hyper drops the IO, the stream goes to `back`.
     pub fn new(
-        stream: TcpStream,
+        stream: Socket,
         state: Arc<ConnState>,
         min_ping_interval: Duration,
         back: oneshot::Sender<Handback>,

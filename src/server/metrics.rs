@@ -28,9 +28,14 @@
 //!   counted by [`count_transitions`].
 //! - `opsd_connections` (gauge, read at scrape) and
 //!   `opsd_connections_closed_total{reason}`: connections the server closed
-//!   on its own (`handshake_timeout`, `idle`, `evicted`, `too_many_pings`).
+//!   on its own (`handshake_timeout`, `tls_handshake_failed`, `idle`,
+//!   `evicted`, `too_many_pings`).
 //! - `opsd_drain_cut_calls_total`: calls still unanswered when a drain
 //!   timed out.
+//! - `opsd_auth_denials_total{reason}`: calls refused by auth, by their
+//!   `ErrorInfo` reason (`CREDENTIALS_MISSING`, `ACCESS_TOKEN_EXPIRED`,
+//!   `ACCESS_TOKEN_INVALID`, `ACCESS_TOKEN_SCOPE_INSUFFICIENT`,
+//!   `IAM_PERMISSION_DENIED`).
 //! - `opsd_trace_spans_exported_total`, `opsd_trace_spans_dropped_total`
 //!   and `opsd_trace_spans_failed_total`: the OTLP export, recorded by
 //!   `super::trace` (only while traces are on).
@@ -185,6 +190,11 @@ pub(super) fn count_transitions(mut feed: broadcast::Receiver<Change>, stop: Can
 /// The server closed a connection on its own, for `reason`.
 pub(super) fn connection_closed(reason: &'static str) {
     metrics::counter!("opsd_connections_closed_total", "reason" => reason).increment(1);
+}
+
+/// Auth refused a call, for `reason`.
+pub(super) fn auth_denied(reason: &'static str) {
+    metrics::counter!("opsd_auth_denials_total", "reason" => reason).increment(1);
 }
 
 /// A drain timed out with `calls` unanswered.

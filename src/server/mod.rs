@@ -7,21 +7,26 @@
 //!   scanners of `frames`; `connections`: what the server knows of each open
 //!   connection, and the cap.
 //! - `calls`: the layers each request passes through (its connection counts
-//!   it; load shedding, `shed`; calls refused before their handler are
-//!   counted); `app`: what a request is and where it goes; `guard`: the
+//!   it; authentication, `auth`; load shedding, `shed`; calls refused
+//!   before their handler are counted); `app`: what a request is and where it goes; `guard`: the
 //!   checks on gRPC request bodies (size, framing, time).
 //! - [`observe`]: the one wrapper of the Operations, Workers and Console
-//!   services: timing, metrics, spans and polling reports, for gRPC and REST
-//!   alike.
+//!   services: timing, metrics, spans and polling reports, and with auth on
+//!   the per-method, per-name permission check, for gRPC and REST alike.
+//! - [`auth`]: JWT bearer tokens and client certificates, the token cache,
+//!   the policy file; `tls`: TLS and mTLS on the listener, reloaded on
+//!   SIGHUP.
 //! - `metrics`: `/metrics` (Prometheus), the store's commit observer and
 //!   the transition counter.
 //! - [`trace`]: OpenTelemetry traces of the calls over OTLP (started by the
 //!   binary, which owns the global subscriber), and the W3C trace context.
 //!
 //! Connections are accepted here and served by hyper (HTTP/1.1 and HTTP/2,
-//! detected per connection). Each request goes to gRPC when its content type
-//! is `application/grpc*`; `GET /healthz` and `GET /metrics` are answered
-//! here; everything else goes to the REST transcoder.
+//! detected per connection), over TLS when `--tls-cert` is given. Each
+//! request goes to gRPC when its content type is `application/grpc*`;
+//! `GET /healthz` and `GET /metrics` are answered here (`/metrics` on its
+//! own listener with `--metrics-listen`); everything else goes to the REST
+//! transcoder.
 //!
 //! Health (`grpc.health.v1` for "" and both services, and `/healthz`)
 //! follows the store's where the store has one (PostgreSQL: NOT_SERVING
@@ -74,6 +79,7 @@ use crate::{
 };
 
 mod app;
+pub mod auth;
 mod calls;
 mod conn;
 mod connections;
@@ -83,6 +89,7 @@ mod io;
 mod metrics;
 pub mod observe;
 mod shed;
+mod tls;
 pub mod trace;
 mod ui;
 
@@ -119,6 +126,15 @@ pub enum ServerError {
     Store(String),
     #[error("{0}")]
     Scenario(#[from] ScenarioError),
+    #[error("auth: {0}")]
+    Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot listen for /metrics on {address}: {cause}")]
+    MetricsListen {
+        address: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
 }
 
 /// A configured server and its registry.
@@ -135,6 +151,12 @@ pub struct Server {
     metrics: Option<PrometheusHandle>,
     /// The store's health, for stores that can lose their backend.
     store_health: Option<watch::Receiver<bool>>,
+    /// Authentication, when auth is on.
+    auth: Option<Arc<auth::Auth>>,
+    /// TLS on the listener.
+    tls: Option<tls::Tls>,
+    /// `/metrics`'s own listener (`--metrics-listen`).
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -184,15 +206,40 @@ impl Server {
                 .map_err(|e| fail(e.to_string()))?;
             tracing::info!(path = %path.display(), types = added.len(), "descriptor set loaded");
         }
+        let auth = match &config.auth {
+            Some(settings) => Some(Arc::new(
+                auth::Auth::new(settings, registry.shutdown_token())
+                    .await
+                    .map_err(ServerError::Auth)?,
+            )),
+            None => None,
+        };
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|settings| tls::Tls::load(settings, auth.is_none()))
+            .transpose()
+            .map_err(ServerError::Tls)?;
+        let metrics_listener = match config.metrics_listen {
+            Some(address) => {
+                Some(bind(address).map_err(|cause| ServerError::MetricsListen { address, cause })?)
+            }
+            None => None,
+        };
+        // With auth on, every call is decided before its handler runs.
+        let authorized = auth.is_some();
         let operations = Observed::new(
             OperationsService::new(registry.clone(), config.operations.clone()),
             registry.clone(),
-        );
+        )
+        .authorized(authorized);
         let workers = Observed::new(
             WorkersService::new(registry.clone(), types.clone()),
             registry.clone(),
-        );
-        let console = Observed::new(ConsoleService::new(registry.clone()), registry.clone());
+        )
+        .authorized(authorized);
+        let console = Observed::new(ConsoleService::new(registry.clone()), registry.clone())
+            .authorized(authorized);
         let rest = RestService::new(
             operations.clone(),
             workers.clone(),
@@ -215,7 +262,15 @@ impl Server {
             scenarios,
             metrics,
             store_health,
+            auth,
+            tls,
+            metrics_listener,
         })
+    }
+
+    /// Where `/metrics` listens on its own (`--metrics-listen`).
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_listener.as_ref()?.local_addr().ok()
     }
 
     /// A handle to the registry, to embed opsd or to inspect it in tests.
@@ -239,6 +294,9 @@ impl Server {
             scenarios,
             metrics,
             store_health,
+            auth,
+            tls,
+            metrics_listener,
         } = self;
         let limits = &config.limits;
         for scenario in &scenarios {
@@ -283,17 +341,25 @@ impl Server {
             .clone()
             .routes();
         let connections = Connections::new(limits.max_connections);
+        if let (Some(listener), Some(handle)) = (metrics_listener, metrics.clone()) {
+            serve_metrics(listener, handle, registry.clone(), connections.clone());
+        }
+        if let Some(tls) = &tls {
+            reload_on_sighup(tls.clone(), registry.shutdown_token());
+        }
         let app = App {
             grpc,
             rest,
             registry: registry.clone(),
-            metrics,
+            // On the main port unless it has a listener of its own.
+            metrics: metrics.filter(|_| config.metrics_listen.is_none()),
             connections: connections.clone(),
             guard: GuardSettings {
                 max_message_size: limits.max_message_size,
                 body_read_timeout: config.rest.body_read_timeout,
             },
             shed: Shed::new(limits.max_in_flight),
+            auth,
             ui: config.ui,
             store_health,
             cors: app::cors_policy(&config.cors_allow_origins),
@@ -365,6 +431,7 @@ impl Server {
                 builder.clone(),
                 settings,
                 signals.clone(),
+                tls.clone(),
             ));
         }
 
@@ -459,6 +526,106 @@ fn follow_store_health(
                 () = stop.cancelled() => return,
                 changed = healthy.changed() => if changed.is_err() { return },
             }
+        }
+    });
+}
+
+/// Reloads the TLS certificate and key on each SIGHUP until `stop`; a
+/// reload that fails keeps the current ones.
+fn reload_on_sighup(tls: tls::Tls, stop: tokio_util::sync::CancellationToken) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(err) => {
+            tracing::warn!(cause = %err, "cannot listen for SIGHUP: the TLS certificate will not be reloaded");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                signal = hangups.recv() => if signal.is_none() { return },
+            }
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(err) => {
+                    tracing::error!(cause = %err, "SIGHUP: cannot reload the TLS certificate; keeping the current one")
+                }
+            }
+        }
+    });
+}
+
+/// Serves `GET /metrics` (HTTP/1.1) on its own listener until the registry
+/// shuts down: a task for the accept loop, one per connection. Nothing else
+/// is served there, and it needs no credentials: it is meant for an address
+/// only the scraper reaches.
+fn serve_metrics(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    registry: Registry,
+    connections: Arc<Connections>,
+) {
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "/metrics listening");
+    }
+    let stop = registry.shutdown_token();
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        tracing::debug!(cause = %err, "/metrics: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let (handle, registry, connections) =
+                (handle.clone(), registry.clone(), connections.clone());
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let (handle, registry, connections) =
+                        (handle.clone(), registry.clone(), connections.clone());
+                    async move {
+                        let mut response = if request.uri().path() == "/metrics"
+                            && request.method() == http::Method::GET
+                        {
+                            let text = metrics::render(&handle, &registry, connections.len()).await;
+                            let mut response = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(text),
+                            ));
+                            response.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static(
+                                    "text/plain; version=0.0.4; charset=utf-8",
+                                ),
+                            );
+                            response
+                        } else {
+                            let mut response = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"only GET /metrics is served here\n"),
+                            ));
+                            *response.status_mut() = http::StatusCode::NOT_FOUND;
+                            response
+                        };
+                        response.headers_mut().insert(
+                            http::header::CACHE_CONTROL,
+                            http::HeaderValue::from_static("no-store"),
+                        );
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(io, service);
+                let _ = tokio::time::timeout(Duration::from_secs(60), served).await;
+            });
         }
     });
 }

@@ -19,7 +19,14 @@
 //!   UNKNOWN, DATA_LOSS) at warn with its method and resource, which the
 //!   span (off at the default level) would otherwise carry;
 //! - records a successful call in the polling reports of the operations
-//!   the handler marked ([`Polled`]).
+//!   the handler marked ([`Polled`]);
+//! - with auth on ([`Observed::authorized`]), decides the call before its
+//!   handler runs: the caller's [`Principal`] (put in the request by the
+//!   server's call layer) needs the method's permission on what the
+//!   request names (`auth::policy`); a refusal is PERMISSION_DENIED before
+//!   the store is touched, and a listing gets the caller's [`Visibility`]
+//!   in its extensions for the registry to apply. Each decision is logged
+//!   at debug with the subject, method and name.
 //!
 //! The per-call work is a plain future wrapper rather than an `async fn`,
 //! so a parked call (a Wait) does not hold a second copy of its state.
@@ -46,12 +53,16 @@ use tonic::{Code, Request, Response, Status};
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::{metrics, trace};
+use super::{
+    auth::{policy::Targeted, Permission, Principal},
+    metrics, trace,
+};
 use crate::{
     api::{
         grpc::{console_server::Console, operations_server::Operations, workers_server::Workers},
         transport, Linked, Polled, Resource,
     },
+    error::{AuthFailure, Error},
     pb::{
         google::longrunning::{
             CancelOperationRequest, DeleteOperationRequest, GetOperationRequest,
@@ -64,7 +75,7 @@ use crate::{
             WatchOperationsRequest,
         },
     },
-    registry::Registry,
+    registry::{Registry, Visibility},
 };
 
 /// `{service}/{method}`, the name of a call's OpenTelemetry span.
@@ -82,12 +93,26 @@ impl std::fmt::Display for FullMethod {
 pub struct Observed<S> {
     inner: S,
     registry: Registry,
+    /// Every call needs a principal allowed to make it (auth on).
+    authorized: bool,
 }
 
 impl<S> Observed<S> {
     /// Observes `inner`; polling reports go to `registry`.
     pub fn new(inner: S, registry: Registry) -> Self {
-        Self { inner, registry }
+        Self {
+            inner,
+            registry,
+            authorized: false,
+        }
+    }
+
+    /// With `on`, every call must carry a [`Principal`] (the server's call
+    /// layer puts it in the request) with the method's permission on what
+    /// it names.
+    pub fn authorized(mut self, on: bool) -> Self {
+        self.authorized = on;
+        self
     }
 
     /// Runs `call` (the inner service's answer to `request`) as `method`
@@ -100,12 +125,17 @@ impl<S> Observed<S> {
         call: impl FnOnce(Request<T>) -> F,
     ) -> Call<'a, F>
     where
-        T: Resource,
+        T: Resource + Targeted,
         F: Future<Output = Result<Response<R>, Status>>,
     {
         if let Some(witness) = request.extensions().get::<Witness>() {
             witness.0.store(true, Ordering::Relaxed);
         }
+        let denied = if self.authorized {
+            authorize(method, &mut request).err().map(Status::from)
+        } else {
+            None
+        };
         let via = transport(&request);
         let resource: Box<str> = request.get_ref().resource().into();
         let span = tracing::debug_span!(
@@ -128,18 +158,61 @@ impl<S> Observed<S> {
             let _ = span.set_parent(parent);
             request.extensions_mut().insert(link);
         }
-        let call = {
-            let _entered = span.enter();
-            call(request)
+        let call = match denied {
+            Some(_) => None,
+            None => {
+                let _entered = span.enter();
+                Some(call(request))
+            }
         };
         Call {
             call,
+            denied,
             method,
             transport: via,
             resource,
             started: Instant::now(),
             span,
             registry: &self.registry,
+        }
+    }
+}
+
+/// Decides a call (see the module docs): puts a listing's visibility in
+/// the request, or returns the refusal.
+fn authorize<T: Resource + Targeted>(
+    method: &'static str,
+    request: &mut Request<T>,
+) -> Result<(), Error> {
+    let Some(principal) = request.extensions().get::<Principal>() else {
+        // Without the server's call layer nothing vouches for the caller.
+        metrics::auth_denied(AuthFailure::Missing.reason());
+        return Err(Error::Unauthenticated {
+            reason: AuthFailure::Missing,
+        });
+    };
+    let Some(permission) = Permission::of_method(method) else {
+        return Ok(());
+    };
+    let name = request.get_ref().resource();
+    match principal.authorize(permission, request.get_ref().target()) {
+        Ok(visibility) => {
+            tracing::debug!(subject = &*principal.subject, method, name, "call allowed");
+            if let Some(visibility) = visibility {
+                request.extensions_mut().insert::<Visibility>(visibility);
+            }
+            Ok(())
+        }
+        Err(error) => {
+            tracing::debug!(
+                subject = &*principal.subject,
+                method,
+                name,
+                reason = error.reason(),
+                "call denied"
+            );
+            metrics::auth_denied(error.reason());
+            Err(error)
         }
     }
 }
@@ -172,7 +245,9 @@ pin_project_lite::pin_project! {
     /// it answers.
     pub(crate) struct Call<'a, F> {
         #[pin]
-        call: F,
+        call: Option<F>,
+        // The refusal of a call auth denied (then `call` is `None`).
+        denied: Option<Status>,
         method: &'static str,
         transport: &'static str,
         resource: Box<str>,
@@ -191,7 +266,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
-        let mut result = ready!(this.call.poll(cx));
+        let mut result = match (this.denied.take(), this.call.as_pin_mut()) {
+            (Some(status), _) => Err(status),
+            (None, Some(call)) => ready!(call.poll(cx)),
+            (None, None) => Err(Status::internal("a call polled after it answered")),
+        };
         let code = match &mut result {
             Ok(response) => {
                 if let Some(Polled(names)) = response.extensions_mut().remove::<Polled>() {

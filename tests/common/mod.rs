@@ -1,6 +1,7 @@
 //! A real opsd server on port 0 and clients for it.
 #![allow(dead_code)] // each test binary uses part of this
 
+pub mod auth;
 pub mod binary;
 pub mod calls;
 pub mod crash;

@@ -46,7 +46,7 @@ use super::{
     ViaRest,
 };
 use crate::{
-    error::{json_envelope, retry_after, Error},
+    error::{json_envelope, retry_after, www_authenticate, Error},
     json::{any_to_json, message_to_json, render_message, status_to_json, write_json, JsonOptions},
     pb::{
         google::longrunning::{operation::Result as OpResult, ListOperationsResponse, Operation},
@@ -252,6 +252,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                 &parts.method,
                 &parts.uri,
                 &parts.headers,
+                &parts.extensions,
                 body,
                 query,
                 &pool,
@@ -274,6 +275,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
+        extensions: &http::Extensions,
         body: B,
         query: Vec<(String, String)>,
         pool: &DescriptorPool,
@@ -299,38 +301,40 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
         Ok(Answer::Json(match route.method {
             RestMethod::List => {
                 let response = ops
-                    .list_operations(grpc(&message, headers)?)
+                    .list_operations(grpc(&message, headers, extensions)?)
                     .await?
                     .into_inner();
                 list_body(&response, pool, presentation)
             }
             RestMethod::Get => operation_body(
-                &ops.get_operation(grpc(&message, headers)?)
+                &ops.get_operation(grpc(&message, headers, extensions)?)
                     .await?
                     .into_inner(),
                 pool,
                 presentation,
             ),
             RestMethod::Wait => operation_body(
-                &ops.wait_operation(grpc(&message, headers)?)
+                &ops.wait_operation(grpc(&message, headers, extensions)?)
                     .await?
                     .into_inner(),
                 pool,
                 presentation,
             ),
             RestMethod::Delete => {
-                ops.delete_operation(grpc(&message, headers)?).await?;
+                ops.delete_operation(grpc(&message, headers, extensions)?)
+                    .await?;
                 b"{}".to_vec()
             }
             RestMethod::Cancel => {
-                ops.cancel_operation(grpc(&message, headers)?).await?;
+                ops.cancel_operation(grpc(&message, headers, extensions)?)
+                    .await?;
                 b"{}".to_vec()
             }
             RestMethod::Report => {
                 let report = self
                     .inner
                     .workers
-                    .get_operation_report(grpc(&message, headers)?)
+                    .get_operation_report(grpc(&message, headers, extensions)?)
                     .await?;
                 render_message(
                     report.get_ref(),
@@ -345,7 +349,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                 let response = self
                     .inner
                     .console
-                    .list_operation_infos(grpc(&message, headers)?)
+                    .list_operation_infos(grpc(&message, headers, extensions)?)
                     .await?
                     .into_inner();
                 let mut object = serde_json::Map::new();
@@ -366,7 +370,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                 let info = self
                     .inner
                     .console
-                    .get_operation_info(grpc(&message, headers)?)
+                    .get_operation_info(grpc(&message, headers, extensions)?)
                     .await?
                     .into_inner();
                 write_json(
@@ -378,7 +382,7 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
                 let changes = self
                     .inner
                     .console
-                    .watch_operation_changes(grpc(&message, headers)?)
+                    .watch_operation_changes(grpc(&message, headers, extensions)?)
                     .await?
                     .into_inner();
                 return Ok(Answer::Events(Box::pin(changes)));
@@ -432,13 +436,23 @@ impl<O: Operations, W: Workers, C: Console> RestService<O, W, C> {
 /// The gRPC request for a transcoded (encoded) message, with the client's
 /// deadline (`X-Server-Timeout`, in seconds) as `grpc-timeout` and its W3C
 /// trace context (`traceparent`, `tracestate`) as they came.
-fn grpc<T>(message: &[u8], headers: &HeaderMap) -> Result<tonic::Request<T>, Status>
+fn grpc<T>(
+    message: &[u8],
+    headers: &HeaderMap,
+    extensions: &http::Extensions,
+) -> Result<tonic::Request<T>, Status>
 where
     T: prost::Message + Default,
 {
     let request = T::decode(message)
         .map_err(|e| Status::internal(format!("cannot transcode the request: {e}")))?;
-    let mut request = tonic::Request::new(request);
+    // What the server's layers left in the HTTP request (the caller's
+    // principal, when auth is on) goes with the call, as on gRPC.
+    let mut request = tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::new(),
+        extensions.clone(),
+        request,
+    );
     request.extensions_mut().insert(ViaRest);
     let timeout = headers
         .get("x-server-timeout")
@@ -652,6 +666,12 @@ fn error_response(
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+    }
+    let challenge = www_authenticate(status).and_then(|c| header::HeaderValue::try_from(c).ok());
+    if let Some(challenge) = challenge {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
     }
     response
 }

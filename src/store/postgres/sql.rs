@@ -13,6 +13,10 @@
 //! - names are `text COLLATE "C"` (byte order, as the in-memory stores
 //!   order them) and patterns use `starts_with`, `right` and `strpos`,
 //!   never `LIKE`, whose `%` and `_` a value could contain;
+//! - a grant's name pattern ([`Restriction::Granted`]) is a POSIX regular
+//!   expression over `'/' || name`, built from validated segments
+//!   ([`crate::store::filter::NamePattern::to_regex`]) and bound as a
+//!   parameter;
 //! - type URLs are `bytea` (a worker may send any string, NUL included),
 //!   compared bytewise;
 //! - a page examines at most `scan_budget` records in name order, as the
@@ -157,6 +161,12 @@ fn restriction(test: &Restriction, params: &mut Params) -> String {
                 op_sql(*op),
                 params.push(s, Type::INT8),
                 params.push(n, Type::INT4)
+            )
+        }
+        Restriction::Granted(pattern) => {
+            format!(
+                "('/' || name) ~ {}",
+                params.push(pattern.to_regex(), Type::TEXT)
             )
         }
     }
