@@ -458,3 +458,50 @@ async fn open_reflection_and_metrics_on_their_own_listener_need_no_token() {
     assert_eq!(other.status(), 404);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn pages_of_an_allowed_origin_can_read_why_they_were_refused() {
+    let dir = Dir::new("auth-cors");
+    let key = SigningKey::rsa("rsa-1");
+    let mut config = auth::config(&dir, &[&key], Some(POLICY));
+    config.cors_allow_origins = vec!["https://console.test".into()];
+    let server = TestServer::start_with(config).await;
+    let http = reqwest::Client::new();
+    let preflight = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/{NAME}", server.url),
+        )
+        .header("origin", "https://console.test")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://console.test"
+    );
+    // Refused before routing, the 401 still carries the origin back.
+    let refused = http
+        .get(format!("{}/v1/{NAME}", server.url))
+        .header("origin", "https://console.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["access-control-allow-origin"],
+        "https://console.test"
+    );
+    let other = http
+        .get(format!("{}/v1/{NAME}", server.url))
+        .header("origin", "https://evil.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 401);
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    server.stop().await;
+}

@@ -274,6 +274,38 @@ impl App {
     /// valid credentials): a trailers-only gRPC answer, or REST's JSON error
     /// envelope (429 with `Retry-After`, 401 or 403 with `WWW-Authenticate`).
     pub fn refusal<B>(&self, request: &Request<B>, kind: Kind, error: Error) -> Response<Body> {
+        let response = self.refusal_of(request, kind, error);
+        self.with_cors(request, response)
+    }
+
+    /// `response`, answered before routing (shed, unauthenticated), with
+    /// the CORS headers the request's origin would get once routed: a page
+    /// of an allowed origin can read why it was refused.
+    fn with_cors<B>(&self, request: &Request<B>, response: Response<Body>) -> Response<Body> {
+        let Some(cors) = &self.cors else {
+            return response;
+        };
+        let mut head = Request::new(());
+        *head.method_mut() = request.method().clone();
+        *head.uri_mut() = request.uri().clone();
+        *head.headers_mut() = request.headers().clone();
+        let mut answer = Some(response);
+        let service = cors.layer(tower::service_fn(move |_: Request<()>| {
+            std::future::ready(Ok::<_, Infallible>(
+                answer
+                    .take()
+                    .unwrap_or_else(|| Response::new(Body::empty())),
+            ))
+        }));
+        // The inner future is ready, so the layer's is too.
+        match futures_util::FutureExt::now_or_never(service.oneshot(head)) {
+            Some(Ok(response)) => response,
+            Some(Err(never)) => match never {},
+            None => unreachable!("a ready response wrapped by CORS is ready"),
+        }
+    }
+
+    fn refusal_of<B>(&self, request: &Request<B>, kind: Kind, error: Error) -> Response<Body> {
         if kind.grpc {
             if let Error::Overloaded { .. } = error {
                 let mut response = Response::new(Body::empty());
