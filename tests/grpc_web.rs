@@ -42,25 +42,10 @@ fn main() -> ExitCode {
 }
 
 fn find_connect() -> Tool<PathBuf> {
-    let modules = std::env::var_os("OPSD_NODE_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules"));
-    let found = std::process::Command::new("node")
-        .args([
-            "-e",
-            "require('@connectrpc/connect-node'); require('@bufbuild/protobuf')",
-        ])
-        .env("NODE_PATH", &modules)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        Ok(modules)
-    } else {
-        Err(format!(
-            "no node with @connectrpc/connect-node in {} (npm install --prefix target/node @connectrpc/connect-node@2 @bufbuild/protobuf@2)",
-            modules.display()
-        ))
-    }
+    outside::find_node_modules(
+        &["@connectrpc/connect-node", "@bufbuild/protobuf"],
+        "@connectrpc/connect-node@2 @bufbuild/protobuf@2",
+    )
 }
 
 async fn a_grpc_web_client_calls_operations_and_follows_changes(modules: PathBuf) {

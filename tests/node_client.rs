@@ -35,25 +35,7 @@ fn main() -> ExitCode {
 
 /// The `node_modules` folder that holds google-gax, or why there is none.
 fn find_gax() -> Tool<PathBuf> {
-    let modules = std::env::var_os("OPSD_NODE_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules"));
-    let found = std::process::Command::new("node")
-        .args([
-            "-e",
-            "require('google-gax'); require('google-auth-library')",
-        ])
-        .env("NODE_PATH", &modules)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        Ok(modules)
-    } else {
-        Err(format!(
-            "no node with google-gax in {} (npm install --prefix target/node google-gax@5)",
-            modules.display()
-        ))
-    }
+    outside::find_node_modules(&["google-gax", "google-auth-library"], "google-gax@5")
 }
 
 fn scripted(id: &str, outcome: ScriptOutcome) -> CreateOperationRequest {

@@ -129,3 +129,34 @@ pub fn find_program(name: &str, args: &[&str], install: &str) -> Tool<std::path:
         .find(|candidate| probe(candidate.as_os_str(), args))
         .ok_or_else(|| format!("no {name} ({install})"))
 }
+
+/// The `node_modules` folder where `node` can `require` every module of
+/// `requires`: `$OPSD_NODE_MODULES`, else the one `.ci/run` fills
+/// (`target/node/node_modules`); or why there is none, with the `npm
+/// install` of `packages` as the hint.
+pub fn find_node_modules(requires: &[&str], packages: &str) -> Tool<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let modules = std::env::var_os("OPSD_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules")
+        });
+    let code: String = requires
+        .iter()
+        .map(|module| format!("require('{module}');"))
+        .collect();
+    let found = std::process::Command::new("node")
+        .args(["-e", &code])
+        .env("NODE_PATH", &modules)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        Ok(modules)
+    } else {
+        Err(format!(
+            "no node with {} in {} (npm install --prefix target/node {packages})",
+            requires.join(", "),
+            modules.display()
+        ))
+    }
+}
